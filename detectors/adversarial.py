@@ -1,0 +1,87 @@
+"""Adversarial-input detection: query-based black-box attacks and evasion inputs.
+
+Rules, each a rate test on the client's recent queries (see :mod:`detectors.monitor`):
+
+``adversarial.query_crowding``
+    Stateful detection after Chen, Carlini & Wagner (2019): decision-based attacks
+    (HopSkipJump, Boundary, Sign-OPT) query many points very close to each other
+    while they walk along the decision boundary. A query is *crowded* when the
+    mean distance to its ``knn_k`` nearest earlier distinct queries is below the
+    ``crowding_quantile`` of the same statistic on held-out training data, a
+    distance honest data almost never shows. Exact repeats are not crowding.
+``adversarial.low_margin``
+    The client's answers sit on the decision boundary far more often than the
+    population's (median over clients).
+``adversarial.out_of_distribution``
+    Queries beyond the profile's calibrated 99th-percentile Mahalanobis distance,
+    far more often than 1 %: transfer attacks (FGSM on a substitute) move every
+    feature at once and leave the data manifold.
+``adversarial.feature_bounds``
+    Feature values beyond the training data's bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.base import Verdict, first_true, rate_surprise
+
+QUERY_BASED = ("AML.T0043", "AML.T0043.001")
+EVASION = ("AML.T0043",)
+
+
+def judge(view, cfg) -> list[Verdict]:
+    """Verdicts for one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
+    verdicts = []
+    min_flagged = cfg["min_flagged"]
+    surprise = cfg["surprise"]
+
+    def rate_rule(name, rate, p0, techniques, description, extra=None):
+        k, n = view.rate(rate)
+        s = rate_surprise(k, n, p0)
+        hit = first_true((k >= min_flagged) & (s >= surprise) & (extra if extra is not None else True))
+        if hit >= 0:
+            verdicts.append(Verdict(
+                detector="adversarial", rule=f"adversarial.{name}", key=view.key,
+                score=float(s[hit]), threshold=surprise, events_seen=view.events_at(hit),
+                trigger=hit, techniques=techniques, description=description,
+                evidence={"flagged": round(float(k[hit]), 2), "of_recent": round(float(n[hit]), 2),
+                          "expected_share": round(p0, 4)},
+            ))
+        return hit
+
+    if view.profile is not None:
+        rate_rule("query_crowding", "crowded", cfg["crowding_p0"], QUERY_BASED,
+                  "queries crowd around each other as in a decision-based black-box attack")
+        rate_rule("out_of_distribution", "ood", cfg["ood_p0"], EVASION,
+                  "queries lie outside the training distribution far more often than honest traffic")
+        rate_rule("feature_bounds", "bounds",
+                  max(cfg["bounds_p0"], view.profile.bounds_rate), EVASION,
+                  "queries carry feature values beyond the training data's bounds")
+    median = view.population.median_low_margin()
+    base = cfg["low_margin_floor"] if median is None else max(median, 0.01)
+    p0 = min(0.5, cfg["low_margin_factor"] * base)
+    rate_rule("low_margin", "low_margin", p0, QUERY_BASED,
+              "answers sit on the decision boundary far more often than the population's")
+    for v in verdicts:
+        v.evidence.update(view.evidence_at(v.trigger))
+    return verdicts
+
+
+def crowding_threshold(profile, cfg) -> float:
+    """The k-NN distance below which a query counts as crowded (scaled units)."""
+    return profile.knn_quantiles[str(cfg["crowding_quantile"])]
+
+
+def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-query (flagged, eligible) masks for this family's rate tests."""
+    out = {}
+    margin = view.batch.margin
+    out["low_margin"] = (margin < cfg["low_margin"], ~np.isnan(margin))
+    if view.profile is not None:
+        feats = view.batch.has_features
+        knn = view.neighbours.knn_mean
+        out["crowded"] = (knn < crowding_threshold(view.profile, cfg), ~np.isnan(knn))
+        out["ood"] = (view.batch.ood > view.profile.ood_threshold, feats)
+        out["bounds"] = (view.batch.out_of_bounds, feats)
+    return out

@@ -1,0 +1,199 @@
+"""Per-client query state shared by the extraction and adversarial detectors.
+
+Both families look at how a client's queries sit relative to its own recent
+queries. One distance computation per batch serves both: for every query, the
+distances to the previous ``size`` queries of the same client (a sliding window
+over the client's stream, so results do not depend on how the stream is cut
+into batches). From it come
+
+* ``repeat``: the query equals one in its window (honest clients re-ask records);
+* ``nn_same_class``: distance to the nearest earlier distinct query that got the
+  same answer (PRADA's minimum distance);
+* ``knn_mean``: mean distance to the ``k`` nearest earlier distinct queries
+  (Chen, Carlini & Wagner's query-crowding statistic).
+
+Memory per client is fixed: ``size`` × features float32 for the window plus a
+few hundred numbers (see :func:`state_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SUB_BATCH = 512  # rows per distance block: bounds memory for a burst from one client
+
+
+@dataclass
+class QueryBatch:
+    """One client's events (one model), in event-time order, as columns."""
+
+    ts: np.ndarray                  # event time, epoch seconds
+    Z: np.ndarray                   # scaled features (rows × features); rows of NaN when absent
+    has_features: np.ndarray        # bool
+    label: np.ndarray               # predicted class index in the profile's order, -1 unknown
+    margin: np.ndarray              # top-1 minus top-2 probability, NaN when absent
+    ood: np.ndarray                 # Mahalanobis distance to the profile, NaN when unknown
+    out_of_bounds: np.ndarray       # bool: a feature beyond the profile's bounds
+    source_ip: list
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+@dataclass
+class Neighbours:
+    repeat: np.ndarray          # bool
+    nn_same_class: np.ndarray   # NaN where no earlier distinct query of that class
+    knn_mean: np.ndarray        # NaN where fewer than k earlier distinct queries
+
+
+@dataclass
+class ClientState:
+    """Everything modelwatch keeps about one client of one model."""
+
+    n_classes: int
+    n_features: int
+    size: int
+    events: int = 0
+    distinct: int = 0
+    first_ts: float = float("nan")
+    last_ts: float = float("nan")
+    window: np.ndarray = field(default=None)          # (size, features) float32, oldest first
+    window_label: np.ndarray = field(default=None)    # int16
+    window_repeat: np.ndarray = field(default=None)   # bool
+    window_len: int = 0
+    class_counts: np.ndarray = field(default=None)    # answers per class
+    rates: np.ndarray = field(default=None)           # (RATES, 2) decayed flagged / total counts
+    prada: np.ndarray = field(default=None)           # recent PRADA minimum distances, ring
+    prada_count: int = 0                              # distances ever recorded
+    margin_bin: int = -1                              # this client's bin in the population histogram
+    last_alert: dict = field(default_factory=dict)    # family -> event time of its last alert
+
+    def __post_init__(self):
+        if self.window is None:
+            self.window = np.zeros((self.size, self.n_features), dtype=np.float32)
+            self.window_label = np.full(self.size, -1, dtype=np.int16)
+            self.window_repeat = np.zeros(self.size, dtype=bool)
+            self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
+            self.rates = np.zeros((len(RATES), 2))
+            self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
+
+
+#: Rate tests kept per client, as rows of ``ClientState.rates``.
+RATES = ("ood", "bounds", "crowded", "low_margin", "margin_seen")
+PRADA_RING = 512
+
+
+def state_bytes(state: ClientState) -> int:
+    """Bytes held by one client's arrays (the fixed part of its memory)."""
+    arrays = (state.window, state.window_label, state.window_repeat, state.class_counts,
+              state.rates, state.prada)
+    return sum(a.nbytes for a in arrays)
+
+
+def _pairwise(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
+    sq = (Q * Q).sum(1)[:, None] + (R * R).sum(1)[None, :] - 2.0 * (Q @ R.T)
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def neighbours(state: ClientState, batch: QueryBatch, k: int) -> Neighbours:
+    """Distances of each query to its window, then the window moves on.
+
+    Scores first, learns after: a query only ever sees queries before it.
+    Rows without features are neither scored nor stored.
+    """
+    rows = np.flatnonzero(batch.has_features)
+    m = len(batch)
+    repeat = np.zeros(m, dtype=bool)
+    nn_same = np.full(m, np.nan)
+    knn = np.full(m, np.nan)
+    for start in range(0, len(rows), SUB_BATCH):
+        sub = rows[start:start + SUB_BATCH]
+        r, nn, kn = _score_block(state, batch.Z[sub].astype(np.float32), batch.label[sub], k)
+        repeat[sub], nn_same[sub], knn[sub] = r, nn, kn
+    return Neighbours(repeat, nn_same, knn)
+
+
+def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
+    size, h = state.size, state.window_len
+    m = len(Q)
+    R = np.concatenate([state.window[:h], Q])
+    R_label = np.concatenate([state.window_label[:h], labels.astype(np.int16)])
+    D = _pairwise(Q, R)
+    # Query i sits at column h + i; it sees the `size` columns before it.
+    col = np.arange(h + m)[None, :]
+    pos = (h + np.arange(m))[:, None]
+    visible = (col < pos) & (col >= pos - size)
+    D_vis = np.where(visible, D, np.inf)
+    repeat = D_vis.min(1) == 0.0 if h + m > 1 else np.zeros(m, dtype=bool)
+    # A column that repeats an earlier query stands for nothing new: drop it.
+    col_repeat = np.concatenate([state.window_repeat[:h], repeat])
+    distinct = visible & ~col_repeat[None, :] & (D > 0)
+    D_dist = np.where(distinct, D, np.inf)
+    same = distinct & (R_label[None, :] == labels[:, None])
+    nn_same = np.where(same, D, np.inf).min(1)
+    nn_same[~np.isfinite(nn_same) | repeat] = np.nan
+    kk = min(k, D_dist.shape[1])
+    nearest = np.partition(D_dist, kk - 1, axis=1)[:, :kk]
+    knn = nearest.mean(1)
+    knn[~np.isfinite(knn) | repeat] = np.nan
+
+    keep = min(size, h + m)
+    state.window[:keep] = R[h + m - keep:]
+    state.window_label[:keep] = R_label[h + m - keep:]
+    state.window_repeat[:keep] = col_repeat[h + m - keep:]
+    state.window_len = keep
+    return repeat, nn_same, knn
+
+
+@dataclass
+class Population:
+    """What the population of one model's clients looks like, for comparisons.
+
+    Updated between batches (a detector reads the state as it was before the
+    batch), bounded in size: class answer counts, a histogram of per-client
+    low-margin rates (for a robust median), a histogram of per-client volumes
+    (log2 bins) and, per source IP, a bounded set of client ids.
+    """
+
+    n_classes: int
+    class_counts: np.ndarray = field(default=None)
+    margin_hist: np.ndarray = field(default=None)     # clients per low-margin-rate bin (percent)
+    volume_hist: np.ndarray = field(default=None)     # clients per log2(events) bin
+    ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "rates": (2,2) array}
+
+    def __post_init__(self):
+        if self.class_counts is None:
+            self.class_counts = np.zeros(self.n_classes, dtype=np.float64)
+            self.margin_hist = np.zeros(101, dtype=np.int64)
+            self.volume_hist = np.zeros(40, dtype=np.int64)
+
+    def median_low_margin(self, min_clients: int = 20) -> float | None:
+        total = self.margin_hist.sum()
+        if total < min_clients:
+            return None
+        return float(np.searchsorted(np.cumsum(self.margin_hist), total / 2)) / 100.0
+
+    def volume_quantile(self, q: float) -> float | None:
+        total = self.volume_hist.sum()
+        if total < 20:
+            return None
+        return float(2.0 ** np.searchsorted(np.cumsum(self.volume_hist), q * total))
+
+    def class_entropy(self) -> float:
+        return entropy(self.class_counts)
+
+
+def entropy(counts: np.ndarray) -> float:
+    """Shannon entropy (nats) of a vector of counts."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def volume_bin(events: int) -> int:
+    return int(min(39, np.log2(max(events, 1))))

@@ -1,0 +1,162 @@
+"""Model-extraction detection: a client stealing the model through its queries.
+
+Rules:
+
+``extraction.prada``
+    PRADA (Juuti et al., EuroS&P 2019). For each query, the distance to the
+    nearest earlier query of the same client that got the same answer; honest
+    query streams give a roughly normal distribution of these distances,
+    synthetic extraction queries do not. Every ``prada_every`` new distances
+    after ``prada_min_distances``, the Shapiro-Wilk W of the most recent
+    ``prada_window`` distances (beyond-3σ values dropped, as in the reference
+    code) is compared with δ. Differences from the paper: the set of earlier
+    queries is the client's bounded window, not an unbounded growing set, and
+    exact repeats are left out (honest clients re-ask records).
+``extraction.synthetic_queries``
+    What PRADA misses when synthetic queries are spread out (uniform random,
+    Jacobian augmentation): a large share of a client's queries lie outside
+    the training distribution, sustained over ``synthetic_min_queries``.
+``extraction.query_coverage``
+    Natural-looking (Knockoff-style) query sets: high volume against the
+    population, answers covering the classes as evenly as the population's,
+    and almost no repeated records (honest heavy users re-score records).
+``extraction.boundary_probing``
+    A large share of low-margin answers over many queries.
+``extraction.collusion``
+    Several client ids behind one source IP whose pooled queries are mostly
+    off the training distribution (a slow attacker spread over ids).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.base import Verdict, first_true, rate_surprise
+from detectors.clients import PRADA_RING, ClientState
+from detectors.normality import shapiro_w
+
+EXTRACT = ("AML.T0024.002",)
+
+
+def _verdict(view, rule, score, threshold, hit, description, evidence) -> Verdict:
+    evidence = {**evidence, **view.evidence_at(hit)}
+    return Verdict(
+        detector="extraction", rule=f"extraction.{rule}", key=view.key,
+        score=float(score), threshold=float(threshold), events_seen=view.events_at(hit),
+        trigger=hit, techniques=EXTRACT, description=description, evidence=evidence,
+    )
+
+
+def judge(view, cfg) -> list[Verdict]:
+    """Verdicts for one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
+    verdicts = []
+    prada = _prada(view, cfg)
+    if prada:
+        verdicts.append(prada)
+    events = view.events_at(np.arange(len(view.batch)))
+
+    if view.profile is not None:
+        k, n = view.rate("ood")
+        share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
+        s = rate_surprise(k, n, 0.01)
+        hit = first_true((events >= cfg["synthetic_min_queries"])
+                         & (share >= cfg["synthetic_min_share"]) & (s >= cfg["surprise"]))
+        if hit >= 0:
+            verdicts.append(_verdict(
+                view, "synthetic_queries", share[hit], cfg["synthetic_min_share"], hit,
+                "most of the client's queries lie outside the training distribution",
+                {"off_profile_share": round(float(share[hit]), 3)}))
+
+    coverage = _coverage(view, cfg, events)
+    if coverage:
+        verdicts.append(coverage)
+
+    k, n = view.rate("low_margin")
+    share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
+    hit = first_true((events >= cfg["boundary_min_queries"]) & (share >= cfg["boundary_min_share"])
+                     & (rate_surprise(k, n, cfg["boundary_min_share"] / 3) >= cfg["surprise"]))
+    if hit >= 0:
+        verdicts.append(_verdict(
+            view, "boundary_probing", share[hit], cfg["boundary_min_share"], hit,
+            "a large share of the client's answers are low-margin: the decision boundary is being mapped",
+            {"low_margin_share": round(float(share[hit]), 3)}))
+    return verdicts
+
+
+def _prada(view, cfg) -> Verdict | None:
+    state: ClientState = view.state
+    new = view.neighbours.nn_same_class
+    rows = np.flatnonzero(~np.isnan(new))
+    if len(rows) == 0:
+        return None
+    start = state.prada_count
+    count = start + len(rows)
+    ring = state.prada
+    # Distances in order: the last PRADA_RING before this batch, then this batch's.
+    before = min(start, PRADA_RING)
+    history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:] if before else ring[:0]
+    series = np.concatenate([history, new[rows].astype(np.float32)])
+    every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
+    first_test = max(minimum, (start // every + 1) * every)
+    verdict = None
+    for total in range(first_test, count + 1, every):
+        end = len(series) - (count - total)
+        sample = series[max(0, end - window):end].astype(np.float64)
+        mu, sd = sample.mean(), sample.std()
+        sample = sample[np.abs(sample - mu) <= 3 * sd] if sd > 0 else sample
+        w = shapiro_w(sample)
+        if w < cfg["prada_delta"]:
+            hit = int(rows[total - start - 1])
+            verdict = _verdict(
+                view, "prada", 1.0 - w, 1.0 - cfg["prada_delta"], hit,
+                "the distances between the client's successive queries are far from normal (PRADA)",
+                {"shapiro_w": round(w, 4), "delta": cfg["prada_delta"], "distances": len(sample)})
+            break
+    for value in new[rows]:  # bounded: rows of one batch
+        ring[state.prada_count % PRADA_RING] = value
+        state.prada_count += 1
+    return verdict
+
+
+def _coverage(view, cfg, events) -> Verdict | None:
+    pop = view.population
+    p95 = pop.volume_quantile(0.95)
+    pop_entropy = pop.class_entropy()
+    if p95 is None or pop_entropy <= 0:
+        return None
+    batch = view.batch
+    state: ClientState = view.state
+    eligible = events >= max(cfg["coverage_min_queries"], cfg["coverage_volume_factor"] * p95)
+    if not eligible.any():
+        return None
+    labels = batch.label
+    onehot = np.zeros((len(batch), state.n_classes))
+    known = labels >= 0
+    onehot[np.flatnonzero(known), labels[known]] = 1.0
+    counts = state.class_counts[None, :] + np.cumsum(onehot, 0)
+    totals = counts.sum(1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), 1)
+    ratio = ent / pop_entropy
+    fresh = batch.has_features & ~view.neighbours.repeat
+    distinct = (state.distinct + np.cumsum(fresh)) / np.maximum(events, 1)
+    hit = first_true(eligible & (ratio >= cfg["coverage_min_entropy"])
+                     & (distinct >= cfg["coverage_min_distinct"]))
+    if hit < 0:
+        return None
+    return _verdict(
+        view, "query_coverage", float(ratio[hit]), cfg["coverage_min_entropy"], hit,
+        "a high-volume client sweeps every class evenly with almost no repeated records",
+        {"class_entropy_ratio": round(float(ratio[hit]), 3),
+         "distinct_share": round(float(distinct[hit]), 3),
+         "population_p95_events": p95})
+
+
+def judge_pooled(key, ids, k, n, events, cfg) -> bool:
+    """Whether several ids behind one source IP, pooled, look like extraction."""
+    if len(ids) < cfg["collusion_min_ids"] or events < cfg["synthetic_min_queries"] or n <= 0:
+        return False
+    share = k / n
+    surprise = rate_surprise(np.array([k]), np.array([n]), 0.01)[0]
+    return share >= cfg["synthetic_min_share"] and surprise >= cfg["surprise"]

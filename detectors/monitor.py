@@ -1,0 +1,153 @@
+"""Runs the query-side detectors (extraction, adversarial) for one client's batch.
+
+The caller groups events by (model, client), keeps one :class:`ClientState`
+per pair and one :class:`Population` per model, and calls
+:meth:`QueryMonitor.update` with each batch in event-time order. Order of work
+per batch: distances to the client's window, per-query flags, rate series, then
+the rules; state is updated only after the batch has been judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors import adversarial, extraction
+from detectors.base import Verdict, decayed_counts
+from detectors.clients import (
+    RATES,
+    ClientState,
+    Neighbours,
+    Population,
+    QueryBatch,
+    neighbours,
+    volume_bin,
+)
+from detectors.config import Thresholds
+from detectors.profile import Profile
+
+
+@dataclass
+class ClientView:
+    """What the rules of one family see of a client's batch."""
+
+    key: str
+    state: ClientState
+    batch: QueryBatch
+    neighbours: Neighbours
+    profile: Profile | None
+    population: Population
+    series: dict
+
+    def rate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.series[name]
+
+    def events_at(self, index):
+        """Events seen from this client once the event at ``index`` is counted."""
+        if isinstance(index, np.ndarray):
+            return self.state.events + index + 1
+        return int(self.state.events + index + 1)
+
+    def evidence_at(self, index: int) -> dict:
+        out = {}
+        if not np.isnan(self.batch.ood[index]):
+            out["ood_score"] = round(float(self.batch.ood[index]), 3)
+        if self.profile is not None:
+            out["ood_threshold"] = round(self.profile.ood_threshold, 3)
+        knn = self.neighbours.knn_mean[index]
+        if not np.isnan(knn):
+            out["knn_mean_distance"] = round(float(knn), 4)
+        return out
+
+
+class QueryMonitor:
+    """Extraction and adversarial rules over per-client state."""
+
+    def __init__(self, thresholds: Thresholds):
+        self.history = thresholds.section("history")
+        self.ext = thresholds.section("extraction")
+        self.adv = thresholds.section("adversarial")
+
+    def new_state(self, n_classes: int, n_features: int) -> ClientState:
+        return ClientState(n_classes=n_classes, n_features=n_features, size=self.history["size"])
+
+    def update(self, key: str, state: ClientState, batch: QueryBatch,
+               profile: Profile | None, population: Population) -> list[Verdict]:
+        nb = neighbours(state, batch, self.adv["knn_k"])
+        view = ClientView(key, state, batch, nb, profile, population, {})
+        decay = self.history["decay"]
+        for name, (flagged, eligible) in adversarial.flags(view, self.adv).items():
+            row = RATES.index(name)
+            k, _ = decayed_counts(flagged & eligible, state.rates[row, 0], 0.0, decay)
+            n, _ = decayed_counts(eligible, state.rates[row, 1], 0.0, decay)
+            view.series[name] = (k, n)
+            state.rates[row] = (k[-1], n[-1])
+        verdicts = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
+        verdicts += self._pooled_by_ip(view)
+        self._learn(view, population)
+        return verdicts
+
+    def _pooled_by_ip(self, view: ClientView) -> list[Verdict]:
+        """Several ids behind one IP: pool their off-profile counts (bounded per IP)."""
+        if "ood" not in view.series:
+            return []
+        ips = [ip for ip in view.batch.source_ip if ip]
+        if not ips:
+            return []
+        ip = ips[-1]
+        entry = view.population.ips.get(ip)
+        if entry is None:
+            if len(view.population.ips) >= MAX_IPS:
+                return []
+            entry = view.population.ips[ip] = {"ids": [], "k": 0.0, "n": 0.0, "events": 0}
+        client = view.key.split("/", 1)[-1]
+        if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
+            entry["ids"].append(client)
+        flagged, eligible = view.batch.ood > view.profile.ood_threshold, view.batch.has_features
+        decay = self.history["decay"]
+        k, _ = decayed_counts(flagged & eligible, entry["k"], 0.0, decay)
+        n, _ = decayed_counts(eligible, entry["n"], 0.0, decay)
+        entry["k"], entry["n"] = float(k[-1]), float(n[-1])
+        entry["events"] += len(view.batch)
+        if not extraction.judge_pooled(ip, entry["ids"], entry["k"], entry["n"],
+                                       entry["events"], self.ext):
+            return []
+        hit = len(view.batch) - 1
+        return [Verdict(
+            detector="extraction", rule="extraction.collusion", key=view.key,
+            score=entry["k"] / entry["n"], threshold=self.ext["synthetic_min_share"],
+            events_seen=entry["events"], trigger=hit, techniques=extraction.EXTRACT,
+            description="several client ids behind one source IP together query off the training distribution",
+            evidence={"ids_behind_ip": len(entry["ids"]),
+                      "pooled_off_profile_share": round(entry["k"] / entry["n"], 3),
+                      "pooled_events": entry["events"]},
+        )]
+
+    def _learn(self, view: ClientView, population: Population) -> None:
+        state, batch = view.state, view.batch
+        known = batch.label[batch.label >= 0]
+        if len(known):
+            counts = np.bincount(known, minlength=state.n_classes)
+            state.class_counts += counts
+            population.class_counts += counts
+        if state.events:
+            population.volume_hist[volume_bin(state.events)] -= 1
+        state.events += len(batch)
+        population.volume_hist[volume_bin(state.events)] += 1
+        state.distinct += int((batch.has_features & ~view.neighbours.repeat).sum())
+        if np.isnan(state.first_ts):
+            state.first_ts = float(batch.ts[0])
+        state.last_ts = float(batch.ts[-1])
+        row = RATES.index("low_margin")
+        seen = state.rates[row, 1]
+        if seen >= 20:  # a client joins the margin baseline once it has a rate worth the name
+            new_bin = int(round(100 * state.rates[row, 0] / seen))
+            if state.margin_bin >= 0:
+                population.margin_hist[state.margin_bin] -= 1
+            population.margin_hist[new_bin] += 1
+            state.margin_bin = new_bin
+
+
+MAX_IPS = 100_000
+MAX_IDS_PER_IP = 32

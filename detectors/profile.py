@@ -1,0 +1,275 @@
+"""Reference profile: what a model's training data looks like, for the detectors.
+
+Built once from the training set (``modelwatch profile``), stored as JSON. It
+holds per-feature bounds and histograms, class-conditional moments, a whitened
+(Ledoit-Wolf) covariance model for out-of-distribution scores, and thresholds
+calibrated on a held-out fifth of the data, so that alert thresholds come from a
+measured false-positive rate rather than from a bare number.
+
+>>> rng = np.random.default_rng(0)
+>>> X = rng.normal(size=(500, 4)); y = (X[:, 0] > 0).astype(int)
+>>> p = build_profile(X, y, ["a", "b", "c", "d"], model="m", dataset="d")
+>>> p.classes, p.n_features
+(['0', '1'], 4)
+>>> Profile.from_dict(p.to_dict()).ood_threshold == p.ood_threshold
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+
+PROFILE_VERSION = 1
+#: Quantile levels of continuous histogram edges: fine in the tails, where
+#: backdoor triggers and injected outliers put their mass.
+EDGE_LEVELS = np.array(
+    [0, 0.001, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+     0.95, 0.975, 0.99, 0.999, 1.0]
+)
+MAX_DISCRETE_VALUES = 32
+KNN_K = 5
+OOD_LEVEL = 0.99
+
+
+class ProfileError(ValueError):
+    """A profile file does not have the fields or shapes a profile needs."""
+
+
+@dataclass
+class Profile:
+    model: str
+    dataset: str
+    feature_names: list[str]
+    classes: list[str]
+    n_rows: int
+    lower: np.ndarray            # per-feature minimum seen in training
+    upper: np.ndarray            # per-feature maximum
+    mean: np.ndarray
+    std: np.ndarray
+    scale: np.ndarray            # std with a floor: the unit of every distance
+    edges: list[np.ndarray]      # histogram edges per feature
+    hist: list[np.ndarray]       # reference counts per feature (same bins)
+    class_counts: np.ndarray     # rows per class, in ``classes`` order
+    class_mean: np.ndarray       # (classes, features)
+    class_std: np.ndarray
+    whitener: np.ndarray         # ||(x - mean)/scale @ whitener|| is the Mahalanobis distance
+    ood_threshold: float         # OOD_LEVEL quantile of held-out Mahalanobis distances
+    knn_quantiles: dict[str, float]  # held-out k-NN mean distances (scaled units)
+    bounds_rate: float           # held-out share of rows beyond the fit rows' bounds
+    duplicate_rate: float        # share of training rows that repeat an earlier row
+    label_column: str = "y"      # the label's column in training CSVs
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def class_index(self, label) -> int:
+        """Index of a label in ``classes``, or -1 when the profile never saw it."""
+        return self._class_lookup.get(str(label), -1)
+
+    def __post_init__(self):
+        self._class_lookup = {c: i for i, c in enumerate(self.classes)}
+
+    def scaled(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.scale
+
+    def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
+        """OOD score of already scaled rows (see :meth:`scaled`)."""
+        return np.sqrt(np.einsum("ij,ij->i", Z @ self.whitener, Z @ self.whitener))
+
+    def to_dict(self) -> dict:
+        return {
+            "version": PROFILE_VERSION,
+            "model": self.model,
+            "dataset": self.dataset,
+            "feature_names": self.feature_names,
+            "classes": self.classes,
+            "label_column": self.label_column,
+            "n_rows": self.n_rows,
+            "features": {
+                name: {
+                    "min": float(self.lower[j]), "max": float(self.upper[j]),
+                    "mean": float(self.mean[j]), "std": float(self.std[j]),
+                    "scale": float(self.scale[j]),
+                    "hist": {"edges": self.edges[j].tolist(), "counts": self.hist[j].tolist()},
+                }
+                for j, name in enumerate(self.feature_names)
+            },
+            "labels": {c: int(n) for c, n in zip(self.classes, self.class_counts, strict=True)},
+            "by_label": {
+                c: {"mean": self.class_mean[i].tolist(), "std": self.class_std[i].tolist()}
+                for i, c in enumerate(self.classes)
+            },
+            "whitener": self.whitener.tolist(),
+            "calibration": {
+                "ood_level": OOD_LEVEL,
+                "ood_threshold": self.ood_threshold,
+                "knn_k": KNN_K,
+                "knn_quantiles": self.knn_quantiles,
+                "bounds_rate": self.bounds_rate,
+                "duplicate_rate": self.duplicate_rate,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> Profile:
+        """Rebuild a profile, checking every field; raises :class:`ProfileError`."""
+        try:
+            if doc.get("version") != PROFILE_VERSION:
+                raise ProfileError(f"version: expected {PROFILE_VERSION}, got {doc.get('version')!r}")
+            names = [str(n) for n in doc["feature_names"]]
+            feats = [doc["features"][n] for n in names]
+            classes = [str(c) for c in doc["classes"]]
+            d = len(names)
+            col = lambda key: np.array([f[key] for f in feats], dtype=np.float64)  # noqa: E731
+            cal = doc["calibration"]
+            profile = cls(
+                model=str(doc["model"]),
+                dataset=str(doc.get("dataset") or ""),
+                feature_names=names,
+                classes=classes,
+                n_rows=int(doc["n_rows"]),
+                lower=col("min"), upper=col("max"), mean=col("mean"), std=col("std"),
+                scale=col("scale"),
+                edges=[np.asarray(f["hist"]["edges"], dtype=np.float64) for f in feats],
+                hist=[np.asarray(f["hist"]["counts"], dtype=np.float64) for f in feats],
+                class_counts=np.array([doc["labels"][c] for c in classes], dtype=np.float64),
+                class_mean=np.array([doc["by_label"][c]["mean"] for c in classes], dtype=np.float64),
+                class_std=np.array([doc["by_label"][c]["std"] for c in classes], dtype=np.float64),
+                whitener=np.asarray(doc["whitener"], dtype=np.float64),
+                ood_threshold=float(cal["ood_threshold"]),
+                knn_quantiles={str(k): float(v) for k, v in cal["knn_quantiles"].items()},
+                bounds_rate=float(cal["bounds_rate"]),
+                duplicate_rate=float(cal["duplicate_rate"]),
+                label_column=str(doc.get("label_column", "y")),
+            )
+        except KeyError as exc:
+            raise ProfileError(f"missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"malformed value: {exc}") from None
+        if profile.whitener.shape != (d, d) or profile.class_mean.shape != (len(classes), d):
+            raise ProfileError("whitener or by_label shapes do not match feature_names")
+        if any(len(e) != len(h) + 1 for e, h in zip(profile.edges, profile.hist, strict=True)):
+            raise ProfileError("a histogram has len(edges) != len(counts) + 1")
+        return profile
+
+
+def histogram_edges(values: np.ndarray) -> np.ndarray:
+    """Edges for one feature: a bin per value if few distinct values, else quantiles."""
+    distinct = np.unique(values)
+    if len(distinct) == 1:
+        return np.array([distinct[0] - 0.5, distinct[0] + 0.5])
+    if len(distinct) <= MAX_DISCRETE_VALUES:
+        mids = (distinct[1:] + distinct[:-1]) / 2
+        first = distinct[0] - (mids[0] - distinct[0])
+        last = distinct[-1] + (distinct[-1] - mids[-1])
+        return np.concatenate([[first], mids, [last]])
+    return np.unique(np.quantile(values, EDGE_LEVELS))
+
+
+def count_in_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per bin; values beyond the outer edges are not counted."""
+    return np.histogram(values, bins=edges)[0]
+
+
+def duplicate_share(X: np.ndarray) -> float:
+    """Share of rows that repeat an earlier row exactly."""
+    if len(X) == 0:
+        return 0.0
+    return 1.0 - len(np.unique(X, axis=0)) / len(X)
+
+
+def knn_mean_distance(Q: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
+    """Mean distance of each row of ``Q`` to its ``k`` nearest rows of ``R`` (zero distances kept)."""
+    sq = (Q * Q).sum(1)[:, None] + (R * R).sum(1)[None, :] - 2 * Q @ R.T
+    dist = np.sqrt(np.maximum(sq, 0))
+    k = min(k, dist.shape[1])
+    return np.sort(np.partition(dist, k - 1, axis=1)[:, :k], axis=1).mean(1)
+
+
+def _scale_of(std: np.ndarray) -> np.ndarray:
+    # Constant features (std 0) still need a unit; take a share of the typical one.
+    positive = std[std > 0]
+    floor = 0.1 * float(np.median(positive)) if len(positive) else 1.0
+    return np.maximum(std, floor)
+
+
+def _whitener(Z: np.ndarray) -> np.ndarray:
+    precision = LedoitWolf().fit(Z).precision_
+    return np.linalg.cholesky((precision + precision.T) / 2)
+
+
+def _label_order(y: np.ndarray) -> list[str]:
+    labels = np.unique(y.astype(str))
+    try:
+        return sorted(labels.tolist(), key=float)
+    except ValueError:
+        return sorted(labels.tolist())
+
+
+def build_profile(
+    X: np.ndarray,
+    y: np.ndarray,
+    feature_names: list[str],
+    *,
+    model: str,
+    dataset: str = "",
+    label_column: str = "y",
+    seed: int = 0,
+) -> Profile:
+    """Profile a training set ``X`` (rows × features) with labels ``y``."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    if X.ndim != 2 or len(X) < 20:
+        raise ProfileError("a profile needs at least 20 rows of features")
+    if len(y) != len(X):
+        raise ProfileError("labels and rows differ in number")
+    classes = _label_order(y)
+    lookup = {c: i for i, c in enumerate(classes)}
+    label_idx = np.array([lookup[v] for v in y.astype(str)])
+
+    mean, std = X.mean(0), X.std(0)
+    scale = _scale_of(std)
+    edges = [histogram_edges(X[:, j]) for j in range(X.shape[1])]
+
+    # Calibrate on a held-out fifth: thresholds then reflect unseen honest data.
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(X))
+    held, fit = order[: len(X) // 5], order[len(X) // 5:]
+    Z_fit = (X[fit] - mean) / scale
+    Z_held = (X[held] - mean) / scale
+    W_fit = _whitener(Z_fit - Z_fit.mean(0))
+    held_ood = np.linalg.norm((Z_held - Z_fit.mean(0)) @ W_fit, axis=1)
+    beyond = (X[held] < X[fit].min(0)) | (X[held] > X[fit].max(0))
+    held_sample = Z_held[:2000]
+    fit_sample = Z_fit[rng.permutation(len(Z_fit))[:20000]]
+    knn = knn_mean_distance(held_sample, fit_sample, KNN_K)
+    knn_levels = (0.001, 0.01, 0.05, 0.5)
+
+    Z = (X - mean) / scale
+    class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
+    class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
+    return Profile(
+        model=model,
+        dataset=dataset,
+        feature_names=[str(n) for n in feature_names],
+        classes=classes,
+        n_rows=len(X),
+        lower=X.min(0), upper=X.max(0), mean=mean, std=std, scale=scale,
+        edges=edges,
+        hist=[count_in_bins(X[:, j], e).astype(np.float64) for j, e in enumerate(edges)],
+        class_counts=np.bincount(label_idx, minlength=len(classes)).astype(np.float64),
+        class_mean=class_mean,
+        class_std=class_std,
+        whitener=_whitener(Z - Z.mean(0)),
+        ood_threshold=float(np.quantile(held_ood, OOD_LEVEL)),
+        knn_quantiles={str(q): float(np.quantile(knn, q)) for q in knn_levels},
+        bounds_rate=float(beyond.any(1).mean()),
+        duplicate_rate=duplicate_share(X),
+        label_column=label_column,
+    )

@@ -1,0 +1,78 @@
+"""Verdicts to ECS alerts (contract v1): deterministic ids, ATLAS techniques."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from detectors.base import ATLAS, Verdict
+from streams.records import (
+    Alert,
+    AlertDetail,
+    AlertEvent,
+    AlertRule,
+    SourceRef,
+    Technique,
+    Threat,
+    Trigger,
+    UserRef,
+    format_ts,
+)
+
+
+def alert_id(rule: str, scope: str, key: str, trigger_ref: str, trigger_ts: float) -> str:
+    """Same rule, key and trigger event give the same id, in replay and worker alike."""
+    text = f"v1|{rule}|{scope}|{key}|{trigger_ref}|{trigger_ts:.6f}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def severity(verdict: Verdict) -> int:
+    """50 at the threshold, rising to 90 at twice the threshold (scores are >= 0)."""
+    if verdict.threshold <= 0:
+        return 70
+    excess = verdict.score / verdict.threshold - 1.0
+    return int(max(40, min(90, round(50 + 40 * excess))))
+
+
+def build_alert(
+    verdict: Verdict,
+    *,
+    trigger_ts: float,
+    request_id: str | None = None,
+    model: str | None = None,
+    client_id: str | None = None,
+    source_ip: str | None = None,
+    dataset: str | None = None,
+    batch_id: str | None = None,
+    source: str | None = None,
+) -> Alert:
+    scope = model if model is not None else f"dataset:{dataset}"
+    trigger_ref = request_id if request_id is not None else (batch_id or "")
+    sev = severity(verdict)
+    who = f"client {client_id} of model {model}" if client_id else f"batch {batch_id} of {dataset} from {source}"
+    message = (f"{verdict.detector.capitalize()} suspected: {who}: {verdict.description} "
+               f"(score {verdict.score:.3g}, threshold {verdict.threshold:.3g}, "
+               f"after {verdict.events_seen} {'events' if client_id else 'batches'})")
+    return Alert(
+        timestamp=format_ts(trigger_ts),
+        event=AlertEvent(
+            kind="alert", category=["intrusion_detection"], type=["indicator"],
+            id=alert_id(verdict.rule, scope, verdict.key, trigger_ref, trigger_ts),
+            severity=sev, risk_score=float(sev), created=format_ts(time.time()),
+            dataset="modelwatch.alerts", module="modelwatch",
+        ),
+        rule=AlertRule(name=verdict.rule, category=verdict.detector,
+                       description=verdict.description, version="1"),
+        threat=Threat(framework="MITRE ATLAS", technique=Technique(
+            id=list(verdict.techniques), name=[ATLAS[t] for t in verdict.techniques])),
+        user=UserRef(client_id) if client_id else None,
+        source=SourceRef(source_ip) if source_ip else None,
+        modelwatch=AlertDetail(
+            detector=verdict.detector, model=model, client_id=client_id, dataset=dataset,
+            batch_id=batch_id, source=source, score=round(verdict.score, 6),
+            threshold=round(verdict.threshold, 6), events_seen=verdict.events_seen,
+            trigger=Trigger(request_id=request_id, ts=format_ts(trigger_ts)),
+            evidence=verdict.evidence,
+        ),
+        message=message,
+    )

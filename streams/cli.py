@@ -1,0 +1,142 @@
+"""The ``modelwatch`` command line (contract v1).
+
+User mistakes (bad flags, unreadable or malformed files) end with one line on
+stderr naming the file, line and field, and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from detectors.config import ConfigError, load_thresholds
+from streams.tabular import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UserError(f"{self.prog.removeprefix('modelwatch ')}: {message} (see --help)")
+
+
+def _profile(args) -> int:
+    from detectors.profile import ProfileError, build_profile
+    from streams.files import write_profile
+    from streams.tabular import read_table
+
+    X, y, names = read_table(args.data, args.label_column)
+    complete = ~np.isnan(X).any(1)  # rows with empty cells say nothing about joint structure
+    try:
+        profile = build_profile(X[complete], y[complete], names, model=args.model,
+                                dataset=args.dataset or args.model, label_column=args.label_column)
+    except ProfileError as exc:
+        raise UserError(f"{args.data}: {exc}") from None
+    write_profile(profile, args.out)
+    print(f"profile: {len(X)} rows, {len(names)} features, {len(profile.classes)} classes "
+          f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _stats(args) -> int:
+    from streams.records import parse_ts
+    from streams.stats import stats_event_from_csv
+
+    if args.kafka:
+        raise UserError("stats: --kafka needs the streaming pipeline, not part of this version; "
+                        "write to stdout and produce the line yourself")
+    try:
+        ts = parse_ts(args.ts) if args.ts is not None else time.time()
+    except ValueError:
+        raise UserError(f"stats: --ts: not an RFC 3339 time: {args.ts!r}") from None
+    event = stats_event_from_csv(args.profile, args.batch, dataset=args.dataset,
+                                 source=args.source, batch_id=args.batch_id, ts=ts)
+    sys.stdout.buffer.write(msgspec.json.encode(event) + b"\n")
+    return 0
+
+
+def _replay(args) -> int:
+    from streams.files import load_profile
+    from streams.replay import replay, write_alerts
+
+    if args.inference_log is None and args.training_stats is None:
+        raise UserError("replay: give --inference-log, --training-stats or both")
+    thresholds = load_thresholds(args.thresholds)
+    profiles = [load_profile(p) for p in args.profile]
+    result = replay(profiles, thresholds, inference_log=args.inference_log,
+                    training_stats=args.training_stats, deadletter=args.deadletter)
+    write_alerts(result.alerts, args.alerts_out)
+    print(f"replay: {result.events} events, {result.batches} training batches, "
+          f"{len(result.alerts)} alerts -> {args.alerts_out}", file=sys.stderr)
+    if result.rejected:
+        where = f" -> {args.deadletter}" if args.deadletter else " (give --deadletter to keep them)"
+        print(f"replay: {result.rejected} bad records skipped{where}", file=sys.stderr)
+    return 0
+
+
+def _run(args) -> int:
+    if not args.demo:
+        raise UserError("run: the embedded broker is not part of this version; use --demo")
+    from streams.demo import play_demo
+
+    return play_demo(args.thresholds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="modelwatch", description=(
+        "Streaming security monitor for ML systems: model extraction, adversarial queries, "
+        "training-data poisoning."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("profile", help="profile a training set (CSV or Parquet)")
+    p.add_argument("--model", required=True, help="model name, as in inference events")
+    p.add_argument("--data", required=True, type=Path, help="training data, header row")
+    p.add_argument("--label-column", required=True, help="the label's column")
+    p.add_argument("--dataset", help="dataset name, as in training-stats events (default: model)")
+    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("stats", help="one training batch (CSV) -> one training-stats event")
+    p.add_argument("--profile", required=True, type=Path)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--ts", help="event time, RFC 3339 (default: now)")
+    p.add_argument("--kafka", action="store_true", help="send to training-stats (streaming version)")
+    p.add_argument("batch", type=Path, help="batch CSV with the profile's columns")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("replay", help="run the detectors over recorded files, write alerts")
+    p.add_argument("--profile", action="append", type=Path, default=[],
+                   help="reference profile (repeat for several models)")
+    p.add_argument("--inference-log", type=Path, help="inference events, one JSON per line")
+    p.add_argument("--training-stats", type=Path, help="training-stats events, one JSON per line")
+    p.add_argument("--alerts-out", required=True, type=Path, help="alerts, one ECS JSON per line")
+    p.add_argument("--deadletter", type=Path, help="bad records with file, line and reason")
+    p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
+    p.set_defaults(func=_replay)
+
+    p = sub.add_parser("run", help="everything on one machine")
+    p.add_argument("--demo", action="store_true", help="play the built-in scenario")
+    p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
+    p.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UserError, ConfigError) as exc:
+        print(f"modelwatch: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The detection pipeline that ``replay`` and the worker both run.
+
+Takes decoded, validated records; keeps detector state in mappings (plain dicts
+offline, tables in the worker); returns alerts. Events of one batch are grouped
+by model, turned into columns once (one vectorized pass computes scaled
+features, out-of-distribution scores, margins and bound checks for every event),
+then split by client and handed to the detectors in event-time order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors.base import Verdict
+from detectors.clients import ClientState, Population, QueryBatch
+from detectors.config import Thresholds
+from detectors.monitor import QueryMonitor
+from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
+from detectors.profile import Profile
+from streams.alerts import build_alert
+from streams.records import Alert, InferenceEvent, TrainingStatsEvent, check_against
+
+UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
+
+
+@dataclass
+class Counters:
+    events: int = 0
+    batches: int = 0
+    alerts: int = 0
+    suppressed: int = 0      # verdicts inside their detector's cooldown
+    unprofiled_batches: int = 0
+
+
+class Pipeline:
+    def __init__(self, profiles: list[Profile], thresholds: Thresholds,
+                 clients: MutableMapping | None = None, sources: MutableMapping | None = None):
+        self.profiles = {p.model: p for p in profiles}
+        self.dataset_profiles = {p.dataset or p.model: p for p in profiles}
+        self.thresholds = thresholds
+        self.query = QueryMonitor(thresholds)
+        self.poisoning = PoisoningDetector(thresholds)
+        self.clients: MutableMapping[str, ClientState] = {} if clients is None else clients
+        self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
+        self.populations: dict[str, Population] = {}
+        self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
+        self.cooldown = thresholds.section("alerts")["cooldown_s"]
+        bounds = thresholds.section("adversarial")["bounds_tolerance"]
+        self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
+                            p.upper + bounds * (p.upper - p.lower)) for m, p in self.profiles.items()}
+        self.counters = Counters()
+
+    # --- validation --------------------------------------------------------------
+    def reject_reason(self, event: InferenceEvent) -> str | None:
+        profile = self.profiles.get(event.model)
+        if profile is None:
+            return None
+        return check_against(event, profile.n_features, len(profile.classes))
+
+    # --- inference ---------------------------------------------------------------
+    def process_inference(self, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
+        """Judge a batch of valid events, given in event-time order."""
+        self.counters.events += len(events)
+        alerts: list[Alert] = []
+        by_model: dict[str, list[int]] = {}
+        for i, e in enumerate(events):
+            by_model.setdefault(e.model, []).append(i)
+        for model, rows in by_model.items():
+            group = [events[i] for i in rows]
+            alerts += self._model_batch(model, group, ts[rows])
+        return alerts
+
+    def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
+        profile = self.profiles.get(model)
+        columns = self._columns(model, events, ts, profile)
+        n_classes = len(profile.classes) if profile else UNPROFILED_CLASSES
+        population = self.populations.get(model)
+        if population is None:
+            population = self.populations[model] = Population(n_classes)
+        codes: dict[str, int] = {}
+        client_code = np.fromiter((codes.setdefault(e.client_id, len(codes)) for e in events),
+                                  dtype=np.int64, count=len(events))
+        order = np.argsort(client_code, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(client_code[order]) != 0])
+        bounds = np.r_[starts, len(order)]
+        alerts = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            rows = order[a:b]
+            client = events[rows[0]].client_id
+            key = f"{model}/{client}"
+            state = self.clients.get(key)
+            if state is None:
+                n_features = columns.Z.shape[1]
+                state = self.query.new_state(n_classes, n_features)
+            batch = QueryBatch(
+                ts=columns.ts[rows], Z=columns.Z[rows], has_features=columns.has_features[rows],
+                label=columns.label[rows], margin=columns.margin[rows], ood=columns.ood[rows],
+                out_of_bounds=columns.out_of_bounds[rows],
+                source_ip=[events[i].source_ip for i in rows],
+            )
+            verdicts = self.query.update(key, state, batch, profile, population)
+            for verdict in self._admit(verdicts, state.last_alert, batch.ts):
+                e = events[rows[verdict.trigger]]
+                alerts.append(build_alert(
+                    verdict, trigger_ts=float(batch.ts[verdict.trigger]), request_id=e.request_id,
+                    model=model, client_id=client, source_ip=e.source_ip))
+            self.clients[key] = state  # write back: a table persists on assignment
+        return alerts
+
+    def _columns(self, model, events, ts, profile: Profile | None) -> QueryBatch:
+        m = len(events)
+        has_features = np.fromiter((e.features is not None for e in events), dtype=bool, count=m)
+        width = profile.n_features if profile else next(
+            (len(e.features) for e in events if e.features is not None), 0)
+        if has_features.all():
+            X = np.array([e.features for e in events], dtype=np.float64)
+        else:
+            X = np.full((m, width), np.nan)
+            for i in np.flatnonzero(has_features):
+                if len(events[i].features) == width:
+                    X[i] = events[i].features
+                else:  # an unprofiled model whose width changed: treat as featureless
+                    has_features[i] = False
+        if X.shape[1] != width:
+            X = np.full((m, width), np.nan)
+            has_features[:] = False
+        if profile is not None:
+            Z = profile.scaled(X)
+            ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
+            low, high = self._bounds[model]
+            out_of_bounds = ((low > X) | (high < X)).any(1) & has_features
+            lookup = profile._class_lookup
+            label = np.fromiter((lookup.get(str(e.prediction), -1) for e in events),
+                                dtype=np.int64, count=m)
+        else:
+            Z, ood = X, np.full(m, np.nan)
+            out_of_bounds = np.zeros(m, dtype=bool)
+            seen = self.labels.setdefault(model, {})
+            label = np.fromiter((self._label_code(seen, e.prediction) for e in events),
+                                dtype=np.int64, count=m)
+        margin = np.full(m, np.nan)
+        with_p = [i for i, e in enumerate(events) if e.probabilities and len(e.probabilities) >= 2]
+        if with_p:
+            width_p = len(events[with_p[0]].probabilities)
+            same = [i for i in with_p if len(events[i].probabilities) == width_p]
+            P = np.array([events[i].probabilities for i in same])
+            top2 = -np.partition(-P, 1, axis=1)[:, :2]
+            margin[same] = top2[:, 0] - top2[:, 1]
+        return QueryBatch(ts=ts, Z=Z, has_features=has_features, label=label, margin=margin,
+                          ood=ood, out_of_bounds=out_of_bounds, source_ip=[])
+
+    @staticmethod
+    def _label_code(seen: dict, prediction) -> int:
+        label = str(prediction)
+        code = seen.get(label)
+        if code is None:
+            if len(seen) >= UNPROFILED_CLASSES:
+                return -1
+            code = seen[label] = len(seen)
+        return code
+
+    def _admit(self, verdicts: list[Verdict], last_alert: dict, ts: np.ndarray) -> list[Verdict]:
+        """One alert per detector and key per cooldown window: the earliest trigger wins."""
+        admitted = []
+        for verdict in sorted(verdicts, key=lambda v: v.trigger):
+            at = float(ts[verdict.trigger])
+            last = last_alert.get(verdict.detector)
+            if last is not None and at - last < self.cooldown:
+                self.counters.suppressed += 1
+                continue
+            last_alert[verdict.detector] = at
+            admitted.append(verdict)
+        self.counters.alerts += len(admitted)
+        return admitted
+
+    # --- training stats ----------------------------------------------------------
+    def process_stats(self, event: TrainingStatsEvent, ts: float) -> list[Alert]:
+        self.counters.batches += 1
+        profile = self.dataset_profiles.get(event.dataset)
+        if profile is None:
+            self.counters.unprofiled_batches += 1
+            return []
+        key = f"{event.dataset}/{event.source}"
+        state = self.sources.get(key)
+        if state is None:
+            state = self.poisoning.new_state()
+        verdicts = self.poisoning.update(key, state, batch_stats(event, profile), profile)
+        alerts = [
+            build_alert(v, trigger_ts=ts, dataset=event.dataset, batch_id=event.batch_id,
+                        source=event.source)
+            for v in self._admit_batch(verdicts, state, ts)
+        ]
+        self.sources[key] = state
+        return alerts
+
+    def _admit_batch(self, verdicts, state: SourceState, ts: float) -> list[Verdict]:
+        # Every poisoned batch deserves its alert: one per batch, the strongest rule.
+        if not verdicts:
+            return []
+        self.counters.alerts += 1
+        self.counters.suppressed += len(verdicts) - 1
+        best = max(verdicts, key=lambda v: v.score / v.threshold if v.threshold else v.score)
+        others = [v.rule for v in verdicts if v is not best]
+        if others:
+            best.evidence["also"] = ",".join(others)
+        state.last_alert["poisoning"] = ts
+        return [best]
+
+
+def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
+    """Align a training-stats event with a profile's features and classes."""
+    d = profile.n_features
+    count = np.zeros(d)
+    beyond = np.zeros(d)
+    hist: list | None = []
+    for j, name in enumerate(profile.feature_names):
+        f = event.features.get(name)
+        if f is None:
+            hist = None
+            continue
+        count[j] = f.count
+        h = f.hist
+        edges_match = (h is not None and len(h.edges) == len(profile.edges[j])
+                       and np.allclose(h.edges, profile.edges[j], rtol=1e-9, atol=1e-12)
+                       and len(h.counts) == len(h.edges) - 1)
+        if f.below is not None and f.above is not None:
+            beyond[j] = f.below + f.above
+        elif edges_match:
+            beyond[j] = max(0, f.count - sum(h.counts))
+        elif f.min is not None and f.max is not None:
+            beyond[j] = float(f.min < profile.lower[j]) + float(f.max > profile.upper[j])
+        if hist is not None:
+            if edges_match:
+                hist.append(np.asarray(h.counts, dtype=np.float64))
+            else:
+                hist = None
+    k = len(profile.classes)
+    labels = np.zeros(k)
+    for label, n in event.labels.items():
+        i = profile.class_index(label)
+        if i >= 0:
+            labels[i] = n
+    class_n = np.zeros(k)
+    class_mean = np.full((k, d), np.nan)
+    for label, moments in (event.by_label or {}).items():
+        i = profile.class_index(label)
+        if i < 0:
+            continue
+        row = np.full(d, np.nan)
+        for j, name in enumerate(profile.feature_names):
+            m = moments.get(name)
+            if m is not None and m.mean is not None:
+                row[j] = m.mean
+                class_n[i] = max(class_n[i], m.count)
+        class_mean[i] = row
+    return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, label_counts=labels,
+                      class_n=class_n, class_mean=class_mean, duplicates=event.duplicates)

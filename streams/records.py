@@ -1,0 +1,275 @@
+"""The wire contract (``shared/spec/contract.md`` v1) as typed records.
+
+One validation path for everything that reads events — ``replay``, ``tail``
+and the worker: :func:`decode_inference` and :func:`decode_stats` turn raw
+bytes into records or a :class:`Rejected` with a reason that names the field.
+The JSON Schema files shipped in ``streams/schemas/`` are generated from these
+same types (``python -m streams.records``) and checked by a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+MAX_RECORD_BYTES = 1 << 20
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+Count = Annotated[int, Meta(ge=0)]
+Timestamp = Annotated[str | float, Meta(description="RFC 3339 string, or epoch seconds")]
+
+
+class InferenceEvent(Struct, kw_only=True, omit_defaults=True):
+    """One prediction served by a model."""
+
+    ts: Timestamp
+    model: Name
+    client_id: Name
+    prediction: str | int
+    features: list[float] | None = None
+    probabilities: list[Probability] | None = None
+    request_id: str | None = None
+    source_ip: str | None = None
+    model_version: str | None = None
+    latency_ms: Annotated[float, Meta(ge=0.0)] | None = None
+
+
+class Histogram(Struct, omit_defaults=True):
+    edges: list[float]
+    counts: list[Count]
+
+
+class FeatureStats(Struct, kw_only=True, omit_defaults=True):
+    count: Count
+    nulls: Count = 0
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    hist: Histogram | None = None
+    # Optional additions: values below the first / above the last histogram edge.
+    below: Count | None = None
+    above: Count | None = None
+
+
+class ClassMoments(Struct, kw_only=True, omit_defaults=True):
+    count: Count
+    mean: float | None = None
+    std: float | None = None
+
+
+class TrainingStatsEvent(Struct, kw_only=True, omit_defaults=True):
+    """Statistics of one training-data batch (see ``modelwatch stats``)."""
+
+    ts: Timestamp
+    dataset: Name
+    batch_id: Name
+    source: Name
+    n: Count
+    features: dict[str, FeatureStats]
+    labels: dict[str, Count]
+    by_label: dict[str, dict[str, ClassMoments]] | None = None
+    # Optional addition: rows that repeat an earlier row of the same batch.
+    duplicates: Count | None = None
+
+
+# --- alerts (ECS 8.x) -------------------------------------------------------------
+
+class AlertEvent(Struct, kw_only=True):
+    kind: str
+    category: list[str]
+    type: list[str]
+    id: str
+    severity: int
+    risk_score: float
+    created: str
+    dataset: str
+    module: str
+
+
+class AlertRule(Struct, kw_only=True):
+    name: str
+    category: str
+    description: str
+    version: str
+
+
+class Technique(Struct):
+    id: list[str]
+    name: list[str]
+
+
+class Threat(Struct):
+    framework: str
+    technique: Technique
+
+
+class Trigger(Struct, kw_only=True):
+    request_id: str | None
+    ts: str
+
+
+class AlertDetail(Struct, kw_only=True):
+    detector: str
+    model: str | None
+    client_id: str | None
+    dataset: str | None
+    batch_id: str | None
+    source: str | None
+    score: float
+    threshold: float
+    events_seen: int
+    trigger: Trigger
+    evidence: dict[str, float | int | str]
+
+
+class UserRef(Struct):
+    id: str
+
+
+class SourceRef(Struct):
+    ip: str
+
+
+class Alert(Struct, kw_only=True, omit_defaults=True, rename={"timestamp": "@timestamp"}):
+    timestamp: str
+    event: AlertEvent
+    rule: AlertRule
+    threat: Threat
+    modelwatch: AlertDetail
+    message: str
+    user: UserRef | None = None
+    source: SourceRef | None = None
+
+
+# --- decoding ---------------------------------------------------------------------
+
+class Rejected(Struct):
+    """A record that breaks the contract, with the reason (naming the field).
+
+    ``raw`` is the offending array element when the record was an array.
+    """
+
+    reason: str
+    raw: bytes | None = None
+
+
+_inference = msgspec.json.Decoder(InferenceEvent)
+_inference_or_array = msgspec.json.Decoder(InferenceEvent | list[msgspec.Raw])
+_stats = msgspec.json.Decoder(TrainingStatsEvent)
+
+
+def parse_ts(value: str | float) -> float:
+    """Event time in epoch seconds; naive RFC 3339 strings are taken as UTC."""
+    if isinstance(value, str):
+        stamp = datetime.fromisoformat(value)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        return stamp.timestamp()
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return float(value)
+
+
+def format_ts(epoch: float) -> str:
+    """RFC 3339 UTC with milliseconds, as in the contract's examples."""
+    stamp = datetime.fromtimestamp(epoch, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text.replace("`", "") if text else type(exc).__name__
+
+
+def decode_inference(raw: bytes) -> list[tuple[InferenceEvent | Rejected, float]]:
+    """Decode one record (an event or a JSON array of events).
+
+    Returns ``(record, ts)`` pairs in array order; a malformed element becomes a
+    :class:`Rejected` alone, its neighbours are kept. ``ts`` is NaN when rejected.
+    Model-specific checks (feature count) happen in :func:`check_against`.
+    """
+    if len(raw) > MAX_RECORD_BYTES:
+        return [(Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit"), math.nan)]
+    try:
+        decoded = _inference_or_array.decode(raw)
+    except msgspec.DecodeError as exc:
+        return [(Rejected(_reason(exc)), math.nan)]
+    if isinstance(decoded, InferenceEvent):
+        return [_with_ts(decoded)]
+    out = []
+    for position, element in enumerate(decoded):
+        try:
+            out.append(_with_ts(_inference.decode(element)))
+        except msgspec.DecodeError as exc:
+            out.append((Rejected(f"array element {position}: {_reason(exc)}", bytes(element)),
+                        math.nan))
+    return out
+
+
+def _with_ts(event: InferenceEvent):
+    try:
+        return event, parse_ts(event.ts)
+    except (ValueError, OverflowError):
+        return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {event.ts!r}"), math.nan
+
+
+def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:
+    if len(raw) > MAX_RECORD_BYTES:
+        return Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit"), math.nan
+    try:
+        event = _stats.decode(raw)
+    except msgspec.DecodeError as exc:
+        return Rejected(_reason(exc)), math.nan
+    try:
+        return event, parse_ts(event.ts)
+    except (ValueError, OverflowError):
+        return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {event.ts!r}"), math.nan
+
+
+def check_against(event: InferenceEvent, n_features: int, n_classes: int) -> str | None:
+    """Why an event breaks its model's profile, or None."""
+    if event.features is not None and len(event.features) != n_features:
+        return f"features: expected {n_features} values for model {event.model}, got {len(event.features)}"
+    if event.probabilities is not None and len(event.probabilities) != n_classes:
+        return (f"probabilities: expected {n_classes} values for model {event.model}, "
+                f"got {len(event.probabilities)}")
+    return None
+
+
+# --- JSON Schema ------------------------------------------------------------------
+
+SCHEMAS = {
+    "inference-event": InferenceEvent,
+    "training-stats-event": TrainingStatsEvent,
+    "alert": Alert,
+}
+
+
+def schema_of(name: str) -> dict:
+    schema = msgspec.json.schema(SCHEMAS[name])
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://modelwatch.dev/schemas/v1/{name}.json",
+            "title": f"modelwatch {name} (contract v1)", **schema}
+
+
+def shipped_schema(name: str) -> dict:
+    """The schema file shipped in the package."""
+    return json.loads(resources.files("streams").joinpath(f"schemas/{name}.json").read_text())
+
+
+def write_schemas(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SCHEMAS:
+        (folder / f"{name}.json").write_text(json.dumps(schema_of(name), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    write_schemas(Path(__file__).parent / "schemas")

@@ -1,0 +1,74 @@
+"""One raw training batch to one training-stats event (contract v1).
+
+Histograms use the profile's edges, so that batches of a dataset compare bin by
+bin with the reference. Beyond the contract's required fields it writes
+``by_label`` (class-conditional moments, which show label flips), per-feature
+``below``/``above`` counts (values outside the histogram edges) and
+``duplicates`` (rows that repeat an earlier row of the batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.profile import Profile, duplicate_share
+from streams.records import format_ts, parse_ts
+from streams.tabular import read_table
+
+
+def _moments(values: np.ndarray) -> tuple[int, float | None, float | None]:
+    present = values[~np.isnan(values)]
+    if len(present) == 0:
+        return 0, None, None
+    return len(present), float(present.mean()), float(present.std())
+
+
+def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str, source: str,
+                batch_id: str, ts: float) -> dict:
+    features = {}
+    for j, name in enumerate(profile.feature_names):
+        column = X[:, j]
+        present = column[~np.isnan(column)]
+        edges = profile.edges[j]
+        count, mean, std = _moments(column)
+        entry = {"count": count, "nulls": int(len(column) - count), "mean": mean, "std": std,
+                 "min": float(present.min()) if count else None,
+                 "max": float(present.max()) if count else None,
+                 "hist": {"edges": edges.tolist(),
+                          "counts": np.histogram(present, bins=edges)[0].tolist()},
+                 "below": int((present < edges[0]).sum()),
+                 "above": int((present > edges[-1]).sum())}
+        features[name] = {k: v for k, v in entry.items() if v is not None}
+    labels, counts = np.unique(y.astype(str), return_counts=True)
+    by_label = {}
+    for label in labels:
+        rows = X[y.astype(str) == label]
+        by_label[str(label)] = {}
+        for j, name in enumerate(profile.feature_names):
+            count, mean, std = _moments(rows[:, j])
+            by_label[str(label)][name] = {k: v for k, v in
+                                          {"count": count, "mean": mean, "std": std}.items()
+                                          if v is not None}
+    with_labels = np.column_stack([np.nan_to_num(X, nan=np.inf), np.unique(y, return_inverse=True)[1]])
+    return {
+        "ts": format_ts(ts),
+        "dataset": dataset,
+        "batch_id": batch_id,
+        "source": source,
+        "n": int(len(X)),
+        "features": features,
+        "labels": {str(label): int(c) for label, c in zip(labels, counts, strict=True)},
+        "by_label": by_label,
+        "duplicates": int(round(duplicate_share(with_labels) * len(X))),
+    }
+
+
+def stats_event_from_csv(profile_path, csv_path, *, dataset: str, source: str, batch_id: str,
+                         ts: float | str, profile: Profile | None = None) -> dict:
+    """Read one batch CSV (columns named as in the profile) and describe it."""
+    from streams.files import load_profile
+
+    ts = parse_ts(ts) if isinstance(ts, str) else ts
+    profile = profile or load_profile(profile_path)
+    X, y, _ = read_table(csv_path, profile.label_column, profile.feature_names)
+    return stats_event(X, y, profile, dataset=dataset, source=source, batch_id=batch_id, ts=ts)
