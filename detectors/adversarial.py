@@ -38,7 +38,7 @@ def judge(view, cfg) -> list[Verdict]:
 
     def rate_rule(name, rate, p0, techniques, description, extra=None):
         k, n = view.rate(rate)
-        s = rate_surprise(k, n, p0)
+        s = rate_surprise(k, n, p0, min_flagged)
         hit = first_true((k >= min_flagged) & (s >= surprise) & (extra if extra is not None else True))
         if hit >= 0:
             verdicts.append(Verdict(

@@ -52,49 +52,58 @@ class Verdict:
     evidence: dict[str, float | int | str] = field(default_factory=dict)
 
 
-def decayed_counts(flags: np.ndarray, k0: float, n0: float, decay: float):
-    """Exponentially decayed running counts after each element of ``flags``.
+def decayed_counts(flags: np.ndarray, k0, decay: float) -> np.ndarray:
+    """Exponentially decayed running counts after each row of ``flags``.
 
-    Returns ``(k, n)`` arrays: ``k[i]`` is the decayed number of flagged events
-    up to and including event ``i``, ``n[i]`` the decayed number of events. The
-    decay bounds the memory of a rate test to about ``1 / (1 - decay)`` events,
-    so a client's old behaviour neither hides nor inflates new behaviour.
+    ``flags`` is (events,) or (events, series); ``k0`` the counts before the
+    batch. Row ``i`` of the result is the decayed count up to and including
+    event ``i``. The decay bounds the memory of a rate test to about
+    ``1 / (1 - decay)`` events, so a client's old behaviour neither hides nor
+    inflates new behaviour.
 
-    >>> k, n = decayed_counts(np.array([1, 1, 0]), 0.0, 0.0, 0.5)
-    >>> k.tolist(), n.tolist()
-    ([1.0, 1.5, 0.75], [1.0, 1.5, 1.75])
+    >>> decayed_counts(np.array([1, 1, 0]), 0.0, 0.5).tolist()
+    [1.0, 1.5, 0.75]
     """
+    flags = np.asarray(flags, dtype=np.float64)
     m = len(flags)
-    k = np.empty(m)
-    n = np.empty(m)
+    out = np.empty_like(flags)
+    carry = np.asarray(k0, dtype=np.float64)
     # k_i = decay^i * (decay*k0) + sum_j decay^(i-j) f_j, computed without a loop
     # by scaling with decay^-j, in blocks short enough for the scale to stay finite.
     block = max(1, int(200 / max(-np.log10(decay), 1e-9)))
-    start = 0
-    while start < m:
+    for start in range(0, m, block):
         stop = min(m, start + block)
         steps = np.arange(stop - start, dtype=np.float64)
+        if flags.ndim == 2:
+            steps = steps[:, None]
         powers, inv = decay**steps, decay**-steps
-        k[start:stop] = powers * (decay * k0 + np.cumsum(flags[start:stop] * inv))
-        n[start:stop] = powers * (decay * n0 + np.cumsum(inv))
-        k0, n0 = k[stop - 1], n[stop - 1]
-        start = stop
-    return k, n
+        out[start:stop] = powers * (decay * carry + np.cumsum(flags[start:stop] * inv, axis=0))
+        carry = out[stop - 1]
+    return out
 
 
-def rate_surprise(k: np.ndarray, n: np.ndarray, p0: float) -> np.ndarray:
+def rate_surprise(k: np.ndarray, n: np.ndarray, p0, min_k: float = 1.0) -> np.ndarray:
     """-log10 of the binomial tail P(X >= k | n, p0): how unlikely a count is.
 
     Counts are floored (decayed counts are not whole); 0 means "not surprising".
+    Only counts of at least ``min_k`` above their expectation are evaluated:
+    the tail is costly and the rules never look below that.
 
     >>> round(float(rate_surprise(np.array([5.0]), np.array([5.0]), 0.01)[0]), 1)
     10.0
     """
     k_int = np.floor(k)
     n_int = np.maximum(np.floor(n), k_int)
-    with np.errstate(divide="ignore"):
-        tail = np.where(k_int >= 1, special.bdtrc(k_int - 1, n_int, p0), 1.0)
-        return -np.log10(np.clip(tail, 1e-300, 1.0))
+    out = np.zeros(np.shape(k), dtype=np.float64)
+    p0 = np.broadcast_to(np.asarray(p0, dtype=np.float64), out.shape)
+    # Tails of 10^-3 or less need z > 3 under the normal approximation, and the
+    # binomial tail is heavier, so nothing rules care about is skipped.
+    spread = np.sqrt(np.maximum(n_int * p0 * (1 - p0), 1e-12))
+    todo = (k_int >= max(min_k, 1.0)) & (k_int - n_int * p0 > 3 * spread)
+    if todo.any():
+        tail = special.bdtrc(k_int[todo] - 1, n_int[todo], p0[todo])
+        out[todo] = -np.log10(np.clip(tail, 1e-300, 1.0))
+    return out
 
 
 def first_true(mask: np.ndarray) -> int:

@@ -19,10 +19,11 @@ few hundred numbers (see :func:`state_bytes`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
-SUB_BATCH = 512  # rows per distance block: bounds memory for a burst from one client
+SUB_BATCH = 64  # rows per distance block: each row sees `size` columns, a block adds this many
 
 
 @dataclass
@@ -116,28 +117,29 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int) -> Neighbours:
     return Neighbours(repeat, nn_same, knn)
 
 
+@lru_cache(maxsize=256)
+def _visible(h: int, m: int, size: int) -> np.ndarray:
+    """Row i (the query at column h + i) sees the `size` columns before it."""
+    col = np.arange(h + m)[None, :]
+    pos = (h + np.arange(m))[:, None]
+    return (col < pos) & (col >= pos - size)
+
+
 def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
     R_label = np.concatenate([state.window_label[:h], labels.astype(np.int16)])
-    D = _pairwise(Q, R)
-    # Query i sits at column h + i; it sees the `size` columns before it.
-    col = np.arange(h + m)[None, :]
-    pos = (h + np.arange(m))[:, None]
-    visible = (col < pos) & (col >= pos - size)
-    D_vis = np.where(visible, D, np.inf)
-    repeat = D_vis.min(1) == 0.0 if h + m > 1 else np.zeros(m, dtype=bool)
+    D = np.where(_visible(h, m, size), _pairwise(Q, R), np.inf)
+    repeat = D.min(1) == 0.0
     # A column that repeats an earlier query stands for nothing new: drop it.
     col_repeat = np.concatenate([state.window_repeat[:h], repeat])
-    distinct = visible & ~col_repeat[None, :] & (D > 0)
-    D_dist = np.where(distinct, D, np.inf)
-    same = distinct & (R_label[None, :] == labels[:, None])
-    nn_same = np.where(same, D, np.inf).min(1)
+    D[:, col_repeat] = np.inf
+    D[D == 0.0] = np.inf
+    nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat] = np.nan
-    kk = min(k, D_dist.shape[1])
-    nearest = np.partition(D_dist, kk - 1, axis=1)[:, :kk]
-    knn = nearest.mean(1)
+    kk = min(k, D.shape[1])
+    knn = np.partition(D, kk - 1, axis=1)[:, :kk].mean(1)
     knn[~np.isfinite(knn) | repeat] = np.nan
 
     keep = min(size, h + m)

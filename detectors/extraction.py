@@ -33,7 +33,7 @@ import numpy as np
 
 from detectors.base import Verdict, first_true, rate_surprise
 from detectors.clients import PRADA_RING, ClientState
-from detectors.normality import shapiro_w
+from detectors.normality import shapiro_w_windows
 
 EXTRACT = ("AML.T0024.002",)
 
@@ -98,23 +98,23 @@ def _prada(view, cfg) -> Verdict | None:
     series = np.concatenate([history, new[rows].astype(np.float32)])
     every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
     first_test = max(minimum, (start // every + 1) * every)
+    totals = np.arange(first_test, count + 1, every)
     verdict = None
-    for total in range(first_test, count + 1, every):
-        end = len(series) - (count - total)
-        sample = series[max(0, end - window):end].astype(np.float64)
-        mu, sd = sample.mean(), sample.std()
-        sample = sample[np.abs(sample - mu) <= 3 * sd] if sd > 0 else sample
-        w = shapiro_w(sample)
-        if w < cfg["prada_delta"]:
-            hit = int(rows[total - start - 1])
+    if len(totals):
+        ends = len(series) - (count - totals)
+        w = shapiro_w_windows(series.astype(np.float64), ends, window)
+        alarms = np.flatnonzero(w < cfg["prada_delta"])
+        if len(alarms):
+            first = alarms[0]
+            hit = int(rows[totals[first] - start - 1])
             verdict = _verdict(
-                view, "prada", 1.0 - w, 1.0 - cfg["prada_delta"], hit,
+                view, "prada", 1.0 - w[first], 1.0 - cfg["prada_delta"], hit,
                 "the distances between the client's successive queries are far from normal (PRADA)",
-                {"shapiro_w": round(w, 4), "delta": cfg["prada_delta"], "distances": len(sample)})
-            break
-    for value in new[rows]:  # bounded: rows of one batch
-        ring[state.prada_count % PRADA_RING] = value
-        state.prada_count += 1
+                {"shapiro_w": round(float(w[first]), 4), "delta": cfg["prada_delta"],
+                 "distances": int(min(window, totals[first]))})
+    slots = (start + np.arange(len(rows))) % PRADA_RING
+    ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
+    state.prada_count = count
     return verdict
 
 

@@ -76,13 +76,16 @@ class QueryMonitor:
                profile: Profile | None, population: Population) -> list[Verdict]:
         nb = neighbours(state, batch, self.adv["knn_k"])
         view = ClientView(key, state, batch, nb, profile, population, {})
-        decay = self.history["decay"]
-        for name, (flagged, eligible) in adversarial.flags(view, self.adv).items():
-            row = RATES.index(name)
-            k, _ = decayed_counts(flagged & eligible, state.rates[row, 0], 0.0, decay)
-            n, _ = decayed_counts(eligible, state.rates[row, 1], 0.0, decay)
-            view.series[name] = (k, n)
-            state.rates[row] = (k[-1], n[-1])
+        series = adversarial.flags(view, self.adv)
+        if series:
+            rows = [RATES.index(name) for name in series]
+            columns = np.column_stack([a for pair in series.values() for a in
+                                       (pair[0] & pair[1], pair[1])])
+            before = state.rates[rows].reshape(-1)
+            counts = decayed_counts(columns, before, self.history["decay"])
+            for i, name in enumerate(series):
+                view.series[name] = (counts[:, 2 * i], counts[:, 2 * i + 1])
+            state.rates[rows] = counts[-1].reshape(-1, 2)
         verdicts = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
         verdicts += self._pooled_by_ip(view)
         self._learn(view, population)
@@ -105,10 +108,9 @@ class QueryMonitor:
         if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
             entry["ids"].append(client)
         flagged, eligible = view.batch.ood > view.profile.ood_threshold, view.batch.has_features
-        decay = self.history["decay"]
-        k, _ = decayed_counts(flagged & eligible, entry["k"], 0.0, decay)
-        n, _ = decayed_counts(eligible, entry["n"], 0.0, decay)
-        entry["k"], entry["n"] = float(k[-1]), float(n[-1])
+        counts = decayed_counts(np.column_stack([flagged & eligible, eligible]),
+                                [entry["k"], entry["n"]], self.history["decay"])
+        entry["k"], entry["n"] = float(counts[-1, 0]), float(counts[-1, 1])
         entry["events"] += len(view.batch)
         if not extraction.judge_pooled(ip, entry["ids"], entry["k"], entry["n"],
                                        entry["events"], self.ext):

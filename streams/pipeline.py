@@ -52,13 +52,18 @@ class Pipeline:
         self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
                             p.upper + bounds * (p.upper - p.lower)) for m, p in self.profiles.items()}
         self.counters = Counters()
+        self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
 
     # --- validation --------------------------------------------------------------
     def reject_reason(self, event: InferenceEvent) -> str | None:
-        profile = self.profiles.get(event.model)
-        if profile is None:
+        shape = self._shapes.get(event.model)
+        if shape is None:
             return None
-        return check_against(event, profile.n_features, len(profile.classes))
+        features, probabilities = event.features, event.probabilities
+        if (features is not None and len(features) != shape[0]) or (
+                probabilities is not None and len(probabilities) != shape[1]):
+            return check_against(event, *shape)
+        return None
 
     # --- inference ---------------------------------------------------------------
     def process_inference(self, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:

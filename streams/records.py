@@ -9,6 +9,7 @@ same types (``python -m streams.records``) and checked by a test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import numpy as np
 from msgspec import Meta, Struct
 
 MAX_RECORD_BYTES = 1 << 20
@@ -26,7 +28,7 @@ Count = Annotated[int, Meta(ge=0)]
 Timestamp = Annotated[str | float, Meta(description="RFC 3339 string, or epoch seconds")]
 
 
-class InferenceEvent(Struct, kw_only=True, omit_defaults=True):
+class InferenceEvent(Struct, kw_only=True, omit_defaults=True, gc=False):
     """One prediction served by a model."""
 
     ts: Timestamp
@@ -189,36 +191,53 @@ def _reason(exc: Exception) -> str:
     return text.replace("`", "") if text else type(exc).__name__
 
 
-def decode_inference(raw: bytes) -> list[tuple[InferenceEvent | Rejected, float]]:
-    """Decode one record (an event or a JSON array of events).
+def decode_inference(raw: bytes) -> list[InferenceEvent | Rejected]:
+    """Decode one record (an event or a JSON array of events), in array order.
 
-    Returns ``(record, ts)`` pairs in array order; a malformed element becomes a
-    :class:`Rejected` alone, its neighbours are kept. ``ts`` is NaN when rejected.
-    Model-specific checks (feature count) happen in :func:`check_against`.
+    A malformed element becomes a :class:`Rejected` alone; its neighbours are
+    kept. Event times are parsed in bulk by :func:`event_times`, model-specific
+    checks (feature count) happen in :func:`check_against`.
     """
     if len(raw) > MAX_RECORD_BYTES:
-        return [(Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit"), math.nan)]
+        return [Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit")]
     try:
         decoded = _inference_or_array.decode(raw)
     except msgspec.DecodeError as exc:
-        return [(Rejected(_reason(exc)), math.nan)]
+        return [Rejected(_reason(exc))]
     if isinstance(decoded, InferenceEvent):
-        return [_with_ts(decoded)]
+        return [decoded]
     out = []
     for position, element in enumerate(decoded):
         try:
-            out.append(_with_ts(_inference.decode(element)))
+            out.append(_inference.decode(element))
         except msgspec.DecodeError as exc:
-            out.append((Rejected(f"array element {position}: {_reason(exc)}", bytes(element)),
-                        math.nan))
+            out.append(Rejected(f"array element {position}: {_reason(exc)}", bytes(element)))
     return out
 
 
-def _with_ts(event: InferenceEvent):
-    try:
-        return event, parse_ts(event.ts)
-    except (ValueError, OverflowError):
-        return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {event.ts!r}"), math.nan
+def event_times(values: list) -> np.ndarray:
+    """Epoch seconds for a list of ``ts`` values; NaN where a value is not a valid time."""
+    out = np.full(len(values), np.nan)
+    utc = [i for i, v in enumerate(values) if isinstance(v, str) and v.endswith("Z")]
+    if utc:
+        try:  # numpy parses the common "...Z" form some twenty times faster
+            stamps = np.array([values[i][:-1] for i in utc], dtype="datetime64[us]")
+            out[utc] = stamps.astype(np.int64) / 1e6
+            done = set(utc)
+        except ValueError:
+            done = set()
+    else:
+        done = set()
+    for i, value in enumerate(values):
+        if i in done:
+            continue
+        with contextlib.suppress(ValueError, OverflowError, TypeError):
+            out[i] = parse_ts(value)
+    return out
+
+
+def bad_time(value) -> Rejected:
+    return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {value!r}")
 
 
 def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:
@@ -231,7 +250,7 @@ def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:
     try:
         return event, parse_ts(event.ts)
     except (ValueError, OverflowError):
-        return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {event.ts!r}"), math.nan
+        return bad_time(event.ts), math.nan
 
 
 def check_against(event: InferenceEvent, n_features: int, n_classes: int) -> str | None:
