@@ -5,7 +5,6 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -32,18 +31,18 @@ class Thresholds:
         return {name: dict(keys) for name, keys in self.values.items()}
 
 
-def load_thresholds(path: str | Path | None = None) -> Thresholds:
-    """Defaults, overridden by the TOML file at ``path`` if given.
+def load_thresholds(text: str | None = None, path: str = "thresholds") -> Thresholds:
+    """Defaults, overridden by the TOML document ``text`` (read from ``path``) if given.
 
     >>> load_thresholds().section("history")["size"]
     128
+    >>> load_thresholds("[history]\\nsize = 64").section("history")["size"]
+    64
     """
     merged = _defaults()
-    if path is not None:
+    if text is not None:
         try:
-            override = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            override = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         for section, keys in override.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from detectors.config import ConfigError, load_thresholds
+from detectors.config import ConfigError
 from streams.tabular import UserError
 
 
@@ -59,12 +59,12 @@ def _stats(args) -> int:
 
 
 def _replay(args) -> int:
-    from streams.files import load_profile
+    from streams.files import load_profile, read_thresholds
     from streams.replay import replay, write_alerts
 
     if args.inference_log is None and args.training_stats is None:
         raise UserError("replay: give --inference-log, --training-stats or both")
-    thresholds = load_thresholds(args.thresholds)
+    thresholds = read_thresholds(args.thresholds)
     profiles = [load_profile(p) for p in args.profile]
     result = replay(profiles, thresholds, inference_log=args.inference_log,
                     training_stats=args.training_stats, deadletter=args.deadletter)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 
+from detectors.config import Thresholds, load_thresholds
 from detectors.profile import Profile, ProfileError
 from streams.tabular import UserError
 
@@ -27,6 +28,17 @@ def load_profile(path: str | Path) -> Profile:
         raise UserError(f"{path}: not a modelwatch profile: {exc}") from None
 
 
+def read_thresholds(path: str | Path | None) -> Thresholds:
+    """Built-in thresholds, overridden by the TOML file at ``path`` if given."""
+    if path is None:
+        return load_thresholds()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read thresholds: {exc.strerror}") from None
+    return load_thresholds(text, str(path))
+
+
 def write_profile(profile: Profile, path: str | Path) -> None:
     try:
         Path(path).write_text(json.dumps(profile.to_dict()) + "\n")
@@ -35,25 +47,33 @@ def write_profile(profile: Profile, path: str | Path) -> None:
 
 
 class DeadLetters:
-    """Bad records, one JSON line each: where it came from, why, and the record itself."""
+    """Bad records, one JSON line each: where it came from, why, and the record itself.
+
+    Written in file and line order when closed (some checks run in bulk, after
+    the line they concern has been read).
+    """
 
     def __init__(self, path: str | Path | None):
         self.path = path
         self.count = 0
-        self._handle = None
+        self._letters: list[tuple[str, int, str, bytes]] = []
         if path is not None:
             try:
-                self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
+                Path(path).touch()
             except OSError as exc:
                 raise UserError(f"{path}: cannot write dead letters: {exc.strerror}") from None
 
     def add(self, source: str, line: int, reason: str, raw: bytes) -> None:
         self.count += 1
-        if self._handle is not None:
-            record = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            self._handle.write(msgspec.json.encode(
-                {"file": source, "line": line, "reason": reason, "record": record}) + b"\n")
+        if self.path is not None:
+            self._letters.append((source, line, reason, raw))
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
+        if self.path is None:
+            return
+        self._letters.sort(key=lambda letter: (letter[0], letter[1]))
+        with open(self.path, "wb") as out:
+            for source, line, reason, raw in self._letters:
+                record = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                out.write(msgspec.json.encode(
+                    {"file": source, "line": line, "reason": reason, "record": record}) + b"\n")

@@ -62,7 +62,7 @@ def read_table(path: str | Path, label_column: str,
                     float(value)
                 except ValueError:
                     raise UserError(
-                        f"{path}:{line}: field {names[out]!r}: not a number: {value!r}") from None
+                        f"{path}:{line}: field {names[out]!r}: not a number: {str(value)!r}") from None
     if not np.isfinite(X[~np.isnan(X)]).all():
         line = int(np.flatnonzero(np.isinf(X).any(1))[0]) + 2
         raise UserError(f"{path}:{line}: infinite value")

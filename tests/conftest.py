@@ -1,0 +1,59 @@
+"""Shared fixtures: a digits model and its profile, and an event factory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from detectors.profile import build_profile
+from streams.records import format_ts
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = 1_790_000_000.0
+
+
+class Digits:
+    def __init__(self):
+        data = load_digits()
+        X, y = data.data, data.target
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(X))
+        self.X_train, self.y_train = X[order[:1100]], y[order[:1100]]
+        self.X_pool = X[order[1100:]]
+        self.names = [f"px{i}" for i in range(64)]
+        self.model = LogisticRegression(max_iter=2000).fit(self.X_train, self.y_train)
+        self.profile = build_profile(self.X_train, self.y_train, self.names, model="digits",
+                                     dataset="digits-train")
+
+    def events(self, client: str, X: np.ndarray, t0: float = T0, gap: float = 1.0,
+               ip: str | None = None) -> list[dict]:
+        proba = self.model.predict_proba(X)
+        return [{"ts": format_ts(t0 + i * gap), "model": "digits", "client_id": client,
+                 "features": X[i].tolist(), "prediction": int(proba[i].argmax()),
+                 "probabilities": np.round(proba[i], 4).tolist(),
+                 "request_id": f"{client}-{i}", "source_ip": ip or f"203.0.113.{hash(client) % 250}"}
+                for i in range(len(X))]
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    return Digits()
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w") as out:
+        for r in records:
+            out.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *map(str, args)],
+                          capture_output=True, text=True, input=stdin, cwd=ROOT)

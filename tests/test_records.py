@@ -1,0 +1,108 @@
+"""The wire contract: decoding, rejection reasons, shipped JSON Schemas."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import msgspec
+import numpy as np
+import pytest
+
+from streams.records import (
+    MAX_RECORD_BYTES,
+    SCHEMAS,
+    InferenceEvent,
+    Rejected,
+    TrainingStatsEvent,
+    decode_inference,
+    decode_stats,
+    event_times,
+    schema_of,
+    shipped_schema,
+)
+from tests.conftest import ROOT
+
+CONTRACT = (ROOT.parent / "shared" / "spec" / "contract.md")
+
+
+def contract_examples() -> dict[str, dict]:
+    """The JSON examples of the contract, by the section they stand in."""
+    if not CONTRACT.exists():
+        pytest.skip("shared/spec/contract.md is not beside the checkout")
+    examples = {}
+    for section in CONTRACT.read_text().split("\n## ")[1:]:
+        title, _, body = section.partition("\n")
+        block = re.search(r"```json\n(.*?)```", body, flags=re.S)
+        if block:
+            examples[title.strip()] = json.loads(block.group(1).replace("…", ""))
+    return examples
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_shipped_schema_is_generated_from_the_types(name):
+    assert shipped_schema(name) == schema_of(name), "run `make schemas` and commit"
+
+
+def test_contract_examples_decode_and_match_the_schemas():
+    examples = contract_examples()
+    inference = examples["Inference event (one per prediction)"]
+    stats = examples["Training-stats event (one per training-data batch)"]
+    jsonschema.validate(inference, shipped_schema("inference-event"))
+    jsonschema.validate(stats, shipped_schema("training-stats-event"))
+    [event] = decode_inference(json.dumps(inference).encode())
+    assert isinstance(event, InferenceEvent) and event.client_id == "key-7f3a"
+    record, ts = decode_stats(json.dumps(stats).encode())
+    assert isinstance(record, TrainingStatsEvent) and record.by_label["1"]["amount"].count == 120
+    assert ts == pytest.approx(1795255200.0)
+
+
+GOOD = {"ts": "2026-11-21T10:00:00.123Z", "model": "m", "client_id": "c", "prediction": 1}
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"client_id": None}, "client_id"),
+    ({"model": ""}, "model"),
+    ({"model": "x" * 201}, "model"),
+    ({"prediction": 1.5}, "prediction"),
+    ({"features": [1, "two"]}, "features"),
+    ({"probabilities": [0.2, 1.2]}, "probabilities"),
+    ({"latency_ms": -1}, "latency_ms"),
+])
+def test_rejections_name_the_field(change, field):
+    record = {**GOOD, **change}
+    if change.get("client_id", 0) is None:
+        del record["client_id"]
+    [rejected] = decode_inference(json.dumps(record).encode())
+    assert isinstance(rejected, Rejected)
+    assert field in rejected.reason
+
+
+def test_non_finite_and_non_json_are_rejected():
+    for raw in (b'{"ts":1,"model":"m","client_id":"c","prediction":1,"features":[NaN]}',
+                b'{"ts":1,"model":"m","client_id":"c","prediction":1,"features":[1e999]}',
+                b"not json", b""):
+        [rejected] = decode_inference(raw)
+        assert isinstance(rejected, Rejected), raw
+
+
+def test_oversized_record_is_rejected_before_decoding():
+    raw = b'{"pad":"' + b"x" * MAX_RECORD_BYTES + b'"}'
+    [rejected] = decode_inference(raw)
+    assert "1 MiB" in rejected.reason
+
+
+def test_bad_array_element_goes_alone():
+    raw = json.dumps([GOOD, {"ts": 1, "model": "m"}, {**GOOD, "client_id": "d"}]).encode()
+    first, bad, last = decode_inference(raw)
+    assert first.client_id == "c" and last.client_id == "d"
+    assert isinstance(bad, Rejected) and "array element 1" in bad.reason
+    assert msgspec.json.decode(bad.raw) == {"ts": 1, "model": "m"}
+
+
+def test_event_times_accept_rfc3339_and_epoch_and_flag_the_rest():
+    ts = event_times(["2026-11-21T10:00:00.5Z", "2026-11-21T11:00:00.5+01:00",
+                      1795255200.5, "2026-11-21T10:00:00.5", "yesterday", "2026-13-01T00:00:00Z"])
+    assert ts[:4].tolist() == [1795255200.5] * 4
+    assert np.isnan(ts[4]) and np.isnan(ts[5])
