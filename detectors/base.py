@@ -101,7 +101,7 @@ def rate_surprise(k: np.ndarray, n: np.ndarray, p0, min_k: float = 1.0) -> np.nd
     spread = np.sqrt(np.maximum(n_int * p0 * (1 - p0), 1e-12))
     todo = (k_int >= max(min_k, 1.0)) & (k_int - n_int * p0 > 3 * spread)
     if todo.any():
-        tail = special.bdtrc(k_int[todo] - 1, n_int[todo], p0[todo])
+        tail = special.bdtrc((k_int[todo] - 1).astype(np.int64), n_int[todo].astype(np.int64), p0[todo])
         out[todo] = -np.log10(np.clip(tail, 1e-300, 1.0))
     return out
 

@@ -1,0 +1,128 @@
+"""One contract for every detector: state round-trips, fixed memory, determinism,
+and per-client results that do not depend on how a stream is cut into batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.clients import ClientState, Population, QueryBatch, state_bytes
+from detectors.config import load_thresholds
+from detectors.monitor import QueryMonitor
+from detectors.poisoning import PoisoningDetector, SourceState
+from detectors.state import dumps, loads
+from streams.pipeline import batch_stats
+from streams.records import TrainingStatsEvent
+from streams.stats import stats_event
+import msgspec
+
+
+def query_batch(digits, X):
+    p = digits.profile
+    proba = digits.model.predict_proba(X)
+    top = -np.sort(-proba, axis=1)
+    Z = p.scaled(X)
+    return QueryBatch(
+        ts=np.arange(len(X), dtype=float), Z=Z, has_features=np.ones(len(X), bool),
+        label=np.array([p.class_index(c) for c in proba.argmax(1)]),
+        margin=top[:, 0] - top[:, 1], ood=p.mahalanobis(Z),
+        out_of_bounds=((X < p.lower) | (X > p.upper)).any(1), source_ip=["192.0.2.1"] * len(X))
+
+
+def sliced(batch: QueryBatch, a: int, b: int) -> QueryBatch:
+    return QueryBatch(ts=batch.ts[a:b], Z=batch.Z[a:b], has_features=batch.has_features[a:b],
+                      label=batch.label[a:b], margin=batch.margin[a:b], ood=batch.ood[a:b],
+                      out_of_bounds=batch.out_of_bounds[a:b], source_ip=batch.source_ip[a:b])
+
+
+def walk(digits, n, seed=0):
+    """Honest-looking start, then a crowded walk (a decision-based attack's shape)."""
+    rng = np.random.default_rng(seed)
+    honest = digits.X_pool[rng.permutation(len(digits.X_pool))[:n // 2]]
+    start = digits.X_pool[0]
+    steps = np.clip(start + np.cumsum(rng.normal(0, 0.05, size=(n - n // 2, 64)), 0), 0, 16)
+    return np.vstack([honest, steps])
+
+
+def run(digits, X, cuts, state=None, restore_at=None):
+    monitor = QueryMonitor(load_thresholds())
+    state = state or monitor.new_state(10, 64)
+    population = Population(10)
+    batch = query_batch(digits, X)
+    first = {}
+    bounds = [0, *cuts, len(X)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if restore_at is not None and a == restore_at:
+            state = loads(ClientState, dumps(state))
+        for v in monitor.update("digits/c", state, sliced(batch, a, b), digits.profile, population):
+            first.setdefault(v.rule, a + v.trigger)
+    return first, state
+
+
+def test_query_rules_fire_on_the_attack_part(digits):
+    first, _ = run(digits, walk(digits, 600), [])
+    assert "adversarial.query_crowding" in first
+    assert first["adversarial.query_crowding"] >= 300  # not on the honest half
+
+
+@pytest.mark.parametrize("cuts", [[1, 2, 3, 50, 333, 334, 500], list(range(7, 600, 7))])
+def test_batching_does_not_change_per_client_results(digits, cuts):
+    X = walk(digits, 600)
+    whole, state_whole = run(digits, X, [])
+    parts, state_parts = run(digits, X, cuts)
+    per_client = {r: t for r, t in whole.items() if r != "extraction.query_coverage"}
+    assert {r: parts[r] for r in per_client} == per_client
+    assert np.array_equal(state_whole.window, state_parts.window)
+    assert state_whole.prada_count == state_parts.prada_count
+    assert np.allclose(state_whole.rates, state_parts.rates)
+
+
+def test_state_round_trip_gives_the_same_verdicts(digits):
+    X = walk(digits, 600, seed=3)
+    cuts = list(range(50, 600, 50))
+    plain, _ = run(digits, X, cuts)
+    restored, _ = run(digits, X, cuts, restore_at=300)
+    assert plain == restored
+
+
+def test_client_memory_is_fixed(digits):
+    _, small = run(digits, walk(digits, 60), [])
+    _, large = run(digits, np.vstack([walk(digits, 600, seed=s) for s in range(5)]),
+                   list(range(100, 3000, 100)))
+    assert state_bytes(small) == state_bytes(large)
+    assert abs(len(dumps(small)) - len(dumps(large))) < 256  # header digits only
+
+
+def test_deterministic(digits):
+    X = walk(digits, 600, seed=5)
+    assert run(digits, X, [100, 200])[0] == run(digits, X, [100, 200])[0]
+
+
+def poisoning_run(digits, batches, restore_at=None):
+    detector = PoisoningDetector(load_thresholds())
+    state = detector.new_state()
+    fired = []
+    for i, (X, y) in enumerate(batches):
+        if restore_at == i:
+            state = loads(SourceState, dumps(state))
+        raw = stats_event(X, y, digits.profile, dataset="d", source="s", batch_id=str(i), ts=0.0)
+        event = msgspec.convert(raw, TrainingStatsEvent)
+        fired += [(i, v.rule) for v in detector.update("d/s", state, batch_stats(event, digits.profile),
+                                                        digits.profile)]
+    return fired, state
+
+
+def test_poisoning_state_round_trip_and_fixed_size(digits):
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(12):
+        rows = rng.permutation(len(digits.X_train))[:300]
+        X, y = digits.X_train[rows].copy(), digits.y_train[rows].copy()
+        if i in (5, 9):
+            X[:30, 0] = 16  # a corner pixel that is always 0: a backdoor trigger
+        batches.append((X, y))
+    plain, state = poisoning_run(digits, batches)
+    restored, _ = poisoning_run(digits, batches, restore_at=6)
+    assert plain == restored
+    assert [i for i, _ in plain] == [5, 9]
+    assert len(dumps(state)) < 64 * 1024
