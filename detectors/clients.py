@@ -64,6 +64,7 @@ class ClientState:
     window: np.ndarray = field(default=None)          # (size, features) float32, oldest first
     window_label: np.ndarray = field(default=None)    # int16
     window_repeat: np.ndarray = field(default=None)   # bool
+    window_hash: np.ndarray = field(default=None)     # uint64 hash of each row's bytes
     window_len: int = 0
     class_counts: np.ndarray = field(default=None)    # answers per class
     rates: np.ndarray = field(default=None)           # (RATES, 2) decayed flagged / total counts
@@ -77,6 +78,7 @@ class ClientState:
             self.window = np.zeros((self.size, self.n_features), dtype=np.float32)
             self.window_label = np.full(self.size, -1, dtype=np.int16)
             self.window_repeat = np.zeros(self.size, dtype=bool)
+            self.window_hash = np.zeros(self.size, dtype=np.uint64)
             self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
             self.rates = np.zeros((len(RATES), 2))
             self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
@@ -89,8 +91,8 @@ PRADA_RING = 512
 
 def state_bytes(state: ClientState) -> int:
     """Bytes held by one client's arrays (the fixed part of its memory)."""
-    arrays = (state.window, state.window_label, state.window_repeat, state.class_counts,
-              state.rates, state.prada)
+    arrays = (state.window, state.window_label, state.window_repeat, state.window_hash,
+              state.class_counts, state.rates, state.prada)
     return sum(a.nbytes for a in arrays)
 
 
@@ -125,17 +127,37 @@ def _visible(h: int, m: int, size: int) -> np.ndarray:
     return (col < pos) & (col >= pos - size)
 
 
+def row_hashes(Q: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each float32 row's bytes: equal rows, equal hashes.
+
+    Distances cannot say "identical": float32 rounding leaves identical rows a
+    few thousandths apart.
+    """
+    words = np.ascontiguousarray(Q, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    multipliers = _multipliers(Q.shape[1])
+    with np.errstate(over="ignore"):
+        return (words * multipliers).sum(1, dtype=np.uint64) ^ (words.sum(1, dtype=np.uint64) << 32)
+
+
+@lru_cache(maxsize=32)
+def _multipliers(width: int) -> np.ndarray:
+    return np.random.default_rng(0x6D77).integers(1, 2**63, size=width, dtype=np.uint64) | 1
+
+
 def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
     R_label = np.concatenate([state.window_label[:h], labels.astype(np.int16)])
-    D = np.where(_visible(h, m, size), _pairwise(Q, R), np.inf)
-    repeat = D.min(1) == 0.0
+    q_hash = row_hashes(Q)
+    R_hash = np.concatenate([state.window_hash[:h], q_hash])
+    visible = _visible(h, m, size)
+    same_row = visible & (q_hash[:, None] == R_hash[None, :])
+    repeat = same_row.any(1)
+    D = np.where(visible & ~same_row, _pairwise(Q, R), np.inf)
     # A column that repeats an earlier query stands for nothing new: drop it.
     col_repeat = np.concatenate([state.window_repeat[:h], repeat])
     D[:, col_repeat] = np.inf
-    D[D == 0.0] = np.inf
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat] = np.nan
     kk = min(k, D.shape[1])
@@ -146,6 +168,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     state.window[:keep] = R[h + m - keep:]
     state.window_label[:keep] = R_label[h + m - keep:]
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
+    state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
     return repeat, nn_same, knn
 

@@ -72,7 +72,7 @@ def build_alert(
             batch_id=batch_id, source=source, score=round(verdict.score, 6),
             threshold=round(verdict.threshold, 6), events_seen=verdict.events_seen,
             trigger=Trigger(request_id=request_id, ts=format_ts(trigger_ts)),
-            evidence=verdict.evidence,
+            evidence={k: v.item() if hasattr(v, "item") else v for k, v in verdict.evidence.items()},
         ),
         message=message,
     )
