@@ -3,6 +3,7 @@ and per-client results that do not depend on how a stream is cut into batches.""
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -14,7 +15,6 @@ from detectors.state import dumps, loads
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
-import msgspec
 
 
 def query_batch(digits, X):
