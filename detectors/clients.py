@@ -10,7 +10,8 @@ into batches). From it come
 * ``nn_same_class``: distance to the nearest earlier distinct query that got the
   same answer (PRADA's minimum distance);
 * ``knn_mean``: mean distance to the ``k`` nearest earlier distinct queries
-  (Chen, Carlini & Wagner's query-crowding statistic).
+  other than the query's own copies (Chen, Carlini & Wagner's query-crowding
+  statistic).
 
 Memory per client is fixed: ``size`` × features float32 for the window plus a
 few hundred numbers (see :func:`state_bytes`).
@@ -161,8 +162,11 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat] = np.nan
     kk = min(k, D.shape[1])
+    # Repeats keep their distance to the *other* distinct queries: an honest
+    # client re-asks far-apart records, an attacker's rounded probes repeat
+    # among near-identical ones.
     knn = np.partition(D, kk - 1, axis=1)[:, :kk].mean(1)
-    knn[~np.isfinite(knn) | repeat] = np.nan
+    knn[~np.isfinite(knn)] = np.nan
 
     keep = min(size, h + m)
     state.window[:keep] = R[h + m - keep:]

@@ -103,19 +103,29 @@ def _prada(view, cfg) -> Verdict | None:
     if len(totals):
         ends = len(series) - (count - totals)
         w = shapiro_w_windows(series.astype(np.float64), ends, window)
-        alarms = np.flatnonzero(w < cfg["prada_delta"])
+        delta = prada_delta(view.profile, cfg)
+        alarms = np.flatnonzero(w < delta)
         if len(alarms):
             first = alarms[0]
             hit = int(rows[totals[first] - start - 1])
             verdict = _verdict(
-                view, "prada", 1.0 - w[first], 1.0 - cfg["prada_delta"], hit,
+                view, "prada", 1.0 - w[first], 1.0 - delta, hit,
                 "the distances between the client's successive queries are far from normal (PRADA)",
-                {"shapiro_w": round(float(w[first]), 4), "delta": cfg["prada_delta"],
+                {"shapiro_w": round(float(w[first]), 4), "delta": round(delta, 4),
                  "distances": int(min(window, totals[first]))})
     slots = (start + np.arange(len(rows))) % PRADA_RING
     ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
     state.prada_count = count
     return verdict
+
+
+def prada_delta(profile, cfg) -> float:
+    """δ: the configured value, lowered to what simulated honest streams of this
+    model's own data reach at the calibrated false-positive rate."""
+    if profile is None:
+        return cfg["prada_delta"]
+    return min(cfg["prada_delta"],
+               profile.prada_w[str(cfg["prada_quantile"])] - cfg["prada_margin"])
 
 
 def _coverage(view, cfg, events) -> Verdict | None:

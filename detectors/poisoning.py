@@ -17,7 +17,9 @@ with recent clean batches of the same dataset and source. Rules:
     clean batches), where the reference is nearly empty: backdoor triggers set
     a few features to a value rare in clean data.
 ``poisoning.out_of_bounds``
-    Mass beyond the profile's per-feature bounds: injected outliers.
+    Values far beyond the training range (more than the range's own span past
+    it: injected outliers), or a pile of one feature's values just beyond its
+    bounds (a trigger value that clean data never takes).
 ``poisoning.duplicates``
     A share of duplicated rows far above the reference's: duplicate flooding.
 """
@@ -42,9 +44,11 @@ class BatchStats:
     count: np.ndarray            # non-null values per feature
     hist: list | None            # per feature counts on the profile's edges, None if edges differ
     beyond: np.ndarray           # per feature values beyond the profile's bounds
+    far: np.ndarray              # per feature values beyond them by more than their span, NaN if unknown
     label_counts: np.ndarray     # per profile class; labels the profile never saw are dropped
     class_n: np.ndarray          # rows per class with by_label moments
     class_mean: np.ndarray       # (classes, features), NaN where absent
+    class_std: np.ndarray        # (classes, features), NaN where absent
     duplicates: int | None       # rows repeating an earlier row, if the producer counted them
 
 
@@ -55,8 +59,23 @@ class SourceState:
     batches: int = 0
     clean: int = 0
     bin_share: np.ndarray = field(default=None)   # EMA of clean batches' bin shares, concatenated
+    class_mean: np.ndarray = field(default=None)  # EMA of clean batches' class means (scaled)
+    class_var: np.ndarray = field(default=None)   # ... and class variances (scaled)
+    class_n: np.ndarray = field(default=None)     # ... and rows per class
+    beyond_share: np.ndarray = field(default=None)  # EMA of per-feature shares beyond the bounds
     duplicate_share: float = 0.0
     last_alert: dict = field(default_factory=dict)
+
+
+def _within_precision(profile: Profile) -> np.ndarray:
+    """Inverse of the pooled within-class covariance, ridged (cached per profile)."""
+    cached = getattr(profile, "_within_precision", None)
+    if cached is None:
+        cov = profile.within_cov
+        ridge = 0.05 * float(np.mean(np.diag(cov))) + 1e-9
+        cached = np.linalg.inv(cov + ridge * np.eye(len(cov)))
+        profile._within_precision = cached
+    return cached
 
 
 class PoisoningDetector:
@@ -72,6 +91,7 @@ class PoisoningDetector:
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
+        self._last_flip_z = 0.0
         verdicts = [v for v in (
             self._label_flip(key, state, batch, profile),
             self._trigger_spike(key, state, batch, profile),
@@ -80,7 +100,9 @@ class PoisoningDetector:
         ) if v is not None]
         state.batches += 1
         if not verdicts:
-            self._learn_clean(state, batch)
+            # A batch half-way to a flip alert does not teach the clean reference.
+            self._learn_clean(state, batch, profile.scale,
+                              learn_classes=self._last_flip_z < self.cfg["flip_z"] / 2)
         return verdicts
 
     def _verdict(self, key, state, rule, score, threshold, description, evidence) -> Verdict:
@@ -92,36 +114,60 @@ class PoisoningDetector:
 
     def _label_flip(self, key, state, batch, profile) -> Verdict | None:
         scale = profile.scale
-        ref = profile.class_mean / scale
-        spread = profile.class_std / scale
+        # Reference: recent clean batches of this source once there are a few (their
+        # average is many batches deep), else the profile (a finite sample too).
+        if state.class_mean is not None and state.clean >= 3:
+            ref, ref_var = state.class_mean, state.class_var
+            depth = min(state.clean, 2 * self.cfg["recent_batches"] - 1)
+            ref_n = np.maximum(state.class_n * depth, 1.0)
+            reference = "recent_clean_batches"
+        else:
+            ref, ref_var = profile.class_mean / scale, (profile.class_std / scale) ** 2
+            ref_n = np.maximum(profile.class_counts, 1.0)
+            reference = "profile"
         present = (batch.class_n >= 10) & ~np.isnan(batch.class_mean).any(1)
-        idx = np.flatnonzero(present & (profile.class_counts > 0))
+        idx = np.flatnonzero(present & (profile.class_counts >= 10) & np.isfinite(ref).all(1))
         if len(idx) < 2:
             return None
         delta = batch.class_mean[idx] / scale - ref[idx]
-        best = (0.0, 0.0, -1, -1)
+        batch_var = (batch.class_std[idx] / scale) ** 2
+        precision = _within_precision(profile)
+        best = (0.0, 0.0, -1, -1, 0.0)
         for i, a in enumerate(idx):
             for j, b in enumerate(idx):
                 if a == b:
                     continue
                 u = ref[j] - ref[i]
-                uu = float(u @ u)
-                if uu <= 0:
+                # Project on the Fisher direction: with correlated features it is the
+                # one along which a mixture of a and b stands out most from noise.
+                direction = precision @ u
+                separation = float(u @ direction)
+                if separation <= 0:
                     continue
-                f = float((delta[i] - delta[j]) @ u) / uu
-                var = (((u**2) * spread[a] ** 2).sum() / batch.class_n[a]
-                       + ((u**2) * spread[b] ** 2).sum() / batch.class_n[b]) / uu**2
-                z = f / np.sqrt(var) if var > 0 else 0.0
-                if z > best[0]:
-                    best = (z, f, a, b)
-        z, f, a, b = best
+                f = float((delta[i] - delta[j]) @ direction) / separation
+                var = (1 / batch.class_n[a] + 1 / batch.class_n[b]
+                       + 1 / ref_n[a] + 1 / ref_n[b]) / separation
+                z = f / np.sqrt(var)
+                if z <= best[0]:
+                    continue
+                # A mixture of a and b widens a along u by f(1-f)|u|^2 per unit of u;
+                # selecting a sub-population narrows it. Require half the widening.
+                uu = float(u @ u)
+                w = u**2 / uu
+                widening = float(w @ (batch_var[i] - ref_var[a]))
+                expected = f * (1 - f) * float(w @ u**2)
+                if widening >= 0.5 * expected:
+                    best = (z, f, a, b, widening / expected if expected > 0 else 0.0)
+        z, f, a, b, widening = best
+        self._last_flip_z = z
         if z < self.cfg["flip_z"] or f < 0.03:
             return None
         return self._verdict(
             key, state, "label_flip", z, self.cfg["flip_z"],
             f"rows labelled {profile.classes[a]} look like class {profile.classes[b]}: labels flipped",
             {"class": profile.classes[a], "looks_like": profile.classes[b],
-             "estimated_flipped_share": round(f, 3), "z": round(z, 2)})
+             "estimated_flipped_share": round(f, 3), "z": round(z, 2),
+             "variance_widening_ratio": round(widening, 2), "reference": reference})
 
     def _trigger_spike(self, key, state, batch, profile) -> Verdict | None:
         if batch.hist is None:
@@ -152,19 +198,35 @@ class PoisoningDetector:
              "features_with_spikes": int(len(np.unique(owner[hits])))})
 
     def _out_of_bounds(self, key, state, batch, profile) -> Verdict | None:
+        """Values beyond the bounds: far beyond them (injected outliers), or piled
+        up just beyond one feature's edge (a trigger value outside clean data)."""
+        cfg = self.cfg
+        far = np.nan_to_num(batch.far)
+        far_share = float(far.sum()) / max(batch.n, 1)
+        if far_share >= cfg["out_of_bounds_share"]:
+            j = int(np.argmax(far))
+            return self._verdict(
+                key, state, "out_of_bounds", far_share, cfg["out_of_bounds_share"],
+                f"{int(far.sum())} values lie far beyond the training range "
+                f"({int(far[j])} in feature {profile.feature_names[j]}): injected outliers",
+                {"values_far_beyond": int(far.sum()), "per_row": round(far_share, 4),
+                 "worst_feature": profile.feature_names[j], "features_far_beyond": int((far > 0).sum())})
         share = batch.beyond / np.maximum(batch.count, 1)
-        j = int(np.argmax(share))
-        expected = profile.bounds_rate
-        limit = expected + self.cfg["out_of_bounds_share"]
-        k = np.array([float(batch.beyond[j])])
-        n = np.array([float(batch.count[j])])
-        if share[j] < limit or rate_surprise(k, n, max(expected, 1e-3))[0] < 7:
+        if state.beyond_share is not None and state.clean >= 3:
+            expected = np.maximum(state.beyond_share, 1e-3)  # what this source's clean batches show
+        else:
+            expected = np.full(len(share), max(profile.bounds_value_rate, 1e-3))
+        surprise = rate_surprise(batch.beyond, batch.count, np.minimum(2 * expected, 0.5))
+        hits = (share >= cfg["spike_min_share"]) & (surprise >= 7)
+        if not hits.any():
             return None
+        j = int(np.argmax(np.where(hits, share, 0)))
         return self._verdict(
-            key, state, "out_of_bounds", share[j], limit,
-            f"{share[j]:.1%} of values of feature {profile.feature_names[j]} lie beyond the training bounds",
+            key, state, "out_of_bounds", share[j], cfg["spike_min_share"],
+            f"{share[j]:.1%} of feature {profile.feature_names[j]}'s values lie beyond the training "
+            "bounds (a trigger or outlier value)",
             {"feature": profile.feature_names[j], "beyond_share": round(float(share[j]), 4),
-             "features_beyond": int((share >= limit).sum())})
+             "expected_share": round(float(expected[j]), 5), "features_beyond": int(hits.sum())})
 
     def _duplicates(self, key, state, batch, profile) -> Verdict | None:
         if batch.duplicates is None:
@@ -179,7 +241,8 @@ class PoisoningDetector:
             f"{share:.0%} of the batch's rows are duplicates",
             {"duplicate_share": round(share, 4), "expected_share": round(expected, 4)})
 
-    def _learn_clean(self, state: SourceState, batch: BatchStats) -> None:
+    def _learn_clean(self, state: SourceState, batch: BatchStats, scale: np.ndarray,
+                     learn_classes: bool = True) -> None:
         alpha = 1.0 / self.cfg["recent_batches"]
         if batch.hist is not None:
             counts = np.concatenate(batch.hist).astype(np.float64)
@@ -191,4 +254,19 @@ class PoisoningDetector:
         if batch.duplicates is not None:
             state.duplicate_share = ((1 - alpha) * state.duplicate_share
                                      + alpha * batch.duplicates / batch.n)
+        beyond = batch.beyond / np.maximum(batch.count, 1)
+        state.beyond_share = beyond if state.beyond_share is None else (
+            (1 - alpha) * state.beyond_share + alpha * beyond)
         state.clean += 1
+        if not learn_classes:
+            return
+        mean = batch.class_mean / scale
+        var = (batch.class_std / scale) ** 2
+        if state.class_mean is None:
+            state.class_mean, state.class_var, state.class_n = mean, var, batch.class_n.astype(float)
+        else:
+            # Classes absent from this batch keep their history.
+            seen = np.isfinite(mean).all(1) & np.isfinite(var).all(1)
+            state.class_mean[seen] = (1 - alpha) * state.class_mean[seen] + alpha * mean[seen]
+            state.class_var[seen] = (1 - alpha) * state.class_var[seen] + alpha * var[seen]
+            state.class_n[seen] = (1 - alpha) * state.class_n[seen] + alpha * batch.class_n[seen]

@@ -55,10 +55,13 @@ class Profile:
     class_counts: np.ndarray     # rows per class, in ``classes`` order
     class_mean: np.ndarray       # (classes, features)
     class_std: np.ndarray
+    within_cov: np.ndarray       # pooled within-class covariance of scaled features
     whitener: np.ndarray         # ||(x - mean)/scale @ whitener|| is the Mahalanobis distance
     ood_threshold: float         # OOD_LEVEL quantile of held-out Mahalanobis distances
     knn_quantiles: dict[str, float]  # held-out k-NN mean distances (scaled units)
     bounds_rate: float           # held-out share of rows beyond the fit rows' bounds
+    bounds_value_rate: float     # held-out share of single values beyond them
+    prada_w: dict[str, float]    # Shapiro-Wilk W of simulated honest query streams, by quantile
     duplicate_rate: float        # share of training rows that repeat an earlier row
     label_column: str = "y"      # the label's column in training CSVs
 
@@ -78,7 +81,8 @@ class Profile:
 
     def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
         """OOD score of already scaled rows (see :meth:`scaled`)."""
-        return np.sqrt(np.einsum("ij,ij->i", Z @ self.whitener, Z @ self.whitener))
+        white = Z @ self.whitener
+        return np.sqrt(np.einsum("ij,ij->i", white, white))
 
     def to_dict(self) -> dict:
         return {
@@ -104,12 +108,15 @@ class Profile:
                 for i, c in enumerate(self.classes)
             },
             "whitener": self.whitener.tolist(),
+            "within_class_covariance": self.within_cov.tolist(),
             "calibration": {
                 "ood_level": OOD_LEVEL,
                 "ood_threshold": self.ood_threshold,
                 "knn_k": KNN_K,
                 "knn_quantiles": self.knn_quantiles,
                 "bounds_rate": self.bounds_rate,
+                "bounds_value_rate": self.bounds_value_rate,
+                "prada_w": self.prada_w,
                 "duplicate_rate": self.duplicate_rate,
             },
         }
@@ -140,9 +147,12 @@ class Profile:
                 class_mean=np.array([doc["by_label"][c]["mean"] for c in classes], dtype=np.float64),
                 class_std=np.array([doc["by_label"][c]["std"] for c in classes], dtype=np.float64),
                 whitener=np.asarray(doc["whitener"], dtype=np.float64),
+                within_cov=np.asarray(doc["within_class_covariance"], dtype=np.float64),
                 ood_threshold=float(cal["ood_threshold"]),
                 knn_quantiles={str(k): float(v) for k, v in cal["knn_quantiles"].items()},
                 bounds_rate=float(cal["bounds_rate"]),
+                bounds_value_rate=float(cal["bounds_value_rate"]),
+                prada_w={str(k): float(v) for k, v in cal["prada_w"].items()},
                 duplicate_rate=float(cal["duplicate_rate"]),
                 label_column=str(doc.get("label_column", "y")),
             )
@@ -152,7 +162,8 @@ class Profile:
             if isinstance(exc, ProfileError):
                 raise
             raise ProfileError(f"malformed value: {exc}") from None
-        if profile.whitener.shape != (d, d) or profile.class_mean.shape != (len(classes), d):
+        if (profile.whitener.shape != (d, d) or profile.within_cov.shape != (d, d)
+            or profile.class_mean.shape != (len(classes), d)):
             raise ProfileError("whitener or by_label shapes do not match feature_names")
         if any(len(e) != len(h) + 1 for e, h in zip(profile.edges, profile.hist, strict=True)):
             raise ProfileError("a histogram has len(edges) != len(counts) + 1")
@@ -212,6 +223,37 @@ def _label_order(y: np.ndarray) -> list[str]:
         return sorted(labels.tolist())
 
 
+def honest_prada_w(Z: np.ndarray, labels: np.ndarray, n_classes: int,
+                   rng: np.random.Generator, streams: int = 120, length: int = 200) -> dict[str, float]:
+    """PRADA's W on simulated honest clients: streams of training rows, half of
+    them drawn from all classes, half from one to three classes, tested as the
+    rule tests (window of recent queries, every 10 distances after 100)."""
+    from detectors.clients import ClientState, QueryBatch, neighbours
+    from detectors.normality import shapiro_w_windows
+
+    values = []
+    for s in range(streams):
+        if s % 2 and n_classes > 1:
+            chosen = rng.choice(n_classes, size=min(n_classes, int(rng.integers(1, 4))), replace=False)
+            pool = np.flatnonzero(np.isin(labels, chosen))
+        else:
+            pool = np.arange(len(Z))
+        rows = rng.choice(pool, size=min(length, len(pool)), replace=False)
+        state = ClientState(n_classes=n_classes, n_features=Z.shape[1], size=128)
+        m = len(rows)
+        batch = QueryBatch(ts=np.zeros(m), Z=Z[rows], has_features=np.ones(m, bool),
+                           label=labels[rows], margin=np.full(m, np.nan), ood=np.full(m, np.nan),
+                           out_of_bounds=np.zeros(m, bool), source_ip=[])
+        dist = neighbours(state, batch, KNN_K).nn_same_class
+        dist = dist[~np.isnan(dist)]
+        ends = np.arange(100, len(dist) + 1, 10)
+        if len(ends):
+            values.extend(shapiro_w_windows(dist, ends, 300).tolist())
+    if not values:
+        return {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
+    return {str(q): float(np.quantile(values, q)) for q in (0.001, 0.01, 0.5)}
+
+
 def build_profile(
     X: np.ndarray,
     y: np.ndarray,
@@ -266,10 +308,13 @@ def build_profile(
         class_counts=np.bincount(label_idx, minlength=len(classes)).astype(np.float64),
         class_mean=class_mean,
         class_std=class_std,
+        within_cov=np.cov((Z - (class_mean / scale - mean / scale)[label_idx]).T, bias=True),
         whitener=_whitener(Z - Z.mean(0)),
         ood_threshold=float(np.quantile(held_ood, OOD_LEVEL)),
         knn_quantiles={str(q): float(np.quantile(knn, q)) for q in knn_levels},
         bounds_rate=float(beyond.any(1).mean()),
+        bounds_value_rate=float(beyond.mean()),
+        prada_w=honest_prada_w(Z, label_idx, len(classes), rng),
         duplicate_rate=duplicate_share(X),
         label_column=label_column,
     )

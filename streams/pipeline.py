@@ -220,6 +220,7 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
     d = profile.n_features
     count = np.zeros(d)
     beyond = np.zeros(d)
+    far = np.full(d, np.nan)
     hist: list | None = []
     for j, name in enumerate(profile.feature_names):
         f = event.features.get(name)
@@ -231,6 +232,8 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
         edges_match = (h is not None and len(h.edges) == len(profile.edges[j])
                        and np.allclose(h.edges, profile.edges[j], rtol=1e-9, atol=1e-12)
                        and len(h.counts) == len(h.edges) - 1)
+        if f.far is not None:
+            far[j] = f.far
         if f.below is not None and f.above is not None:
             beyond[j] = f.below + f.above
         elif edges_match:
@@ -250,16 +253,17 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
             labels[i] = n
     class_n = np.zeros(k)
     class_mean = np.full((k, d), np.nan)
+    class_std = np.full((k, d), np.nan)
     for label, moments in (event.by_label or {}).items():
         i = profile.class_index(label)
         if i < 0:
             continue
-        row = np.full(d, np.nan)
         for j, name in enumerate(profile.feature_names):
             m = moments.get(name)
             if m is not None and m.mean is not None:
-                row[j] = m.mean
+                class_mean[i, j] = m.mean
+                class_std[i, j] = m.std if m.std is not None else np.nan
                 class_n[i] = max(class_n[i], m.count)
-        class_mean[i] = row
-    return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, label_counts=labels,
-                      class_n=class_n, class_mean=class_mean, duplicates=event.duplicates)
+    return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, far=far, label_counts=labels,
+                      class_n=class_n, class_mean=class_mean, class_std=class_std,
+                      duplicates=event.duplicates)

@@ -56,9 +56,11 @@ class FeatureStats(Struct, kw_only=True, omit_defaults=True):
     min: float | None = None
     max: float | None = None
     hist: Histogram | None = None
-    # Optional additions: values below the first / above the last histogram edge.
+    # Optional additions: values below the first / above the last histogram edge,
+    # and values beyond the edges by more than the edges' whole span.
     below: Count | None = None
     above: Count | None = None
+    far: Count | None = None
 
 
 class ClassMoments(Struct, kw_only=True, omit_defaults=True):

@@ -3,7 +3,8 @@
 Histograms use the profile's edges, so that batches of a dataset compare bin by
 bin with the reference. Beyond the contract's required fields it writes
 ``by_label`` (class-conditional moments, which show label flips), per-feature
-``below``/``above`` counts (values outside the histogram edges) and
+``below``/``above`` counts (values outside the histogram edges), ``far`` (values
+beyond the edges by more than their whole span: injected outliers) and
 ``duplicates`` (rows that repeat an earlier row of the batch).
 """
 
@@ -37,7 +38,9 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
                  "hist": {"edges": edges.tolist(),
                           "counts": np.histogram(present, bins=edges)[0].tolist()},
                  "below": int((present < edges[0]).sum()),
-                 "above": int((present > edges[-1]).sum())}
+                 "above": int((present > edges[-1]).sum()),
+                 "far": int(((present < 2 * edges[0] - edges[-1])
+                             | (present > 2 * edges[-1] - edges[0])).sum())}
         features[name] = {k: v for k, v in entry.items() if v is not None}
     labels, counts = np.unique(y.astype(str), return_counts=True)
     by_label = {}
