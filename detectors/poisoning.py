@@ -58,6 +58,7 @@ class SourceState:
 
     batches: int = 0
     clean: int = 0
+    class_batches: int = 0                        # clean batches in the class moments
     bin_share: np.ndarray = field(default=None)   # EMA of clean batches' bin shares, concatenated
     class_mean: np.ndarray = field(default=None)  # EMA of clean batches' class means (scaled)
     class_var: np.ndarray = field(default=None)   # ... and class variances (scaled)
@@ -72,7 +73,7 @@ def _within_precision(profile: Profile) -> np.ndarray:
     cached = getattr(profile, "_within_precision", None)
     if cached is None:
         cov = profile.within_cov
-        ridge = 0.05 * float(np.mean(np.diag(cov))) + 1e-9
+        ridge = 0.25 * float(np.mean(np.diag(cov))) + 1e-9  # trusts near-constant directions less
         cached = np.linalg.inv(cov + ridge * np.eye(len(cov)))
         profile._within_precision = cached
     return cached
@@ -116,9 +117,9 @@ class PoisoningDetector:
         scale = profile.scale
         # Reference: recent clean batches of this source once there are a few (their
         # average is many batches deep), else the profile (a finite sample too).
-        if state.class_mean is not None and state.clean >= 3:
+        if state.class_mean is not None and state.class_batches >= 3:
             ref, ref_var = state.class_mean, state.class_var
-            depth = min(state.clean, 2 * self.cfg["recent_batches"] - 1)
+            depth = min(state.class_batches, 2 * self.cfg["recent_batches"] - 1)
             ref_n = np.maximum(state.class_n * depth, 1.0)
             reference = "recent_clean_batches"
         else:
@@ -243,30 +244,35 @@ class PoisoningDetector:
 
     def _learn_clean(self, state: SourceState, batch: BatchStats, scale: np.ndarray,
                      learn_classes: bool = True) -> None:
-        alpha = 1.0 / self.cfg["recent_batches"]
+        # A running mean over the first `recent_batches` clean batches, then an
+        # exponential one: every kept batch weighs alike until the window is full.
+        state.clean += 1
+        alpha = max(1.0 / state.clean, 1.0 / self.cfg["recent_batches"])
         if batch.hist is not None:
             counts = np.concatenate(batch.hist).astype(np.float64)
             owner_totals = np.concatenate(
                 [np.full(len(h), max(c, 1)) for h, c in zip(batch.hist, batch.count, strict=True)])
-            share = counts / owner_totals
-            state.bin_share = share if state.bin_share is None else (
-                (1 - alpha) * state.bin_share + alpha * share)
+            state.bin_share = _blend(state.bin_share, counts / owner_totals, alpha)
         if batch.duplicates is not None:
-            state.duplicate_share = ((1 - alpha) * state.duplicate_share
-                                     + alpha * batch.duplicates / batch.n)
-        beyond = batch.beyond / np.maximum(batch.count, 1)
-        state.beyond_share = beyond if state.beyond_share is None else (
-            (1 - alpha) * state.beyond_share + alpha * beyond)
-        state.clean += 1
+            state.duplicate_share = float(_blend(state.duplicate_share, batch.duplicates / batch.n,
+                                                 alpha))
+        state.beyond_share = _blend(state.beyond_share, batch.beyond / np.maximum(batch.count, 1),
+                                    alpha)
         if not learn_classes:
             return
         mean = batch.class_mean / scale
         var = (batch.class_std / scale) ** 2
+        state.class_batches += 1
         if state.class_mean is None:
             state.class_mean, state.class_var, state.class_n = mean, var, batch.class_n.astype(float)
-        else:
-            # Classes absent from this batch keep their history.
-            seen = np.isfinite(mean).all(1) & np.isfinite(var).all(1)
-            state.class_mean[seen] = (1 - alpha) * state.class_mean[seen] + alpha * mean[seen]
-            state.class_var[seen] = (1 - alpha) * state.class_var[seen] + alpha * var[seen]
-            state.class_n[seen] = (1 - alpha) * state.class_n[seen] + alpha * batch.class_n[seen]
+            return
+        beta = max(1.0 / state.class_batches, 1.0 / self.cfg["recent_batches"])
+        # Classes absent from this batch keep their history.
+        seen = np.isfinite(mean).all(1) & np.isfinite(var).all(1)
+        state.class_mean[seen] = _blend(state.class_mean[seen], mean[seen], beta)
+        state.class_var[seen] = _blend(state.class_var[seen], var[seen], beta)
+        state.class_n[seen] = _blend(state.class_n[seen], batch.class_n[seen], beta)
+
+
+def _blend(old, new, weight):
+    return new if old is None else (1 - weight) * old + weight * new
