@@ -7,6 +7,11 @@ memory held per tracked client. Usage: python bench/replay_speed.py [--events N]
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # "one core": no BLAS threads either
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import json
 import statistics
