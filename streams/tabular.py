@@ -30,12 +30,7 @@ def read_table(path: str | Path, label_column: str,
             if header is None:
                 raise UserError(f"{path}:1: empty file: a header row is needed")
             header = [h.strip() for h in header]
-            if label_column not in header:
-                raise UserError(f"{path}:1: field {label_column!r}: no such column (label column)")
-            names = feature_names or [h for h in header if h != label_column]
-            missing = [n for n in names if n not in header]
-            if missing:
-                raise UserError(f"{path}:1: field {missing[0]!r}: column missing (the profile has it)")
+            names = _columns(header, label_column, feature_names, f"{path}:1")
             rows = list(reader)
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
@@ -73,6 +68,18 @@ def read_table(path: str | Path, label_column: str,
     return X, labels, names
 
 
+def _columns(header: list[str], label_column: str, feature_names: list[str] | None,
+             where: str) -> list[str]:
+    """Feature columns to read: all but the label, or the profile's, which must exist."""
+    if label_column not in header:
+        raise UserError(f"{where}: field {label_column!r}: no such column (label column)")
+    names = feature_names or [h for h in header if h != label_column]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise UserError(f"{where}: field {missing[0]!r}: column missing (the profile has it)")
+    return names
+
+
 def _read_parquet(path, label_column, feature_names):
     try:
         import pyarrow.parquet as pq
@@ -82,13 +89,7 @@ def _read_parquet(path, label_column, feature_names):
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many kinds; all mean "unreadable file"
         raise UserError(f"{path}: cannot read Parquet: {exc}") from None
-    header = table.column_names
-    if label_column not in header:
-        raise UserError(f"{path}: field {label_column!r}: no such column (label column)")
-    names = feature_names or [h for h in header if h != label_column]
-    missing = [n for n in names if n not in header]
-    if missing:
-        raise UserError(f"{path}: field {missing[0]!r}: column missing")
+    names = _columns(table.column_names, label_column, feature_names, str(path))
     try:
         X = np.column_stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float64)
                              for n in names])
