@@ -84,4 +84,5 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out["crowded"] = (knn < crowding_threshold(view.profile, cfg), ~np.isnan(knn))
         out["ood"] = (view.batch.ood > view.profile.ood_threshold, feats)
         out["bounds"] = (view.batch.out_of_bounds, feats)
+        out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
     return out

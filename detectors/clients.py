@@ -11,7 +11,10 @@ into batches). From it come
   same answer (PRADA's minimum distance);
 * ``knn_mean``: mean distance to the ``k`` nearest earlier distinct queries
   other than the query's own copies (Chen, Carlini & Wagner's query-crowding
-  statistic).
+  statistic);
+* ``sign_step``: the query is its nearest earlier distinct query moved by about
+  the same share of each feature's range in most features — the shape of a
+  gradient-sign step (Papernot et al.'s Jacobian-based augmentation).
 
 Memory per client is fixed: ``size`` × features float32 for the window plus a
 few hundred numbers (see :func:`state_bytes`).
@@ -49,6 +52,29 @@ class Neighbours:
     repeat: np.ndarray          # bool
     nn_same_class: np.ndarray   # NaN where no earlier distinct query of that class
     knn_mean: np.ndarray        # NaN where fewer than k earlier distinct queries
+    sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
+    has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
+
+
+#: A step changes at least this share of the live features...
+STEP_COVERAGE = 0.6
+#: ...by amounts (as shares of each feature's range) this uniform (std / mean).
+STEP_UNIFORMITY = 0.35
+
+
+def sign_steps(diff: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Rows of ``diff`` (scaled units) that look like x + λ·sign(g) steps.
+
+    ``unit`` is each feature's training range in scaled units, 0 for constant
+    features (left out).
+    """
+    live = unit > 0
+    share = np.abs(diff[:, live]) / unit[live]
+    changed = share > 1e-9
+    count = changed.sum(1)
+    mean = np.where(changed, share, 0).sum(1) / np.maximum(count, 1)
+    spread = np.sqrt(np.where(changed, (share - mean[:, None]) ** 2, 0).sum(1) / np.maximum(count, 1))
+    return (count >= STEP_COVERAGE * live.sum()) & (count >= 2) & (spread <= STEP_UNIFORMITY * mean)
 
 
 @dataclass
@@ -86,7 +112,7 @@ class ClientState:
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
-RATES = ("ood", "bounds", "crowded", "low_margin", "margin_seen")
+RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step")
 PRADA_RING = 512
 
 
@@ -102,22 +128,27 @@ def _pairwise(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
-def neighbours(state: ClientState, batch: QueryBatch, k: int) -> Neighbours:
+def neighbours(state: ClientState, batch: QueryBatch, k: int,
+               unit: np.ndarray | None = None) -> Neighbours:
     """Distances of each query to its window, then the window moves on.
 
     Scores first, learns after: a query only ever sees queries before it.
-    Rows without features are neither scored nor stored.
+    Rows without features are neither scored nor stored. ``unit`` (feature
+    ranges in scaled units) enables the sign-step check.
     """
     rows = np.flatnonzero(batch.has_features)
     m = len(batch)
     repeat = np.zeros(m, dtype=bool)
     nn_same = np.full(m, np.nan)
     knn = np.full(m, np.nan)
+    step = np.zeros(m, dtype=bool)
+    has_nearest = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn = _score_block(state, batch.Z[sub].astype(np.float32), batch.label[sub], k)
-        repeat[sub], nn_same[sub], knn[sub] = r, nn, kn
-    return Neighbours(repeat, nn_same, knn)
+        r, nn, kn, st, hn = _score_block(state, batch.Z[sub].astype(np.float32), batch.label[sub],
+                                         k, unit)
+        repeat[sub], nn_same[sub], knn[sub], step[sub], has_nearest[sub] = r, nn, kn, st, hn
+    return Neighbours(repeat, nn_same, knn, step, has_nearest)
 
 
 @lru_cache(maxsize=256)
@@ -145,7 +176,8 @@ def _multipliers(width: int) -> np.ndarray:
     return np.random.default_rng(0x6D77).integers(1, 2**63, size=width, dtype=np.uint64) | 1
 
 
-def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
+def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
+                 unit: np.ndarray | None):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
@@ -167,6 +199,11 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     # among near-identical ones.
     knn = np.partition(D, kk - 1, axis=1)[:, :kk].mean(1)
     knn[~np.isfinite(knn)] = np.nan
+    nearest = D.argmin(1)
+    has_nearest = np.isfinite(D[np.arange(m), nearest]) & ~repeat
+    step = np.zeros(m, dtype=bool)
+    if unit is not None and has_nearest.any():
+        step[has_nearest] = sign_steps(Q[has_nearest] - R[nearest[has_nearest]], unit)
 
     keep = min(size, h + m)
     state.window[:keep] = R[h + m - keep:]
@@ -174,7 +211,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int):
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
     state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
-    return repeat, nn_same, knn
+    return repeat, nn_same, knn, step, has_nearest
 
 
 @dataclass

@@ -16,6 +16,12 @@ Rules:
     What PRADA misses when synthetic queries are spread out (uniform random,
     Jacobian augmentation): a large share of a client's queries lie outside
     the training distribution, sustained over ``synthetic_min_queries``.
+``extraction.gradient_steps``
+    Papernot et al.'s Jacobian-based augmentation builds each query from an
+    earlier one as x + λ·sign(∇): nearly every feature moves by about the same
+    share of its range. Such steps between a query and its nearest earlier
+    query are counted and rate-tested against the share that held-out training
+    rows show (about zero).
 ``extraction.query_coverage``
     Natural-looking (Knockoff-style) query sets: high volume against the
     population, answers covering the classes as evenly as the population's,
@@ -66,6 +72,19 @@ def judge(view, cfg) -> list[Verdict]:
                 view, "synthetic_queries", share[hit], cfg["synthetic_min_share"], hit,
                 "most of the client's queries lie outside the training distribution",
                 {"off_profile_share": round(float(share[hit]), 3)}))
+
+    if view.profile is not None:
+        k, n = view.rate("sign_step")
+        p0 = min(0.5, max(cfg["step_p0"], 2 * view.profile.sign_step_rate))
+        s = rate_surprise(k, n, p0, cfg["step_min_flagged"])
+        hit = first_true((k >= cfg["step_min_flagged"]) & (s >= cfg["surprise"]))
+        if hit >= 0:
+            verdicts.append(_verdict(
+                view, "gradient_steps", s[hit], cfg["surprise"], hit,
+                "the client's queries step from earlier ones by a gradient sign in nearly every "
+                "feature (Jacobian-based augmentation)",
+                {"step_queries": round(float(k[hit]), 2), "of_recent": round(float(n[hit]), 2),
+                 "expected_share": round(p0, 4)}))
 
     coverage = _coverage(view, cfg, events)
     if coverage:

@@ -74,7 +74,8 @@ class QueryMonitor:
 
     def update(self, key: str, state: ClientState, batch: QueryBatch,
                profile: Profile | None, population: Population) -> list[Verdict]:
-        nb = neighbours(state, batch, self.adv["knn_k"])
+        nb = neighbours(state, batch, self.adv["knn_k"],
+                        profile.step_unit if profile is not None else None)
         view = ClientView(key, state, batch, nb, profile, population, {})
         series = adversarial.flags(view, self.adv)
         if series:

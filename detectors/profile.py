@@ -62,6 +62,7 @@ class Profile:
     bounds_rate: float           # held-out share of rows beyond the fit rows' bounds
     bounds_value_rate: float     # held-out share of single values beyond them
     prada_w: dict[str, float]    # Shapiro-Wilk W of simulated honest query streams, by quantile
+    sign_step_rate: float        # held-out rows whose nearest fit row is a sign-shaped step
     duplicate_rate: float        # share of training rows that repeat an earlier row
     label_column: str = "y"      # the label's column in training CSVs
 
@@ -78,6 +79,11 @@ class Profile:
 
     def scaled(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean) / self.scale
+
+    @property
+    def step_unit(self) -> np.ndarray:
+        """Each feature's training range in scaled units (0 for constant features)."""
+        return (self.upper - self.lower) / self.scale
 
     def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
         """OOD score of already scaled rows (see :meth:`scaled`)."""
@@ -117,6 +123,7 @@ class Profile:
                 "bounds_rate": self.bounds_rate,
                 "bounds_value_rate": self.bounds_value_rate,
                 "prada_w": self.prada_w,
+                "sign_step_rate": self.sign_step_rate,
                 "duplicate_rate": self.duplicate_rate,
             },
         }
@@ -153,6 +160,7 @@ class Profile:
                 bounds_rate=float(cal["bounds_rate"]),
                 bounds_value_rate=float(cal["bounds_value_rate"]),
                 prada_w={str(k): float(v) for k, v in cal["prada_w"].items()},
+                sign_step_rate=float(cal["sign_step_rate"]),
                 duplicate_rate=float(cal["duplicate_rate"]),
                 label_column=str(doc.get("label_column", "y")),
             )
@@ -254,6 +262,16 @@ def honest_prada_w(Z: np.ndarray, labels: np.ndarray, n_classes: int,
     return {str(q): float(np.quantile(values, q)) for q in (0.001, 0.01, 0.5)}
 
 
+def _sign_step_rate(held: np.ndarray, fit: np.ndarray, unit: np.ndarray) -> float:
+    """How often honest data's nearest neighbour is a sign-shaped step away."""
+    from detectors.clients import sign_steps
+
+    sq = (held * held).sum(1)[:, None] + (fit * fit).sum(1)[None, :] - 2 * held @ fit.T
+    sq[sq <= 1e-9] = np.inf  # identical rows are repeats, not steps
+    nearest = sq.argmin(1)
+    return float(sign_steps(held - fit[nearest], unit).mean())
+
+
 def build_profile(
     X: np.ndarray,
     y: np.ndarray,
@@ -315,6 +333,7 @@ def build_profile(
         bounds_rate=float(beyond.any(1).mean()),
         bounds_value_rate=float(beyond.mean()),
         prada_w=honest_prada_w(Z, label_idx, len(classes), rng),
+        sign_step_rate=_sign_step_rate(held_sample, fit_sample, (X.max(0) - X.min(0)) / scale),
         duplicate_rate=duplicate_share(X),
         label_column=label_column,
     )
