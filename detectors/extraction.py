@@ -30,7 +30,8 @@ Rules:
     A large share of low-margin answers over many queries.
 ``extraction.collusion``
     Several client ids behind one source IP whose pooled queries are mostly
-    off the training distribution (a slow attacker spread over ids).
+    off the training distribution, or pooled gradient-sign steps (a slow
+    attacker spread over ids).
 """
 
 from __future__ import annotations
@@ -182,10 +183,21 @@ def _coverage(view, cfg, events) -> Verdict | None:
          "population_p95_events": p95})
 
 
-def judge_pooled(key, ids, k, n, events, cfg) -> bool:
-    """Whether several ids behind one source IP, pooled, look like extraction."""
-    if len(ids) < cfg["collusion_min_ids"] or events < cfg["synthetic_min_queries"] or n <= 0:
-        return False
-    share = k / n
-    surprise = rate_surprise(np.array([k]), np.array([n]), 0.01)[0]
-    return share >= cfg["synthetic_min_share"] and surprise >= cfg["surprise"]
+def judge_pooled(ids, counts, events, cfg, step_rate) -> tuple[float, float, dict] | None:
+    """Several ids behind one source IP, pooled: off-profile or gradient-step queries.
+
+    ``counts`` holds decayed (off-profile, with features, steps, with a nearest query).
+    """
+    if len(ids) < cfg["collusion_min_ids"] or events < cfg["synthetic_min_queries"]:
+        return None
+    ood_k, ood_n, step_k, step_n = counts
+    if ood_n > 0 and ood_k / ood_n >= cfg["synthetic_min_share"] and rate_surprise(
+            np.array([ood_k]), np.array([ood_n]), 0.01)[0] >= cfg["surprise"]:
+        return ood_k / ood_n, cfg["synthetic_min_share"], {
+            "pooled_off_profile_share": round(ood_k / ood_n, 3)}
+    p0 = min(0.5, max(cfg["step_p0"], step_rate))
+    surprise = rate_surprise(np.array([step_k]), np.array([step_n]), p0, cfg["step_min_flagged"])[0]
+    if step_k >= cfg["step_min_flagged"] and surprise >= cfg["surprise"]:
+        return surprise, cfg["surprise"], {"pooled_step_queries": round(step_k, 2),
+                                           "pooled_of_recent": round(step_n, 2)}
+    return None

@@ -93,7 +93,7 @@ class QueryMonitor:
         return verdicts
 
     def _pooled_by_ip(self, view: ClientView) -> list[Verdict]:
-        """Several ids behind one IP: pool their off-profile counts (bounded per IP)."""
+        """Several ids behind one IP: pool their rate counts (bounded per IP)."""
         if "ood" not in view.series:
             return []
         ips = [ip for ip in view.batch.source_ip if ip]
@@ -104,27 +104,29 @@ class QueryMonitor:
         if entry is None:
             if len(view.population.ips) >= MAX_IPS:
                 return []
-            entry = view.population.ips[ip] = {"ids": [], "k": 0.0, "n": 0.0, "events": 0}
+            entry = view.population.ips[ip] = {"ids": [], "counts": [0.0] * 4, "events": 0}
         client = view.key.split("/", 1)[-1]
         if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
             entry["ids"].append(client)
-        flagged, eligible = view.batch.ood > view.profile.ood_threshold, view.batch.has_features
-        counts = decayed_counts(np.column_stack([flagged & eligible, eligible]),
-                                [entry["k"], entry["n"]], self.history["decay"])
-        entry["k"], entry["n"] = float(counts[-1, 0]), float(counts[-1, 1])
+        nb = view.neighbours
+        flags = np.column_stack([
+            (view.batch.ood > view.profile.ood_threshold) & view.batch.has_features,
+            view.batch.has_features, nb.sign_step & nb.has_nearest, nb.has_nearest])
+        counts = decayed_counts(flags, entry["counts"], self.history["decay"])[-1]
+        entry["counts"] = [float(c) for c in counts]
         entry["events"] += len(view.batch)
-        if not extraction.judge_pooled(ip, entry["ids"], entry["k"], entry["n"],
-                                       entry["events"], self.ext):
+        found = extraction.judge_pooled(entry["ids"], counts, entry["events"], self.ext,
+                                        2 * view.profile.sign_step_rate)
+        if found is None:
             return []
-        hit = len(view.batch) - 1
+        score, threshold, evidence = found
         return [Verdict(
             detector="extraction", rule="extraction.collusion", key=view.key,
-            score=entry["k"] / entry["n"], threshold=self.ext["synthetic_min_share"],
-            events_seen=entry["events"], trigger=hit, techniques=extraction.EXTRACT,
-            description="several client ids behind one source IP together query off the training distribution",
-            evidence={"ids_behind_ip": len(entry["ids"]),
-                      "pooled_off_profile_share": round(entry["k"] / entry["n"], 3),
-                      "pooled_events": entry["events"]},
+            score=score, threshold=threshold, events_seen=entry["events"],
+            trigger=len(view.batch) - 1, techniques=extraction.EXTRACT,
+            description="several client ids behind one source IP together query like an extraction attack",
+            evidence={"ids_behind_ip": len(entry["ids"]), "pooled_events": entry["events"],
+                      **evidence},
         )]
 
     def _learn(self, view: ClientView, population: Population) -> None:

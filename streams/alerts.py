@@ -69,8 +69,8 @@ def build_alert(
         source=SourceRef(source_ip) if source_ip else None,
         modelwatch=AlertDetail(
             detector=verdict.detector, model=model, client_id=client_id, dataset=dataset,
-            batch_id=batch_id, source=source, score=round(verdict.score, 6),
-            threshold=round(verdict.threshold, 6), events_seen=verdict.events_seen,
+            batch_id=batch_id, source=source, score=round(float(verdict.score), 6),
+            threshold=round(float(verdict.threshold), 6), events_seen=int(verdict.events_seen),
             trigger=Trigger(request_id=request_id, ts=format_ts(trigger_ts)),
             evidence={k: v.item() if hasattr(v, "item") else v for k, v in verdict.evidence.items()},
         ),

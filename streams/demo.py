@@ -3,8 +3,8 @@
 The scenario (``streams.scenario.demo_scenario``) is made fresh in a temporary
 folder: a digits model, thirty honest clients, a uniform-random extraction
 attacker, a Jacobian-augmentation extraction attacker, a decision-based evasion
-attacker, and training batches of which one has flipped labels and one a
-backdoor trigger. No attack library is needed: the attackers are small numpy
+attacker, and training batches of which one has 40 % of a class relabelled and
+one a backdoor trigger. No attack library is needed: the attackers are small numpy
 implementations.
 """
 

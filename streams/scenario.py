@@ -568,13 +568,14 @@ def backdoor_trigger(victim: Victim) -> tuple[np.ndarray, np.ndarray]:
 
 
 def training_batches(
-    victim: Victim, rng: np.random.Generator, kind: str, n_rows: int
+    victim: Victim, rng: np.random.Generator, kind: str, n_rows: int,
+    flip_rate: tuple[float, float] = (0.10, 0.30),
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """One training-data batch of ``kind``, rows drawn without replacement from the batch pool.
 
     Kinds: ``clean``; ``benign_drift`` (a legitimate new sub-population: rows above the
     70th percentile of an informative feature, mixed with ordinary rows, true labels);
-    ``label_flip`` (10-30 % of one class relabelled as another); ``backdoor`` (5-10 % of
+    ``label_flip`` (``flip_rate`` of one class relabelled as another); ``backdoor`` (5-10 % of
     rows stamped with a trigger and labelled as a target class); ``outliers`` (3-5 % of
     rows pushed far outside the data range); ``duplicates`` (20-40 % of rows are copies
     of a handful of rows).
@@ -607,7 +608,7 @@ def training_batches(
     if kind == "label_flip":
         source, flipped_to = rng.choice(victim.classes, size=2, replace=False)
         members = np.flatnonzero(y == source)
-        rate = rng.uniform(0.10, 0.30)
+        rate = rng.uniform(*flip_rate)
         flipped = rng.choice(members, size=max(1, round(rate * len(members))), replace=False)
         y[flipped] = flipped_to
         return X, y, {"from": int(source), "to": int(flipped_to), "rate": rate,
@@ -659,7 +660,7 @@ class Batch:
 def poisoned_batches(
     victim: Victim, rng: np.random.Generator, t0: float, duration_s: float,
     kinds: dict[str, int], sources: list[str], warmup_per_source: int,
-    n_rows: tuple[int, int] = BATCH_ROWS,
+    n_rows: tuple[int, int] = BATCH_ROWS, flip_rate: tuple[float, float] = (0.10, 0.30),
 ) -> list[Batch]:
     """A timeline of training batches from several sources, some of them poisoned.
 
@@ -684,7 +685,7 @@ def poisoned_batches(
     batches = []
     for number, (kind, source, offset) in enumerate(plan):
         size = int(rng.integers(n_rows[0], n_rows[1] + 1))
-        X, y, extra = training_batches(victim, rng, kind, size)
+        X, y, extra = training_batches(victim, rng, kind, size, flip_rate)
         batch_id = f"{victim.dataset}-{number:04d}"
         batches.append(Batch(batch_id, source, t0 + offset, kind, X, y, extra))
     return batches
@@ -763,6 +764,7 @@ def demo_scenario(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     batches = poisoned_batches(
         victim, rng, t0, duration, {"clean": 4, "label_flip": 1, "backdoor": 1},
         sources=["etl-nightly", "vendor-feed"], warmup_per_source=2,
+        flip_rate=(0.4, 0.4),  # a clear flip for the demo; the benchmark covers 10-30 %
     )
     batch_records = write_batches(batches, victim, out / "batches", out)
 
