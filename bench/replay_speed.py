@@ -35,16 +35,17 @@ FEATURES, CLIENTS = 32, 1000
 
 
 def make_inputs(n_events: int, seed: int = 0) -> tuple[Path, Path]:
-    profile_path, log_path = OUT / "profile.json", OUT / f"log-{n_events}.jsonl"
-    if log_path.exists() and profile_path.exists():
-        return profile_path, log_path
+    """The profile (rebuilt every run: it follows the code) and the log (cached)."""
     OUT.mkdir(parents=True, exist_ok=True)
+    profile_path, log_path = OUT / "profile.json", OUT / f"log-{n_events}.jsonl"
     X, y = make_classification(n_samples=20_000, n_features=FEATURES, n_informative=12,
                                n_classes=4, random_state=seed)
     X = np.round(X, 3)
-    model = LogisticRegression(max_iter=500).fit(X[:10_000], y[:10_000])
     write_profile(build_profile(X[:10_000], y[:10_000], [f"f{i}" for i in range(FEATURES)],
                                 model="speed-lr", dataset="speed"), profile_path)
+    if log_path.exists():
+        return profile_path, log_path
+    model = LogisticRegression(max_iter=500).fit(X[:10_000], y[:10_000])
     rng = np.random.default_rng(seed)
     pool = X[10_000:]
     rows = pool[rng.integers(len(pool), size=n_events)]
