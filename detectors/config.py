@@ -60,4 +60,24 @@ def load_thresholds(text: str | None = None, path: str = "thresholds") -> Thresh
                         f"got {value!r}"
                     )
                 merged[section][key] = value
+    _check(merged, path)
     return Thresholds(MappingProxyType({k: MappingProxyType(v) for k, v in merged.items()}))
+
+
+#: Quantile levels that profiles calibrate (see detectors.profile).
+KNN_LEVELS = (0.001, 0.01, 0.05, 0.5)
+PRADA_LEVELS = (0.001, 0.01, 0.5)
+
+
+def _check(values: dict, path: str) -> None:
+    ext, adv = values["extraction"], values["adversarial"]
+    if adv["crowding_quantile"] not in KNN_LEVELS:
+        raise ConfigError(f"{path}: adversarial.crowding_quantile must be one of {KNN_LEVELS}")
+    if ext["prada_quantile"] not in PRADA_LEVELS:
+        raise ConfigError(f"{path}: extraction.prada_quantile must be one of {PRADA_LEVELS}")
+    if not 3 <= ext["prada_window"] <= 512:
+        raise ConfigError(f"{path}: extraction.prada_window must be 3..512 (the distance ring)")
+    if ext["prada_every"] < 1 or ext["prada_min_distances"] < 3:
+        raise ConfigError(f"{path}: extraction.prada_every must be >= 1, prada_min_distances >= 3")
+    if not 0 < values["history"]["decay"] < 1:
+        raise ConfigError(f"{path}: history.decay must be between 0 and 1")

@@ -117,7 +117,8 @@ def _prada(view, cfg) -> Verdict | None:
     history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:] if before else ring[:0]
     series = np.concatenate([history, new[rows].astype(np.float32)])
     every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
-    first_test = max(minimum, (start // every + 1) * every)
+    # Tests at minimum, minimum + every, ...: the same points however the stream is cut.
+    first_test = minimum if start < minimum else minimum + ((start - minimum) // every + 1) * every
     totals = np.arange(first_test, count + 1, every)
     verdict = None
     if len(totals):

@@ -267,11 +267,16 @@ class PoisoningDetector:
             state.class_mean, state.class_var, state.class_n = mean, var, batch.class_n.astype(float)
             return
         beta = max(1.0 / state.class_batches, 1.0 / self.cfg["recent_batches"])
-        # Classes absent from this batch keep their history.
+        # Classes absent from this batch keep their history; a class seen for the
+        # first time takes this batch's values.
         seen = np.isfinite(mean).all(1) & np.isfinite(var).all(1)
-        state.class_mean[seen] = _blend(state.class_mean[seen], mean[seen], beta)
-        state.class_var[seen] = _blend(state.class_var[seen], var[seen], beta)
-        state.class_n[seen] = _blend(state.class_n[seen], batch.class_n[seen], beta)
+        new = seen & ~np.isfinite(state.class_mean).all(1)
+        old = seen & ~new
+        state.class_mean[new], state.class_var[new] = mean[new], var[new]
+        state.class_n[new] = batch.class_n[new]
+        state.class_mean[old] = _blend(state.class_mean[old], mean[old], beta)
+        state.class_var[old] = _blend(state.class_var[old], var[old], beta)
+        state.class_n[old] = _blend(state.class_n[old], batch.class_n[old], beta)
 
 
 def _blend(old, new, weight):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+
+import numpy as np
 
 from detectors.base import ATLAS, Verdict
 from streams.records import (
@@ -20,6 +23,21 @@ from streams.records import (
 )
 
 
+def _plain(evidence: dict) -> dict:
+    """Evidence as plain JSON numbers and strings; non-finite numbers are left out."""
+    out = {}
+    for key, value in evidence.items():
+        value = value.item() if hasattr(value, "item") else value
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        out[key] = value
+    return out
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else float(np.sign(value) * 1e308)
+
+
 def alert_id(rule: str, scope: str, key: str, trigger_ref: str, trigger_ts: float) -> str:
     """Same rule, key and trigger event give the same id, in replay and worker alike."""
     text = f"v1|{rule}|{scope}|{key}|{trigger_ref}|{trigger_ts:.6f}"
@@ -28,6 +46,8 @@ def alert_id(rule: str, scope: str, key: str, trigger_ref: str, trigger_ts: floa
 
 def severity(verdict: Verdict) -> int:
     """50 at the threshold, rising to 90 at twice the threshold (scores are >= 0)."""
+    if not (math.isfinite(verdict.score) and math.isfinite(verdict.threshold)):
+        return 90
     if verdict.threshold <= 0:
         return 70
     excess = verdict.score / verdict.threshold - 1.0
@@ -69,10 +89,10 @@ def build_alert(
         source=SourceRef(source_ip) if source_ip else None,
         modelwatch=AlertDetail(
             detector=verdict.detector, model=model, client_id=client_id, dataset=dataset,
-            batch_id=batch_id, source=source, score=round(float(verdict.score), 6),
-            threshold=round(float(verdict.threshold), 6), events_seen=int(verdict.events_seen),
+            batch_id=batch_id, source=source, score=round(_finite(verdict.score), 6),
+            threshold=round(_finite(verdict.threshold), 6), events_seen=int(verdict.events_seen),
             trigger=Trigger(request_id=request_id, ts=format_ts(trigger_ts)),
-            evidence={k: v.item() if hasattr(v, "item") else v for k, v in verdict.evidence.items()},
+            evidence=_plain(verdict.evidence),
         ),
         message=message,
     )

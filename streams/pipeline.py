@@ -9,6 +9,7 @@ then split by client and handed to the detectors in event-time order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from streams.alerts import build_alert
 from streams.records import Alert, InferenceEvent, TrainingStatsEvent, check_against
 
 UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
+Z_LIMIT = 1e6  # scaled feature values are clipped here: far beyond any honest value
 
 
 @dataclass
@@ -53,11 +55,19 @@ class Pipeline:
                             p.upper + bounds * (p.upper - p.lower)) for m, p in self.profiles.items()}
         self.counters = Counters()
         self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
+        self._unprofiled_width: dict[str, int] = {}
 
     # --- validation --------------------------------------------------------------
     def reject_reason(self, event: InferenceEvent) -> str | None:
         shape = self._shapes.get(event.model)
         if shape is None:
+            # An unprofiled model's width is fixed by the first event that has features.
+            if event.features is None:
+                return None
+            width = self._unprofiled_width.setdefault(event.model, len(event.features))
+            if len(event.features) != width:
+                return (f"features: expected {width} values for model {event.model} "
+                        f"(as its first events had), got {len(event.features)}")
             return None
         features, probabilities = event.features, event.probabilities
         if (features is not None and len(features) != shape[0]) or (
@@ -133,7 +143,8 @@ class Pipeline:
             X = np.full((m, width), np.nan)
             has_features[:] = False
         if profile is not None:
-            Z = profile.scaled(X)
+            # Absurd values (1e300) must not overflow float32 windows or reach alerts as inf.
+            Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
             ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
             low, high = self._bounds[model]
             out_of_bounds = ((low > X) | (high < X)).any(1) & has_features
@@ -141,7 +152,7 @@ class Pipeline:
             label = np.fromiter((lookup.get(str(e.prediction), -1) for e in events),
                                 dtype=np.int64, count=m)
         else:
-            Z, ood = X, np.full(m, np.nan)
+            Z, ood = np.clip(X, -Z_LIMIT, Z_LIMIT), np.full(m, np.nan)
             out_of_bounds = np.zeros(m, dtype=bool)
             seen = self.labels.setdefault(model, {})
             label = np.fromiter((self._label_code(seen, e.prediction) for e in events),
@@ -182,6 +193,31 @@ class Pipeline:
         return admitted
 
     # --- training stats ----------------------------------------------------------
+    def stats_reject_reason(self, event: TrainingStatsEvent) -> str | None:
+        """Why a training-stats event cannot be judged against its profile, or None."""
+        profile = self.dataset_profiles.get(event.dataset)
+        if profile is None:
+            return None
+        index = {name: j for j, name in enumerate(profile.feature_names)}
+
+        def absurd(name, value):
+            j = index.get(name)
+            if value is None or j is None:
+                return False
+            return not math.isfinite(value) or abs(value - profile.mean[j]) > Z_LIMIT * profile.scale[j]
+
+        for name, f in event.features.items():
+            for field_name in ("mean", "std", "min", "max"):
+                if absurd(name, getattr(f, field_name)):
+                    return f"features.{name}.{field_name}: {getattr(f, field_name)!r} is not a plausible value"
+        for label, moments in (event.by_label or {}).items():
+            for name, m in moments.items():
+                for field_name in ("mean", "std"):
+                    if absurd(name, getattr(m, field_name)):
+                        return (f"by_label.{label}.{name}.{field_name}: "
+                                f"{getattr(m, field_name)!r} is not a plausible value")
+        return None
+
     def process_stats(self, event: TrainingStatsEvent, ts: float) -> list[Alert]:
         self.counters.batches += 1
         profile = self.dataset_profiles.get(event.dataset)

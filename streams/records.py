@@ -22,6 +22,7 @@ import numpy as np
 from msgspec import Meta, Struct
 
 MAX_RECORD_BYTES = 1 << 20
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: what RFC 3339 can write
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Count = Annotated[int, Meta(ge=0)]
@@ -176,9 +177,12 @@ def parse_ts(value: str | float) -> float:
         stamp = datetime.fromisoformat(value)
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=UTC)
-        return stamp.timestamp()
-    if not math.isfinite(value):
-        raise ValueError("not finite")
+        epoch = stamp.timestamp()
+        if not 0.0 <= epoch <= MAX_EPOCH:
+            raise ValueError("before 1970")
+        return epoch
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_EPOCH):
+        raise ValueError("outside 1970-01-01..9999-12-31")
     return float(value)
 
 
@@ -220,12 +224,16 @@ def decode_inference(raw: bytes) -> list[InferenceEvent | Rejected]:
 def event_times(values: list) -> np.ndarray:
     """Epoch seconds for a list of ``ts`` values; NaN where a value is not a valid time."""
     out = np.full(len(values), np.nan)
-    utc = [i for i, v in enumerate(values) if isinstance(v, str) and v.endswith("Z")]
+    # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form.
+    utc = [i for i, v in enumerate(values)
+           if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T" and v[4] == "-"]
     if utc:
         try:  # numpy parses the common "...Z" form some twenty times faster
             stamps = np.array([values[i][:-1] for i in utc], dtype="datetime64[us]")
-            out[utc] = stamps.astype(np.int64) / 1e6
-            done = set(utc)
+            epochs = stamps.astype(np.int64) / 1e6
+            ok = (~np.isnat(stamps)) & (epochs >= 0) & (epochs <= MAX_EPOCH)
+            out[np.array(utc)[ok]] = epochs[ok]
+            done = {i for i, good in zip(utc, ok, strict=True) if good}
         except ValueError:
             done = set()
     else:

@@ -65,12 +65,13 @@ def read_inference(path: Path, pipeline: Pipeline, dead: DeadLetters):
     return events, ts
 
 
-def read_stats(path: Path, dead: DeadLetters):
+def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):
     batches = []
     for number, raw in _lines(path, f"reading {path.name}"):
         record, ts = decode_stats(raw)
-        if isinstance(record, Rejected):
-            dead.add(str(path), number, record.reason, raw)
+        reason = record.reason if isinstance(record, Rejected) else pipeline.stats_reject_reason(record)
+        if reason is not None:
+            dead.add(str(path), number, reason, raw)
         else:
             batches.append((ts, number, record))
     batches.sort(key=lambda item: (item[0], item[1]))
@@ -96,7 +97,7 @@ def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Pa
                     alerts += pipeline.process_inference([events[i] for i in rows], ts[rows])
                     advance(len(rows))
         if training_stats is not None:
-            for ts, _, record in read_stats(training_stats, dead):
+            for ts, _, record in read_stats(training_stats, pipeline, dead):
                 alerts += pipeline.process_stats(record, ts)
     finally:
         dead.close()

@@ -122,3 +122,55 @@ def test_stats_writes_one_training_stats_event(files, digits, tmp_path):
     px = event.features["px10"]
     assert sum(px.hist.counts) + px.below + px.above == px.count == 200
     assert event.by_label["0"]["px10"].mean == pytest.approx(digits.X_pool[:200, 10].mean())
+
+
+def test_inputs_that_used_to_crash_replay_are_dead_lettered(files, digits, tmp_path):
+    _, _, profile = files
+    good = digits.events("alice", digits.X_pool[:5])
+    huge = digits.events("mallory", np.full((12, 64), 1e300))
+    lines = [json.dumps(e) for e in good]
+    lines += [json.dumps({**good[0], "ts": 3e11}), json.dumps({**good[0], "ts": "20000-01-01T00:00:00Z"}),
+              json.dumps({**good[0], "ts": "NaTZ"})]
+    lines += [json.dumps({**good[0], "model": "other", "features": [1.0, 2.0]}),
+              json.dumps({**good[1], "model": "other", "features": [1.0, 2.0, 3.0]})]
+    lines += [json.dumps(e) for e in huge]
+    log = write_jsonl(tmp_path / "log.jsonl", lines)
+    dead, alerts = tmp_path / "dead.jsonl", tmp_path / "alerts.jsonl"
+    done = run_cli("replay", "--profile", profile, "--inference-log", log, "--alerts-out", alerts,
+                   "--deadletter", dead)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    reasons = [json.loads(line)["reason"] for line in dead.read_text().splitlines()]
+    assert len(reasons) == 4
+    assert sum(r.startswith("ts:") for r in reasons) == 3
+    assert "expected 2 values for model other" in reasons[3]
+    fired = [json.loads(line) for line in alerts.read_text().splitlines()]
+    mallory = [a for a in fired if a["modelwatch"]["client_id"] == "mallory"]
+    assert mallory
+    assert all(v is not None for a in mallory for v in a["modelwatch"]["evidence"].values())
+
+
+def test_implausible_training_stats_are_dead_lettered(files, digits, tmp_path):
+    _, _, profile = files
+    batch = write_csv(tmp_path / "batch.csv", digits.names, digits.X_pool[:200],
+                      np.zeros(200, dtype=int))
+    done = run_cli("stats", "--profile", profile, "--dataset", "digits-train", "--source", "s1",
+                   "--batch-id", "b1", "--ts", "2026-11-21T10:00:00Z", batch)
+    event = json.loads(done.stdout)
+    event["by_label"]["0"]["px3"]["mean"] = 1e308
+    stats = write_jsonl(tmp_path / "stats.jsonl", [event])
+    dead = tmp_path / "dead.jsonl"
+    done = run_cli("replay", "--profile", profile, "--training-stats", stats,
+                   "--alerts-out", tmp_path / "a.jsonl", "--deadletter", dead)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert letter["reason"].startswith("by_label.0.px3.mean")
+
+
+def test_thresholds_that_no_profile_calibrates_are_refused(files, tmp_path):
+    _, _, profile = files
+    thresholds = tmp_path / "t.toml"
+    thresholds.write_text("[adversarial]\ncrowding_quantile = 0.002\n")
+    log = write_jsonl(tmp_path / "log.jsonl", [])
+    line = one_line_error(run_cli("replay", "--profile", profile, "--inference-log", log,
+                                  "--alerts-out", tmp_path / "a.jsonl", "--thresholds", thresholds))
+    assert "crowding_quantile must be one of" in line
