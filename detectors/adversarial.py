@@ -24,31 +24,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import Verdict, first_true, rate_surprise
+from detectors.base import Candidate, Verdict, rate_surprise
 
 QUERY_BASED = ("AML.T0043", "AML.T0043.001")
 EVASION = ("AML.T0043",)
 
 
-def judge(view, cfg) -> list[Verdict]:
-    """Verdicts for one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
-    verdicts = []
+def judge(view, cfg) -> list[Candidate]:
+    """Rule hits in one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
+    candidates = []
     min_flagged = cfg["min_flagged"]
     surprise = cfg["surprise"]
 
-    def rate_rule(name, rate, p0, techniques, description, extra=None):
+    def rate_rule(name, rate, p0, techniques, description):
         k, n = view.rate(rate)
         s = rate_surprise(k, n, p0, min_flagged)
-        hit = first_true((k >= min_flagged) & (s >= surprise) & (extra if extra is not None else True))
-        if hit >= 0:
-            verdicts.append(Verdict(
+
+        def verdict_at(hit: int) -> Verdict:
+            return Verdict(
                 detector="adversarial", rule=f"adversarial.{name}", key=view.key,
                 score=float(s[hit]), threshold=surprise, events_seen=view.events_at(hit),
                 trigger=hit, techniques=techniques, description=description,
                 evidence={"flagged": round(float(k[hit]), 2), "of_recent": round(float(n[hit]), 2),
-                          "expected_share": round(p0, 4)},
-            ))
-        return hit
+                          "expected_share": round(p0, 4), **view.evidence_at(hit)},
+            )
+
+        candidates.append(Candidate("adversarial", (k >= min_flagged) & (s >= surprise), verdict_at))
 
     if view.profile is not None:
         rate_rule("query_crowding", "crowded", cfg["crowding_p0"], QUERY_BASED,
@@ -63,9 +64,7 @@ def judge(view, cfg) -> list[Verdict]:
     p0 = min(0.5, cfg["low_margin_factor"] * base)
     rate_rule("low_margin", "low_margin", p0, QUERY_BASED,
               "answers sit on the decision boundary far more often than the population's")
-    for v in verdicts:
-        v.evidence.update(view.evidence_at(v.trigger))
-    return verdicts
+    return candidates
 
 
 def crowding_threshold(profile, cfg) -> float:

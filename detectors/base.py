@@ -8,6 +8,7 @@ that a streaming table can hold them (see :mod:`detectors.state`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +51,45 @@ class Verdict:
     techniques: tuple[str, ...]
     description: str
     evidence: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Where in a batch one rule's condition holds, and how to state its verdict there.
+
+    Rules report every event that satisfies them; :func:`select` then applies
+    the family's cooldown in time order, so the alerts of a stream do not depend
+    on how it was cut into batches.
+    """
+
+    detector: Family
+    mask: np.ndarray
+    verdict_at: Callable[[int], Verdict]
+
+
+def select(candidates: list[Candidate], ts: np.ndarray, last_alert: dict,
+           cooldown: float) -> list[Verdict]:
+    """One verdict per family per cooldown window: the earliest hit after the last alert.
+
+    ``last_alert`` (family -> event time) is updated in place.
+    """
+    verdicts = []
+    for family in dict.fromkeys(c.detector for c in candidates):
+        mine = [c for c in candidates if c.detector == family and c.mask.any()]
+        after = -1
+        while mine:
+            last = last_alert.get(family)
+            open_from = ts >= last + cooldown if last is not None else np.ones(len(ts), bool)
+            open_from &= np.arange(len(ts)) > after  # always forward, even with no cooldown
+            firsts = [first_true(c.mask & open_from) for c in mine]
+            hits = [(i, n) for n, i in enumerate(firsts) if i >= 0]
+            if not hits:
+                break
+            index, which = min(hits)
+            verdicts.append(mine[which].verdict_at(index))
+            last_alert[family] = float(ts[index])
+            after = index
+    return verdicts
 
 
 def decayed_counts(flags: np.ndarray, k0, decay: float) -> np.ndarray:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import Verdict, first_true, rate_surprise
+from detectors.base import Candidate, Verdict, rate_surprise
 from detectors.clients import PRADA_RING, ClientState
 from detectors.normality import shapiro_w_windows
 
@@ -46,6 +46,7 @@ EXTRACT = ("AML.T0024.002",)
 
 
 def _verdict(view, rule, score, threshold, hit, description, evidence) -> Verdict:
+    """A verdict at event ``hit`` of the batch."""
     evidence = {**evidence, **view.evidence_at(hit)}
     return Verdict(
         detector="extraction", rule=f"extraction.{rule}", key=view.key,
@@ -54,90 +55,89 @@ def _verdict(view, rule, score, threshold, hit, description, evidence) -> Verdic
     )
 
 
-def judge(view, cfg) -> list[Verdict]:
-    """Verdicts for one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
-    verdicts = []
-    prada = _prada(view, cfg)
-    if prada:
-        verdicts.append(prada)
+def _candidate(view, rule, mask, score, threshold, description, evidence_at) -> Candidate:
+    """A rule's hits; ``score`` is per event, ``evidence_at(i)`` the evidence at a hit."""
+    return Candidate("extraction", mask, lambda hit: _verdict(
+        view, rule, float(score[hit]), threshold, hit, description, evidence_at(hit)))
+
+
+def judge(view, cfg) -> list[Candidate]:
+    """Rule hits in one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
+    candidates = [_prada(view, cfg)]
     events = view.events_at(np.arange(len(view.batch)))
 
     if view.profile is not None:
         k, n = view.rate("ood")
         share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
         s = rate_surprise(k, n, 0.01)
-        hit = first_true((events >= cfg["synthetic_min_queries"])
-                         & (share >= cfg["synthetic_min_share"]) & (s >= cfg["surprise"]))
-        if hit >= 0:
-            verdicts.append(_verdict(
-                view, "synthetic_queries", share[hit], cfg["synthetic_min_share"], hit,
-                "most of the client's queries lie outside the training distribution",
-                {"off_profile_share": round(float(share[hit]), 3)}))
+        candidates.append(_candidate(
+            view, "synthetic_queries",
+            (events >= cfg["synthetic_min_queries"]) & (share >= cfg["synthetic_min_share"])
+            & (s >= cfg["surprise"]),
+            share, cfg["synthetic_min_share"],
+            "most of the client's queries lie outside the training distribution",
+            lambda i: {"off_profile_share": round(float(share[i]), 3)}))
 
-    if view.profile is not None:
-        k, n = view.rate("sign_step")
+        k_step, n_step = view.rate("sign_step")
         p0 = min(0.5, max(cfg["step_p0"], 2 * view.profile.sign_step_rate))
-        s = rate_surprise(k, n, p0, cfg["step_min_flagged"])
-        hit = first_true((k >= cfg["step_min_flagged"]) & (s >= cfg["surprise"]))
-        if hit >= 0:
-            verdicts.append(_verdict(
-                view, "gradient_steps", s[hit], cfg["surprise"], hit,
-                "the client's queries step from earlier ones by a gradient sign in nearly every "
-                "feature (Jacobian-based augmentation)",
-                {"step_queries": round(float(k[hit]), 2), "of_recent": round(float(n[hit]), 2),
-                 "expected_share": round(p0, 4)}))
+        s_step = rate_surprise(k_step, n_step, p0, cfg["step_min_flagged"])
+        candidates.append(_candidate(
+            view, "gradient_steps",
+            (k_step >= cfg["step_min_flagged"]) & (s_step >= cfg["surprise"]),
+            s_step, cfg["surprise"],
+            "the client's queries step from earlier ones by a gradient sign in nearly every "
+            "feature (Jacobian-based augmentation)",
+            lambda i: {"step_queries": round(float(k_step[i]), 2),
+                       "of_recent": round(float(n_step[i]), 2), "expected_share": round(p0, 4)}))
 
-    coverage = _coverage(view, cfg, events)
-    if coverage:
-        verdicts.append(coverage)
+    candidates.append(_coverage(view, cfg, events))
 
-    k, n = view.rate("low_margin")
-    share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
-    hit = first_true((events >= cfg["boundary_min_queries"]) & (share >= cfg["boundary_min_share"])
-                     & (rate_surprise(k, n, cfg["boundary_min_share"] / 3) >= cfg["surprise"]))
-    if hit >= 0:
-        verdicts.append(_verdict(
-            view, "boundary_probing", share[hit], cfg["boundary_min_share"], hit,
-            "a large share of the client's answers are low-margin: the decision boundary is being mapped",
-            {"low_margin_share": round(float(share[hit]), 3)}))
-    return verdicts
+    k_low, n_low = view.rate("low_margin")
+    low_share = np.divide(k_low, n_low, out=np.zeros_like(k_low), where=n_low > 0)
+    candidates.append(_candidate(
+        view, "boundary_probing",
+        (events >= cfg["boundary_min_queries"]) & (low_share >= cfg["boundary_min_share"])
+        & (rate_surprise(k_low, n_low, cfg["boundary_min_share"] / 3) >= cfg["surprise"]),
+        low_share, cfg["boundary_min_share"],
+        "a large share of the client's answers are low-margin: the decision boundary is being mapped",
+        lambda i: {"low_margin_share": round(float(low_share[i]), 3)}))
+    return candidates
 
 
-def _prada(view, cfg) -> Verdict | None:
+def _prada(view, cfg) -> Candidate:
     state: ClientState = view.state
+    m = len(view.batch)
+    mask = np.zeros(m, dtype=bool)
+    score = np.zeros(m)
+    details: dict[int, dict] = {}
     new = view.neighbours.nn_same_class
     rows = np.flatnonzero(~np.isnan(new))
-    if len(rows) == 0:
-        return None
-    start = state.prada_count
-    count = start + len(rows)
-    ring = state.prada
-    # Distances in order: the last PRADA_RING before this batch, then this batch's.
-    before = min(start, PRADA_RING)
-    history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:] if before else ring[:0]
-    series = np.concatenate([history, new[rows].astype(np.float32)])
-    every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
-    # Tests at minimum, minimum + every, ...: the same points however the stream is cut.
-    first_test = minimum if start < minimum else minimum + ((start - minimum) // every + 1) * every
-    totals = np.arange(first_test, count + 1, every)
-    verdict = None
-    if len(totals):
-        ends = len(series) - (count - totals)
-        w = shapiro_w_windows(series.astype(np.float64), ends, window)
-        delta = prada_delta(view.profile, cfg)
-        alarms = np.flatnonzero(w < delta)
-        if len(alarms):
-            first = alarms[0]
-            hit = int(rows[totals[first] - start - 1])
-            verdict = _verdict(
-                view, "prada", 1.0 - w[first], 1.0 - delta, hit,
-                "the distances between the client's successive queries are far from normal (PRADA)",
-                {"shapiro_w": round(float(w[first]), 4), "delta": round(delta, 4),
-                 "distances": int(min(window, totals[first]))})
-    slots = (start + np.arange(len(rows))) % PRADA_RING
-    ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
-    state.prada_count = count
-    return verdict
+    delta = prada_delta(view.profile, cfg)
+    description = "the distances between the client's successive queries are far from normal (PRADA)"
+    if len(rows):
+        start = state.prada_count
+        count = start + len(rows)
+        ring = state.prada
+        # Distances in order: the last PRADA_RING before this batch, then this batch's.
+        before = min(start, PRADA_RING)
+        history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:] if before else ring[:0]
+        series = np.concatenate([history, new[rows].astype(np.float32)])
+        every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
+        # Tests at minimum, minimum + every, ...: the same points however the stream is cut.
+        first_test = minimum if start < minimum else minimum + ((start - minimum) // every + 1) * every
+        totals = np.arange(first_test, count + 1, every)
+        if len(totals):
+            ends = len(series) - (count - totals)
+            w = shapiro_w_windows(series.astype(np.float64), ends, window)
+            for alarm in np.flatnonzero(w < delta):
+                hit = int(rows[totals[alarm] - start - 1])
+                mask[hit], score[hit] = True, 1.0 - w[alarm]
+                details[hit] = {"shapiro_w": round(float(w[alarm]), 4), "delta": round(delta, 4),
+                                "distances": int(min(window, totals[alarm]))}
+        slots = (start + np.arange(len(rows))) % PRADA_RING
+        ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
+        state.prada_count = count
+    return _candidate(view, "prada", mask, score, 1.0 - delta, description, details.get)
 
 
 def prada_delta(profile, cfg) -> float:
@@ -149,17 +149,19 @@ def prada_delta(profile, cfg) -> float:
                profile.prada_w[str(cfg["prada_quantile"])] - cfg["prada_margin"])
 
 
-def _coverage(view, cfg, events) -> Verdict | None:
+def _coverage(view, cfg, events) -> Candidate:
     pop = view.population
     p95 = pop.volume_quantile(0.95)
     pop_entropy = pop.class_entropy()
+    none = np.zeros(len(events), dtype=bool)
+    description = "a high-volume client sweeps every class evenly with almost no repeated records"
     if p95 is None or pop_entropy <= 0:
-        return None
+        return _candidate(view, "query_coverage", none, none, 0.0, description, dict)
     batch = view.batch
     state: ClientState = view.state
     eligible = events >= max(cfg["coverage_min_queries"], cfg["coverage_volume_factor"] * p95)
     if not eligible.any():
-        return None
+        return _candidate(view, "query_coverage", none, none, 0.0, description, dict)
     labels = batch.label
     onehot = np.zeros((len(batch), state.n_classes))
     known = labels >= 0
@@ -172,16 +174,11 @@ def _coverage(view, cfg, events) -> Verdict | None:
     ratio = ent / pop_entropy
     fresh = batch.has_features & ~view.neighbours.repeat
     distinct = (state.distinct + np.cumsum(fresh)) / np.maximum(events, 1)
-    hit = first_true(eligible & (ratio >= cfg["coverage_min_entropy"])
-                     & (distinct >= cfg["coverage_min_distinct"]))
-    if hit < 0:
-        return None
-    return _verdict(
-        view, "query_coverage", float(ratio[hit]), cfg["coverage_min_entropy"], hit,
-        "a high-volume client sweeps every class evenly with almost no repeated records",
-        {"class_entropy_ratio": round(float(ratio[hit]), 3),
-         "distinct_share": round(float(distinct[hit]), 3),
-         "population_p95_events": p95})
+    mask = eligible & (ratio >= cfg["coverage_min_entropy"]) & (distinct >= cfg["coverage_min_distinct"])
+    return _candidate(
+        view, "query_coverage", mask, ratio, cfg["coverage_min_entropy"], description,
+        lambda i: {"class_entropy_ratio": round(float(ratio[i]), 3),
+                   "distinct_share": round(float(distinct[i]), 3), "population_p95_events": p95})
 
 
 def judge_pooled(ids, counts, events, cfg, step_rate) -> tuple[float, float, dict] | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detectors import adversarial, extraction
-from detectors.base import Verdict, decayed_counts
+from detectors.base import Candidate, Verdict, decayed_counts, select
 from detectors.clients import (
     RATES,
     ClientState,
@@ -68,6 +68,7 @@ class QueryMonitor:
         self.history = thresholds.section("history")
         self.ext = thresholds.section("extraction")
         self.adv = thresholds.section("adversarial")
+        self.cooldown = thresholds.section("alerts")["cooldown_s"]
 
     def new_state(self, n_classes: int, n_features: int) -> ClientState:
         return ClientState(n_classes=n_classes, n_features=n_features, size=self.history["size"])
@@ -87,12 +88,13 @@ class QueryMonitor:
             for i, name in enumerate(series):
                 view.series[name] = (counts[:, 2 * i], counts[:, 2 * i + 1])
             state.rates[rows] = counts[-1].reshape(-1, 2)
-        verdicts = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
-        verdicts += self._pooled_by_ip(view)
+        candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
+        candidates += self._pooled_by_ip(view)
+        verdicts = select(candidates, batch.ts, state.last_alert, self.cooldown)
         self._learn(view, population)
         return verdicts
 
-    def _pooled_by_ip(self, view: ClientView) -> list[Verdict]:
+    def _pooled_by_ip(self, view: ClientView) -> list[Candidate]:
         """Several ids behind one IP: pool their rate counts (bounded per IP)."""
         if "ood" not in view.series:
             return []
@@ -120,14 +122,18 @@ class QueryMonitor:
         if found is None:
             return []
         score, threshold, evidence = found
-        return [Verdict(
+        last = len(view.batch) - 1
+        mask = np.zeros(len(view.batch), dtype=bool)
+        mask[last] = True  # pooled counts are known at the batch's end
+        verdict = Verdict(
             detector="extraction", rule="extraction.collusion", key=view.key,
-            score=score, threshold=threshold, events_seen=entry["events"],
-            trigger=len(view.batch) - 1, techniques=extraction.EXTRACT,
+            score=float(score), threshold=float(threshold), events_seen=view.events_at(last),
+            trigger=last, techniques=extraction.EXTRACT,
             description="several client ids behind one source IP together query like an extraction attack",
             evidence={"ids_behind_ip": len(entry["ids"]), "pooled_events": entry["events"],
                       **evidence},
-        )]
+        )
+        return [Candidate("extraction", mask, lambda _: verdict)]
 
     def _learn(self, view: ClientView, population: Population) -> None:
         state, batch = view.state, view.batch

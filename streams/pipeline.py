@@ -33,7 +33,7 @@ class Counters:
     events: int = 0
     batches: int = 0
     alerts: int = 0
-    suppressed: int = 0      # verdicts inside their detector's cooldown
+    suppressed: int = 0      # poisoning rules that fired on a batch beside the strongest
     unprofiled_batches: int = 0
 
 
@@ -49,7 +49,6 @@ class Pipeline:
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
         self.populations: dict[str, Population] = {}
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
-        self.cooldown = thresholds.section("alerts")["cooldown_s"]
         bounds = thresholds.section("adversarial")["bounds_tolerance"]
         self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
                             p.upper + bounds * (p.upper - p.lower)) for m, p in self.profiles.items()}
@@ -117,7 +116,8 @@ class Pipeline:
                 source_ip=[events[i].source_ip for i in rows],
             )
             verdicts = self.query.update(key, state, batch, profile, population)
-            for verdict in self._admit(verdicts, state.last_alert, batch.ts):
+            self.counters.alerts += len(verdicts)
+            for verdict in verdicts:
                 e = events[rows[verdict.trigger]]
                 alerts.append(build_alert(
                     verdict, trigger_ts=float(batch.ts[verdict.trigger]), request_id=e.request_id,
@@ -177,20 +177,6 @@ class Pipeline:
                 return -1
             code = seen[label] = len(seen)
         return code
-
-    def _admit(self, verdicts: list[Verdict], last_alert: dict, ts: np.ndarray) -> list[Verdict]:
-        """One alert per detector and key per cooldown window: the earliest trigger wins."""
-        admitted = []
-        for verdict in sorted(verdicts, key=lambda v: v.trigger):
-            at = float(ts[verdict.trigger])
-            last = last_alert.get(verdict.detector)
-            if last is not None and at - last < self.cooldown:
-                self.counters.suppressed += 1
-                continue
-            last_alert[verdict.detector] = at
-            admitted.append(verdict)
-        self.counters.alerts += len(admitted)
-        return admitted
 
     # --- training stats ----------------------------------------------------------
     def stats_reject_reason(self, event: TrainingStatsEvent) -> str | None:

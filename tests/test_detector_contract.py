@@ -44,8 +44,12 @@ def walk(digits, n, seed=0):
     return np.vstack([honest, steps])
 
 
+#: Every rule's hits, not one per family per hour: the rules themselves are under test.
+NO_COOLDOWN = load_thresholds("[alerts]\ncooldown_s = 0.0")
+
+
 def run(digits, X, cuts, state=None, restore_at=None):
-    monitor = QueryMonitor(load_thresholds())
+    monitor = QueryMonitor(NO_COOLDOWN)
     state = state or monitor.new_state(10, 64)
     population = Population(10)
     batch = query_batch(digits, X)
@@ -126,3 +130,28 @@ def test_poisoning_state_round_trip_and_fixed_size(digits):
     assert plain == restored
     assert [i for i, _ in plain] == [5, 9]
     assert len(dumps(state)) < 64 * 1024
+
+
+def test_alerts_do_not_depend_on_batch_length(digits):
+    """A long attack gives one alert per family per cooldown hour, in any batching."""
+    import json
+
+    from streams.pipeline import Pipeline
+    from streams.records import decode_inference, event_times
+
+    rng = np.random.default_rng(9)
+    X = np.round(rng.uniform(0, 16, size=(360, 64)))
+    events = [decode_inference(json.dumps(e).encode())[0]
+              for e in digits.events("mallory", X, gap=30.0)]  # three hours
+    ts = event_times([e.ts for e in events])
+
+    def ids(step):
+        pipeline = Pipeline([digits.profile], load_thresholds())
+        alerts = []
+        for a in range(0, len(events), step):
+            alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
+        return sorted((a.rule.name, a.event.id) for a in alerts)
+
+    whole = ids(len(events))
+    assert whole == ids(1) == ids(7)
+    assert sum(name.startswith("adversarial.") for name, _ in whole) == 3
