@@ -69,19 +69,27 @@ def test_bad_csv_cell_names_file_line_and_field(files, tmp_path):
     assert f"{bad}:8: field 'px3': not a number: 'twelve'" in line
 
 
-def test_bad_profile_and_thresholds_files(files, tmp_path):
-    folder, _, profile = files
+def test_bad_profile_file(files, tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"version": 1, "model": "m"}')
     log = write_jsonl(tmp_path / "log.jsonl", [])
     line = one_line_error(run_cli("replay", "--profile", broken, "--inference-log", log,
                                   "--alerts-out", tmp_path / "a.jsonl"))
     assert "broken.json" in line and "feature_names" in line
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[adversarial]\nknn_kk = 3\n", "adversarial.knn_kk"),
+    ("[adversarial]\ncrowding_quantile = 0.002\n", "crowding_quantile must be one of"),
+])
+def test_bad_thresholds_file(files, tmp_path, content, message):
+    _, _, profile = files
     thresholds = tmp_path / "t.toml"
-    thresholds.write_text("[adversarial]\nknn_kk = 3\n")
+    thresholds.write_text(content)
+    log = write_jsonl(tmp_path / "log.jsonl", [])
     line = one_line_error(run_cli("replay", "--profile", profile, "--inference-log", log,
                                   "--alerts-out", tmp_path / "a.jsonl", "--thresholds", thresholds))
-    assert "adversarial.knn_kk" in line
+    assert message in line
 
 
 def test_replay_sends_bad_lines_to_the_dead_letter_file_and_goes_on(files, digits, tmp_path):
@@ -164,13 +172,3 @@ def test_implausible_training_stats_are_dead_lettered(files, digits, tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
     assert letter["reason"].startswith("by_label.0.px3.mean")
-
-
-def test_thresholds_that_no_profile_calibrates_are_refused(files, tmp_path):
-    _, _, profile = files
-    thresholds = tmp_path / "t.toml"
-    thresholds.write_text("[adversarial]\ncrowding_quantile = 0.002\n")
-    log = write_jsonl(tmp_path / "log.jsonl", [])
-    line = one_line_error(run_cli("replay", "--profile", profile, "--inference-log", log,
-                                  "--alerts-out", tmp_path / "a.jsonl", "--thresholds", thresholds))
-    assert "crowding_quantile must be one of" in line
