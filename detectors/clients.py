@@ -98,6 +98,8 @@ class ClientState:
     prada: np.ndarray = field(default=None)           # recent PRADA minimum distances, ring
     prada_count: int = 0                              # distances ever recorded
     margin_bin: int = -1                              # this client's bin in the population histogram
+    pooled_epoch: float = -1.0                        # epoch of pooled_counts
+    pooled_counts: np.ndarray = field(default=None)   # own share of its IP's pooled counts, this epoch
     last_alert: dict = field(default_factory=dict)    # family -> event time of its last alert
 
     def __post_init__(self):
@@ -109,6 +111,7 @@ class ClientState:
             self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
             self.rates = np.zeros((len(RATES), 2))
             self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
+            self.pooled_counts = np.zeros(5)
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
@@ -119,7 +122,7 @@ PRADA_RING = 512
 def state_bytes(state: ClientState) -> int:
     """Bytes held by one client's arrays (the fixed part of its memory)."""
     arrays = (state.window, state.window_label, state.window_repeat, state.window_hash,
-              state.class_counts, state.rates, state.prada)
+              state.class_counts, state.rates, state.prada, state.pooled_counts)
     return sum(a.nbytes for a in arrays)
 
 
@@ -228,7 +231,8 @@ class Population:
     class_counts: np.ndarray = field(default=None)
     margin_hist: np.ndarray = field(default=None)     # clients per low-margin-rate bin (percent)
     volume_hist: np.ndarray = field(default=None)     # clients per log2(events) bin
-    ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "rates": (2,2) array}
+    ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "counts": [5 sums]}
+    epoch: float = -1.0                               # event-time epoch this snapshot opens
 
     def __post_init__(self):
         if self.class_counts is None:

@@ -181,21 +181,24 @@ def _coverage(view, cfg, events) -> Candidate:
                    "distinct_share": round(float(distinct[i]), 3), "population_p95_events": p95})
 
 
-def judge_pooled(ids, counts, events, cfg, step_rate) -> tuple[float, float, dict] | None:
-    """Several ids behind one source IP, pooled: off-profile or gradient-step queries.
+def pooled_hits(n_ids: int, counts: np.ndarray, cfg, step_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per event, whether several ids behind one IP look like extraction when pooled.
 
-    ``counts`` holds decayed (off-profile, with features, steps, with a nearest query).
+    ``counts`` is (events, 5): off-profile, with features, steps, with a nearest
+    query, events — pooled as they stood at each event. Returns (mask, score, kind)
+    where kind 0 is off-profile, 1 gradient steps.
     """
-    if len(ids) < cfg["collusion_min_ids"] or events < cfg["synthetic_min_queries"]:
-        return None
-    ood_k, ood_n, step_k, step_n = counts
-    if ood_n > 0 and ood_k / ood_n >= cfg["synthetic_min_share"] and rate_surprise(
-            np.array([ood_k]), np.array([ood_n]), 0.01)[0] >= cfg["surprise"]:
-        return ood_k / ood_n, cfg["synthetic_min_share"], {
-            "pooled_off_profile_share": round(ood_k / ood_n, 3)}
+    ood_k, ood_n, step_k, step_n, events = counts.T
+    m = len(counts)
+    if n_ids < cfg["collusion_min_ids"]:
+        return np.zeros(m, bool), np.zeros(m), np.zeros(m, int)
+    enough = events >= cfg["synthetic_min_queries"]
+    ood_share = np.divide(ood_k, ood_n, out=np.zeros(m), where=ood_n > 0)
+    off = enough & (ood_share >= cfg["synthetic_min_share"]) & (
+        rate_surprise(ood_k, ood_n, 0.01) >= cfg["surprise"])
     p0 = min(0.5, max(cfg["step_p0"], step_rate))
-    surprise = rate_surprise(np.array([step_k]), np.array([step_n]), p0, cfg["step_min_flagged"])[0]
-    if step_k >= cfg["step_min_flagged"] and surprise >= cfg["surprise"]:
-        return surprise, cfg["surprise"], {"pooled_step_queries": round(step_k, 2),
-                                           "pooled_of_recent": round(step_n, 2)}
-    return None
+    step_surprise = rate_surprise(step_k, step_n, p0, cfg["step_min_flagged"])
+    steps = enough & (step_k >= cfg["step_min_flagged"]) & (step_surprise >= cfg["surprise"]) & (
+        step_k >= cfg["collusion_min_step_share"] * step_n)
+    score = np.where(off, ood_share, step_surprise)
+    return off | steps, score, np.where(off, 0, 1)

@@ -74,7 +74,12 @@ class QueryMonitor:
         return ClientState(n_classes=n_classes, n_features=n_features, size=self.history["size"])
 
     def update(self, key: str, state: ClientState, batch: QueryBatch,
-               profile: Profile | None, population: Population) -> list[Verdict]:
+               profile: Profile | None, population: Population,
+               pending: Population | None = None) -> list[Verdict]:
+        """Judge one client's batch against ``population`` (a snapshot taken before
+        the batch's epoch); the batch's own contribution is added to ``pending``
+        (the next snapshot), or to ``population`` if none is given."""
+        pending = population if pending is None else pending
         nb = neighbours(state, batch, self.adv["knn_k"],
                         profile.step_unit if profile is not None else None)
         view = ClientView(key, state, batch, nb, profile, population, {})
@@ -89,51 +94,65 @@ class QueryMonitor:
                 view.series[name] = (counts[:, 2 * i], counts[:, 2 * i + 1])
             state.rates[rows] = counts[-1].reshape(-1, 2)
         candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
-        candidates += self._pooled_by_ip(view)
+        candidates += self._pooled_by_ip(view, pending)
         verdicts = select(candidates, batch.ts, state.last_alert, self.cooldown)
-        self._learn(view, population)
+        self._learn(view, pending)
         return verdicts
 
-    def _pooled_by_ip(self, view: ClientView) -> list[Candidate]:
-        """Several ids behind one IP: pool their rate counts (bounded per IP)."""
+    def _pooled_by_ip(self, view: ClientView, pending: Population) -> list[Candidate]:
+        """Several ids behind one IP: the snapshot's pooled counts plus this batch's.
+
+        Counts are plain sums (added, so concurrent batches merge exactly); the
+        batch's share goes to ``pending``. Bounded: MAX_IPS addresses, MAX_IDS_PER_IP ids.
+        """
         if "ood" not in view.series:
             return []
         ips = [ip for ip in view.batch.source_ip if ip]
         if not ips:
             return []
         ip = ips[-1]
-        entry = view.population.ips.get(ip)
-        if entry is None:
-            if len(view.population.ips) >= MAX_IPS:
-                return []
-            entry = view.population.ips[ip] = {"ids": [], "counts": [0.0] * 4, "events": 0}
         client = view.key.split("/", 1)[-1]
-        if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
-            entry["ids"].append(client)
         nb = view.neighbours
-        flags = np.column_stack([
+        per_event = np.column_stack([
             (view.batch.ood > view.profile.ood_threshold) & view.batch.has_features,
-            view.batch.has_features, nb.sign_step & nb.has_nearest, nb.has_nearest])
-        counts = decayed_counts(flags, entry["counts"], self.history["decay"])[-1]
-        entry["counts"] = [float(c) for c in counts]
-        entry["events"] += len(view.batch)
-        found = extraction.judge_pooled(entry["ids"], counts, entry["events"], self.ext,
-                                        2 * view.profile.sign_step_rate)
-        if found is None:
-            return []
-        score, threshold, evidence = found
-        last = len(view.batch) - 1
-        mask = np.zeros(len(view.batch), dtype=bool)
-        mask[last] = True  # pooled counts are known at the batch's end
-        verdict = Verdict(
-            detector="extraction", rule="extraction.collusion", key=view.key,
-            score=float(score), threshold=float(threshold), events_seen=view.events_at(last),
-            trigger=last, techniques=extraction.EXTRACT,
-            description="several client ids behind one source IP together query like an extraction attack",
-            evidence={"ids_behind_ip": len(entry["ids"]), "pooled_events": entry["events"],
-                      **evidence},
-        )
-        return [Candidate("extraction", mask, lambda _: verdict)]
+            view.batch.has_features, nb.sign_step & nb.has_nearest, nb.has_nearest,
+            np.ones(len(view.batch), bool)]).astype(np.float64)
+        seen = view.population.ips.get(ip, {"ids": [], "counts": [0.0] * 5})
+        ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
+        # The snapshot, plus this client's own events of the epoch so far: other
+        # ids' events of the epoch count from the next epoch on, in any batching.
+        state = view.state
+        if state.pooled_epoch != view.population.epoch:
+            state.pooled_epoch, state.pooled_counts = view.population.epoch, np.zeros(5)
+        counts = np.asarray(seen["counts"]) + state.pooled_counts + np.cumsum(per_event, axis=0)
+        state.pooled_counts = counts[-1] - np.asarray(seen["counts"])
+        entry = pending.ips.get(ip)
+        if entry is None and len(pending.ips) < MAX_IPS:
+            entry = pending.ips[ip] = {"ids": [], "counts": [0.0] * 5}
+        if entry is not None:
+            if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
+                entry["ids"].append(client)
+            entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + per_event.sum(0)]
+        mask, score, kind = extraction.pooled_hits(len(ids), counts, self.ext,
+                                                   2 * view.profile.sign_step_rate)
+
+        def verdict_at(hit: int) -> Verdict:
+            ood_k, ood_n, step_k, step_n, pooled = counts[hit]
+            if kind[hit] == 0:
+                threshold = self.ext["synthetic_min_share"]
+                evidence = {"pooled_off_profile_share": round(float(ood_k / ood_n), 3)}
+            else:
+                threshold = self.ext["surprise"]
+                evidence = {"pooled_step_queries": int(step_k), "pooled_of_recent": int(step_n)}
+            return Verdict(
+                detector="extraction", rule="extraction.collusion", key=view.key,
+                score=float(score[hit]), threshold=float(threshold),
+                events_seen=view.events_at(hit), trigger=hit, techniques=extraction.EXTRACT,
+                description="several client ids behind one source IP together query like an "
+                            "extraction attack",
+                evidence={"ids_behind_ip": len(ids), "pooled_events": int(pooled), **evidence})
+
+        return [Candidate("extraction", mask, verdict_at)]
 
     def _learn(self, view: ClientView, population: Population) -> None:
         state, batch = view.state, view.batch

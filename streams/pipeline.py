@@ -9,6 +9,7 @@ then split by client and handed to the detectors in event-time order.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from streams.records import Alert, InferenceEvent, TrainingStatsEvent, check_aga
 
 UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
 Z_LIMIT = 1e6  # scaled feature values are clipped here: far beyond any honest value
+EPOCH_S = 600.0  # population baselines advance every ten minutes of event time
 
 
 @dataclass
@@ -47,7 +49,9 @@ class Pipeline:
         self.poisoning = PoisoningDetector(thresholds)
         self.clients: MutableMapping[str, ClientState] = {} if clients is None else clients
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
-        self.populations: dict[str, Population] = {}
+        self.populations: dict[str, Population] = {}  # the snapshot rules read
+        self.pending: dict[str, Population] = {}      # updated as events are judged
+        self._epoch: float | None = None
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
         bounds = thresholds.section("adversarial")["bounds_tolerance"]
         self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
@@ -76,24 +80,45 @@ class Pipeline:
 
     # --- inference ---------------------------------------------------------------
     def process_inference(self, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
-        """Judge a batch of valid events, given in event-time order."""
+        """Judge a batch of valid events, given in event-time order.
+
+        Population baselines advance by event-time epochs: events of an epoch are
+        judged against the population as it stood when the epoch began, so an
+        alert never depends on other clients' later events, and the result does
+        not depend on how the stream was cut into batches.
+        """
         self.counters.events += len(events)
         alerts: list[Alert] = []
-        by_model: dict[str, list[int]] = {}
-        for i, e in enumerate(events):
-            by_model.setdefault(e.model, []).append(i)
-        for model, rows in by_model.items():
-            group = [events[i] for i in rows]
-            alerts += self._model_batch(model, group, ts[rows])
+        epochs = np.floor(ts / EPOCH_S)
+        for epoch in np.unique(epochs):
+            self._advance_to(float(epoch))
+            in_epoch = np.flatnonzero(epochs == epoch)
+            by_model: dict[str, list[int]] = {}
+            for i in in_epoch:
+                by_model.setdefault(events[i].model, []).append(int(i))
+            for model, rows in by_model.items():
+                alerts += self._model_batch(model, [events[i] for i in rows], ts[rows])
         return alerts
+
+    def _advance_to(self, epoch: float) -> None:
+        """A new epoch: what was learned so far becomes the snapshot rules read."""
+        if self._epoch is not None and epoch <= self._epoch:
+            return  # late events are judged against the current snapshot
+        self._epoch = epoch
+        self.populations = {m: copy.deepcopy(p) for m, p in self.pending.items()}
+        for population in self.populations.values():
+            population.epoch = epoch
 
     def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
         profile = self.profiles.get(model)
         columns = self._columns(model, events, ts, profile)
         n_classes = len(profile.classes) if profile else UNPROFILED_CLASSES
+        pending = self.pending.get(model)
+        if pending is None:
+            pending = self.pending[model] = Population(n_classes)
         population = self.populations.get(model)
         if population is None:
-            population = self.populations[model] = Population(n_classes)
+            population = self.populations[model] = Population(n_classes, epoch=self._epoch)
         codes: dict[str, int] = {}
         client_code = np.fromiter((codes.setdefault(e.client_id, len(codes)) for e in events),
                                   dtype=np.int64, count=len(events))
@@ -115,7 +140,7 @@ class Pipeline:
                 out_of_bounds=columns.out_of_bounds[rows],
                 source_ip=[events[i].source_ip for i in rows],
             )
-            verdicts = self.query.update(key, state, batch, profile, population)
+            verdicts = self.query.update(key, state, batch, profile, population, pending)
             self.counters.alerts += len(verdicts)
             for verdict in verdicts:
                 e = events[rows[verdict.trigger]]

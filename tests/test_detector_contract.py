@@ -155,3 +155,34 @@ def test_alerts_do_not_depend_on_batch_length(digits):
     whole = ids(len(events))
     assert whole == ids(1) == ids(7)
     assert sum(name.startswith("adversarial.") for name, _ in whole) == 3
+
+
+def test_alerts_across_clients_do_not_depend_on_batching(digits):
+    """Population baselines and IP pooling are cross-client: still batching-invariant."""
+    import json
+
+    from streams.pipeline import Pipeline
+    from streams.records import decode_inference, event_times
+
+    rng = np.random.default_rng(11)
+    raw = []
+    for n, client in enumerate(("s1", "s2", "s3")):  # one attacker, three ids, one address
+        X = np.round(rng.uniform(0, 16, size=(30, 64)))
+        raw += digits.events(client, X, t0=1.79e9 + n * 7, gap=180.0, ip="198.51.100.9")
+    for n in range(12):
+        rows = digits.X_pool[rng.permutation(len(digits.X_pool))[:60]]
+        raw += digits.events(f"honest{n}", rows, t0=1.79e9 + n * 11, gap=90.0)
+    raw.sort(key=lambda e: e["ts"])
+    events = [decode_inference(json.dumps(e).encode())[0] for e in raw]
+    ts = event_times([e.ts for e in events])
+
+    def ids(step):
+        pipeline = Pipeline([digits.profile], load_thresholds())
+        alerts = []
+        for a in range(0, len(events), step):
+            alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
+        return sorted((a.rule.name, a.modelwatch.client_id, a.event.id) for a in alerts)
+
+    whole = ids(len(events))
+    assert whole == ids(1) == ids(7)
+    assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
