@@ -79,5 +79,7 @@ def _check(values: dict, path: str) -> None:
         raise ConfigError(f"{path}: extraction.prada_window must be 3..512 (the distance ring)")
     if ext["prada_every"] < 1 or ext["prada_min_distances"] < 3:
         raise ConfigError(f"{path}: extraction.prada_every must be >= 1, prada_min_distances >= 3")
+    if values["population"]["epoch_s"] <= 0:
+        raise ConfigError(f"{path}: population.epoch_s must be positive")
     if not 0 < values["history"]["decay"] < 1:
         raise ConfigError(f"{path}: history.decay must be between 0 and 1")

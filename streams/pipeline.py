@@ -27,7 +27,6 @@ from streams.records import Alert, InferenceEvent, TrainingStatsEvent, check_aga
 
 UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
 Z_LIMIT = 1e6  # scaled feature values are clipped here: far beyond any honest value
-EPOCH_S = 600.0  # population baselines advance every ten minutes of event time
 
 
 @dataclass
@@ -52,6 +51,7 @@ class Pipeline:
         self.populations: dict[str, Population] = {}  # the snapshot rules read
         self.pending: dict[str, Population] = {}      # updated as events are judged
         self._epoch: float | None = None
+        self.epoch_s = thresholds.section("population")["epoch_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
         bounds = thresholds.section("adversarial")["bounds_tolerance"]
         self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
@@ -89,7 +89,7 @@ class Pipeline:
         """
         self.counters.events += len(events)
         alerts: list[Alert] = []
-        epochs = np.floor(ts / EPOCH_S)
+        epochs = np.floor(ts / self.epoch_s)
         for epoch in np.unique(epochs):
             self._advance_to(float(epoch))
             in_epoch = np.flatnonzero(epochs == epoch)
