@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import time
 
@@ -36,6 +37,16 @@ def _plain(evidence: dict) -> dict:
 
 def _finite(value: float) -> float:
     return float(value) if math.isfinite(value) else float(np.sign(value) * 1e308)
+
+
+def _source(source_ip: str | None) -> SourceRef | None:
+    """ECS ``source.ip`` only holds addresses; anything else goes to ``source.address``."""
+    if not source_ip:
+        return None
+    try:
+        return SourceRef(ip=str(ipaddress.ip_address(source_ip)))
+    except ValueError:
+        return SourceRef(address=source_ip)
 
 
 def alert_id(rule: str, scope: str, key: str, trigger_ref: str, trigger_ts: float) -> str:
@@ -86,7 +97,7 @@ def build_alert(
         threat=Threat(framework="MITRE ATLAS", technique=Technique(
             id=list(verdict.techniques), name=[ATLAS[t] for t in verdict.techniques])),
         user=UserRef(client_id) if client_id else None,
-        source=SourceRef(source_ip) if source_ip else None,
+        source=_source(source_ip),
         modelwatch=AlertDetail(
             detector=verdict.detector, model=model, client_id=client_id, dataset=dataset,
             batch_id=batch_id, source=source, score=round(_finite(verdict.score), 6),

@@ -139,8 +139,9 @@ class UserRef(Struct):
     id: str
 
 
-class SourceRef(Struct):
-    ip: str
+class SourceRef(Struct, kw_only=True, omit_defaults=True):
+    ip: str | None = None
+    address: str | None = None
 
 
 class Alert(Struct, kw_only=True, omit_defaults=True, rename={"timestamp": "@timestamp"}):

@@ -40,26 +40,32 @@ def _lines(path: Path, label: str):
 
 
 def read_inference(path: Path, pipeline: Pipeline, dead: DeadLetters):
-    events, lines = [], []
+    events, lines, single = [], [], []
     check = pipeline.reject_reason
     for number, raw in _lines(path, f"reading {path.name}"):
-        for record in decode_inference(raw):
+        records = decode_inference(raw)
+        for record in records:
             if isinstance(record, Rejected):
                 dead.add(str(path), number, record.reason, record.raw or raw)
                 continue
             reason = check(record)
             if reason is not None:
-                dead.add(str(path), number, reason, msgspec.json.encode(record))
+                dead.add(str(path), number, reason, raw if len(records) == 1 else
+                         msgspec.json.encode(record))
                 continue
             events.append(record)
             lines.append(number)
+            single.append(len(records) == 1)
     ts = event_times([e.ts for e in events])
     bad = np.flatnonzero(np.isnan(ts))
     if len(bad):
+        # Rare: read those lines again so the dead letter keeps the original bytes.
+        wanted = {lines[i] for i in bad if single[i]}
+        original = {n: raw for n, raw in _lines(path, "rereading") if n in wanted}
         for i in bad:
-            dead.add(str(path), lines[i], bad_time(events[i].ts).reason,
-                     msgspec.json.encode(events[i]))
-        keep = np.isnan(ts) == 0
+            raw = original[lines[i]] if single[i] else msgspec.json.encode(events[i])
+            dead.add(str(path), lines[i], bad_time(events[i].ts).reason, raw)
+        keep = ~np.isnan(ts)
         events = [e for e, k in zip(events, keep, strict=True) if k]
         ts = ts[keep]
     return events, ts

@@ -172,3 +172,16 @@ def test_implausible_training_stats_are_dead_lettered(files, digits, tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
     assert letter["reason"].startswith("by_label.0.px3.mean")
+
+
+def test_dead_letters_keep_the_original_bytes(files, digits, tmp_path):
+    _, _, profile = files
+    good = digits.events("alice", digits.X_pool[:3])
+    odd = '{"ts": "never",   "model": "digits", "client_id": "bob", "prediction": 1}'
+    log = write_jsonl(tmp_path / "log.jsonl", [json.dumps(e) for e in good] + [odd])
+    dead = tmp_path / "dead.jsonl"
+    done = run_cli("replay", "--profile", profile, "--inference-log", log,
+                   "--alerts-out", tmp_path / "a.jsonl", "--deadletter", dead)
+    assert done.returncode == 0, done.stderr
+    [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert letter["line"] == 4 and letter["record"] == odd

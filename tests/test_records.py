@@ -109,3 +109,17 @@ def test_event_times_accept_rfc3339_and_epoch_and_flag_the_rest():
                       1795255200.5, "2026-11-21T10:00:00.5", "yesterday", "2026-13-01T00:00:00Z"])
     assert ts[:4].tolist() == [1795255200.5] * 4
     assert np.isnan(ts[4]) and np.isnan(ts[5])
+
+
+def test_alert_source_is_an_ip_or_an_address():
+    from detectors.base import Verdict
+    from streams.alerts import build_alert
+
+    verdict = Verdict(detector="adversarial", rule="adversarial.out_of_distribution", key="m/c",
+                      score=7.0, threshold=6.0, events_seen=4, trigger=0, techniques=("AML.T0043",),
+                      description="d", evidence={})
+    ip = build_alert(verdict, trigger_ts=1e9, model="m", client_id="c", source_ip="2001:db8::1")
+    host = build_alert(verdict, trigger_ts=1e9, model="m", client_id="c", source_ip="gateway-7")
+    assert msgspec.json.decode(msgspec.json.encode(ip))["source"] == {"ip": "2001:db8::1"}
+    assert msgspec.json.decode(msgspec.json.encode(host))["source"] == {"address": "gateway-7"}
+    jsonschema.validate(msgspec.json.decode(msgspec.json.encode(host)), shipped_schema("alert"))
