@@ -1,0 +1,130 @@
+"""Settings shared by ``worker``, ``tail`` and ``run`` (contract v1): each a flag
+and a ``MODELWATCH_*`` environment variable; the flag wins. An environment
+variable with the prefix that names no setting is an error (a typo would
+otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from streams.tabular import UserError
+
+PREFIX = "MODELWATCH_"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_BROKER = re.compile(r"^kafka://[^,:/\s]+:\d{1,5}(,[^,:/\s]+:\d{1,5})*$")
+
+
+def _broker(text: str) -> str:
+    if not _BROKER.match(text):
+        raise ValueError("expected kafka://host:port[,host:port]")
+    return text
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port 0..65535 (0 disables)")
+    return port
+
+
+def _sasl(text: str) -> str:
+    if text.upper() not in SASL_MECHANISMS:
+        raise ValueError(f"expected one of {', '.join(SASL_MECHANISMS)}")
+    return text.upper()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    help: str
+    default: object = None
+    parse: Callable[[str], object] = str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name.upper()
+
+
+SETTINGS = (
+    Setting("broker", "Kafka bootstrap servers, kafka://host:port[,host:port]; unset for `run` "
+            "means the embedded broker", None, _broker),
+    Setting("profiles", "folder of reference profiles (*.json)", None, Path),
+    Setting("thresholds", "thresholds TOML overriding the built-in defaults", None, Path),
+    Setting("state_dir", "local state (RocksDB)", Path("modelwatch-state"), Path),
+    Setting("metrics_port", "Prometheus endpoint port; 0 disables", 9108, _port),
+    Setting("topic_inference", "inference events topic", "inference-logs"),
+    Setting("topic_stats", "training-stats topic", "training-stats"),
+    Setting("topic_alerts", "alerts topic", "security-alerts"),
+    Setting("topic_deadletter", "dead-letter topic", "modelwatch-deadletter"),
+    Setting("tls_ca", "CA certificate (PEM) for TLS to the broker", None, Path),
+    Setting("tls_cert", "client certificate (PEM) for TLS", None, Path),
+    Setting("tls_key", "client private key (PEM) for TLS", None, Path),
+    Setting("sasl_mechanism", f"SASL mechanism: {', '.join(SASL_MECHANISMS)}", None, _sasl),
+    Setting("sasl_username", "SASL user name", None),
+    Setting("sasl_password", "SASL password (prefer the environment variable)", None),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str | None
+    profiles: Path | None
+    thresholds: Path | None
+    state_dir: Path
+    metrics_port: int
+    topic_inference: str
+    topic_stats: str
+    topic_alerts: str
+    topic_deadletter: str
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: str | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; ``--help`` names its environment variable and default."""
+    group = parser.add_argument_group("settings (each flag also reads its environment variable)")
+    for s in SETTINGS:
+        default = f"; default {s.default}" if s.default is not None else ""
+        group.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.split("_")[-1].upper(),
+                           help=f"{s.help} [{s.env}{default}]")
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags, then ``MODELWATCH_*`` variables, then defaults; one clear error otherwise."""
+    environ = os.environ if environ is None else environ
+    known = {s.env for s in SETTINGS}
+    unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        raise UserError(f"environment: {unknown[0]} is not a modelwatch setting "
+                        f"(known: {', '.join(sorted(known))})")
+    values = {}
+    for s in SETTINGS:
+        flag_value = getattr(args, s.name, None)
+        source, text = (s.flag, flag_value) if flag_value is not None else (s.env, environ.get(s.env))
+        if text is None or text == "":
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(text)
+        except ValueError as exc:
+            raise UserError(f"{source}: {text!r}: {exc}") from None
+    settings = Settings(**values)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    if settings.sasl_mechanism and not (settings.sasl_username and settings.sasl_password):
+        raise UserError("--sasl-mechanism needs --sasl-username and --sasl-password")
+    return settings
