@@ -71,6 +71,9 @@ def _replay(args) -> int:
     write_alerts(result.alerts, args.alerts_out)
     print(f"replay: {result.events} events, {result.batches} training batches, "
           f"{len(result.alerts)} alerts -> {args.alerts_out}", file=sys.stderr)
+    if result.late:
+        print(f"replay: {result.late} events were far out of time order in the log and were "
+              "judged after later ones", file=sys.stderr)
     if result.rejected:
         where = f" -> {args.deadletter}" if args.deadletter else " (give --deadletter to keep them)"
         print(f"replay: {result.rejected} bad records skipped{where}", file=sys.stderr)

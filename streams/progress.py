@@ -50,16 +50,3 @@ class _Reporting(io.IOBase):
 
     def readline(self, *args):
         return self._handle.readline(*args)
-
-
-@contextlib.contextmanager
-def steps(label: str, total: int):
-    """A counter bar for work in known steps; yields ``advance(n)``."""
-    if not interactive():
-        yield lambda n=1: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n=1: progress.update(task, advance=n)

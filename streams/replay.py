@@ -13,11 +13,11 @@ from detectors.config import Thresholds
 from detectors.profile import Profile
 from streams.files import DeadLetters
 from streams.pipeline import Pipeline
-from streams.progress import steps, tracked_open
+from streams.progress import tracked_open
 from streams.records import Alert, Rejected, bad_time, decode_inference, decode_stats, event_times
 from streams.tabular import UserError
 
-CHUNK = 262_144  # events judged together: large, so per-client overhead is spread thin
+CHUNK = 131_072  # events judged together: large, so per-client overhead is spread thin
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ReplayResult:
     batches: int
     rejected: int
     pipeline: Pipeline
+    late: int = 0  # events judged after later ones: more than a chunk out of place
 
 
 def _lines(path: Path, label: str):
@@ -39,8 +40,13 @@ def _lines(path: Path, label: str):
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def read_inference(path: Path, pipeline: Pipeline, dead: DeadLetters):
-    events, lines, single = [], [], []
+def inference_chunks(path: Path, pipeline: Pipeline, dead: DeadLetters, size: int):
+    """Valid events in file order, ``size`` at a time, as (events, event times).
+
+    Memory stays bounded by the chunk: times are parsed in bulk per chunk, and a
+    rejected line keeps its original bytes only until its chunk is done.
+    """
+    events, lines, raws = [], [], []
     check = pipeline.reject_reason
     for number, raw in _lines(path, f"reading {path.name}"):
         records = decode_inference(raw)
@@ -55,19 +61,23 @@ def read_inference(path: Path, pipeline: Pipeline, dead: DeadLetters):
                 continue
             events.append(record)
             lines.append(number)
-            single.append(len(records) == 1)
+            raws.append(raw if len(records) == 1 else None)
+        if len(events) >= size:
+            yield _timed(path, events, lines, raws, dead)
+            events, lines, raws = [], [], []
+    if events:
+        yield _timed(path, events, lines, raws, dead)
+
+
+def _timed(path, events, lines, raws, dead):
     ts = event_times([e.ts for e in events])
-    bad = np.flatnonzero(np.isnan(ts))
-    if len(bad):
-        # Rare: read those lines again so the dead letter keeps the original bytes.
-        wanted = {lines[i] for i in bad if single[i]}
-        original = {n: raw for n, raw in _lines(path, "rereading") if n in wanted}
-        for i in bad:
-            raw = original[lines[i]] if single[i] else msgspec.json.encode(events[i])
-            dead.add(str(path), lines[i], bad_time(events[i].ts).reason, raw)
-        keep = ~np.isnan(ts)
-        events = [e for e, k in zip(events, keep, strict=True) if k]
-        ts = ts[keep]
+    bad = np.isnan(ts)
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            dead.add(str(path), lines[i], bad_time(events[i].ts).reason,
+                     raws[i] if raws[i] is not None else msgspec.json.encode(events[i]))
+        events = [e for e, b in zip(events, bad, strict=True) if not b]
+        ts = ts[~bad]
     return events, ts
 
 
@@ -89,19 +99,15 @@ def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Pa
     pipeline = Pipeline(profiles, thresholds)
     dead = DeadLetters(deadletter)
     alerts: list[Alert] = []
-    # Millions of small lists live until the end; the cyclic GC would rescan them
-    # over and over (events hold no cycles, so nothing is left uncollected).
+    late = 0
+    # Decoded events are many small lists; the cyclic GC would rescan them over
+    # and over (events hold no cycles, so refcounting frees them all).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         if inference_log is not None:
-            events, ts = read_inference(inference_log, pipeline, dead)
-            order = np.argsort(ts, kind="stable")
-            with steps("judging events", len(order)) as advance:
-                for start in range(0, len(order), CHUNK):
-                    rows = order[start:start + CHUNK]
-                    alerts += pipeline.process_inference([events[i] for i in rows], ts[rows])
-                    advance(len(rows))
+            alerts, late = _judge_in_time_order(
+                inference_chunks(inference_log, pipeline, dead, CHUNK), pipeline)
         if training_stats is not None:
             for ts, _, record in read_stats(training_stats, pipeline, dead):
                 alerts += pipeline.process_stats(record, ts)
@@ -111,7 +117,37 @@ def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Pa
             gc.enable()
     alerts.sort(key=lambda a: (a.timestamp, a.event.id))
     return ReplayResult(alerts, pipeline.counters.events, pipeline.counters.batches,
-                        dead.count, pipeline)
+                        dead.count, pipeline, late)
+
+
+def _judge_in_time_order(chunks, pipeline: Pipeline) -> tuple[list[Alert], int]:
+    """Event-time order through a reorder buffer of two chunks.
+
+    Logs are nearly sorted; an event is judged in exact time order unless it
+    turns up more than a chunk's worth of events after its place. Such events
+    are judged with the next chunk and counted as late.
+    """
+    alerts: list[Alert] = []
+    held: list = []
+    held_ts = np.empty(0)
+    judged_until = -np.inf
+    late = 0
+    for events, ts in chunks:
+        held += events
+        held_ts = np.concatenate([held_ts, ts])
+        late += int((ts < judged_until).sum())
+        if len(held) < 2 * CHUNK:
+            continue
+        order = np.argsort(held_ts, kind="stable")
+        now, rest = order[:CHUNK], order[CHUNK:]
+        alerts += pipeline.process_inference([held[i] for i in now], held_ts[now])
+        judged_until = max(judged_until, float(held_ts[now[-1]]))
+        held, held_ts = [held[i] for i in rest], held_ts[rest]
+    order = np.argsort(held_ts, kind="stable")
+    for start in range(0, len(order), CHUNK):
+        rows = order[start:start + CHUNK]
+        alerts += pipeline.process_inference([held[i] for i in rows], held_ts[rows])
+    return alerts, late
 
 
 def write_alerts(alerts: list[Alert], path: Path) -> None:

@@ -186,3 +186,37 @@ def test_alerts_across_clients_do_not_depend_on_batching(digits):
     whole = ids(len(events))
     assert whole == ids(1) == ids(7)
     assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
+
+
+def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypatch):
+    import json
+
+    import streams.replay as replay_module
+    from streams.replay import replay
+
+    monkeypatch.setattr(replay_module, "CHUNK", 40)
+    rng = np.random.default_rng(5)
+    raw = []
+    for n in range(4):
+        raw += digits.events(f"u{n}", np.round(rng.uniform(0, 16, size=(60, 64))),
+                             t0=1.79e9 + n, gap=4.0)
+    raw += digits.events("honest", digits.X_pool[:100], t0=1.79e9, gap=2.5)
+    raw.sort(key=lambda e: e["ts"])
+    shuffled = list(raw)
+    for start in range(0, len(shuffled), 10):  # local disorder, as merged log files have
+        block = shuffled[start:start + 10]
+        rng.shuffle(block)
+        shuffled[start:start + 10] = block
+
+    def run(records, name):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        result = replay([digits.profile], load_thresholds(), inference_log=path,
+                        training_stats=None, deadletter=None)
+        return sorted(a.event.id for a in result.alerts), result.late
+
+    in_order, late = run(raw, "sorted.jsonl")
+    assert in_order and late == 0
+    assert run(shuffled, "shuffled.jsonl") == (in_order, 0)
+    stray = raw[:5] + raw[6:200] + [raw[5]] + raw[200:]  # one event 195 places late
+    assert run(stray, "stray.jsonl")[1] == 1
