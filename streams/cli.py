@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from detectors.config import ConfigError
+from streams.settings import add_arguments, resolve
 from streams.tabular import UserError
 
 
@@ -45,16 +46,23 @@ def _stats(args) -> int:
     from streams.records import parse_ts
     from streams.stats import stats_event_from_csv
 
-    if args.kafka:
-        raise UserError("stats: --kafka needs the streaming pipeline, not part of this version; "
-                        "write to stdout and produce the line yourself")
+    settings = resolve(args) if args.kafka else None
+    if settings is not None and settings.broker is None:
+        raise UserError("stats: --kafka needs --broker or MODELWATCH_BROKER")
     try:
         ts = parse_ts(args.ts) if args.ts is not None else time.time()
     except ValueError:
         raise UserError(f"stats: --ts: not an RFC 3339 time: {args.ts!r}") from None
     event = stats_event_from_csv(args.profile, args.batch, dataset=args.dataset,
                                  source=args.source, batch_id=args.batch_id, ts=ts)
-    sys.stdout.buffer.write(msgspec.json.encode(event) + b"\n")
+    line = msgspec.json.encode(event)
+    if settings is None:
+        sys.stdout.buffer.write(line + b"\n")
+        return 0
+    from streams.kafka import send_one
+
+    where = send_one(settings, settings.topic_stats, key=args.dataset.encode(), value=line)
+    print(f"stats: batch {args.batch_id} -> {where}", file=sys.stderr)
     return 0
 
 
@@ -108,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     p.add_argument("--batch-id", required=True)
     p.add_argument("--ts", help="event time, RFC 3339 (default: now)")
-    p.add_argument("--kafka", action="store_true", help="send to training-stats (streaming version)")
+    p.add_argument("--kafka", action="store_true",
+                   help="send the event to the training-stats topic instead of stdout")
     p.add_argument("batch", type=Path, help="batch CSV with the profile's columns")
+    add_arguments(p)
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("replay", help="run the detectors over recorded files, write alerts")

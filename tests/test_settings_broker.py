@@ -77,3 +77,42 @@ def test_embedded_broker_serves_kafka_and_stops_cleanly():
         time.sleep(0.05)
     else:
         pytest.fail(f"port {port} of broker {pid} still accepts connections")
+
+
+def test_stats_kafka_sends_the_event_keyed_by_dataset(tmp_path, digits):
+    import json
+
+    import numpy as np
+    from kafka import KafkaConsumer, TopicPartition
+
+    from detectors.profile import build_profile
+    from streams.files import write_profile
+    from tests.conftest import run_cli
+    from tests.test_cli import write_csv
+
+    profile = tmp_path / "p.json"
+    write_profile(build_profile(digits.X_train, digits.y_train, digits.names, model="digits",
+                                dataset="digits-train"), profile)
+    batch = write_csv(tmp_path / "b.csv", digits.names, digits.X_pool[:100], np.zeros(100, int))
+    with EmbeddedBroker() as broker:
+        done = run_cli("stats", "--profile", profile, "--dataset", "digits-train", "--source", "s",
+                       "--batch-id", "b7", "--kafka", "--broker", broker.url, batch)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "" and "training-stats[" in done.stderr
+        partition = int(done.stderr.split("training-stats[")[1].split("]")[0])
+        consumer = KafkaConsumer(bootstrap_servers=broker.address, consumer_timeout_ms=5000,
+                                 auto_offset_reset="earliest", enable_auto_commit=False)
+        consumer.assign([TopicPartition("training-stats", partition)])
+        [record] = [next(iter(consumer))]
+        consumer.close()
+    assert record.key == b"digits-train"
+    assert json.loads(record.value)["batch_id"] == "b7"
+
+
+def test_stats_kafka_without_a_broker_is_one_clear_error(tmp_path):
+    from tests.conftest import run_cli
+
+    done = run_cli("stats", "--profile", tmp_path / "p.json", "--dataset", "d", "--source", "s",
+                   "--batch-id", "b", "--kafka", tmp_path / "b.csv")
+    assert done.returncode == 2 and "--kafka needs --broker" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
