@@ -115,12 +115,16 @@ def test_replay_sends_bad_lines_to_the_dead_letter_file_and_goes_on(files, digit
     assert letters[3]["record"] == '{"ts": 1}'  # the element's own bytes, not its array
 
 
-def test_stats_writes_one_training_stats_event(files, digits, tmp_path):
-    _, _, profile = files
+def stats_via_cli(profile, digits, tmp_path):
+    """``modelwatch stats`` on 200 pool rows labelled 0."""
     batch = write_csv(tmp_path / "batch.csv", digits.names, digits.X_pool[:200],
                       np.zeros(200, dtype=int))
-    done = run_cli("stats", "--profile", profile, "--dataset", "digits-train", "--source", "s1",
+    return run_cli("stats", "--profile", profile, "--dataset", "digits-train", "--source", "s1",
                    "--batch-id", "b1", "--ts", "2026-11-21T10:00:00Z", batch)
+
+
+def test_stats_writes_one_training_stats_event(files, digits, tmp_path):
+    done = stats_via_cli(files[2], digits, tmp_path)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     event, ts = decode_stats(line.encode())
@@ -159,11 +163,7 @@ def test_inputs_that_used_to_crash_replay_are_dead_lettered(files, digits, tmp_p
 
 def test_implausible_training_stats_are_dead_lettered(files, digits, tmp_path):
     _, _, profile = files
-    batch = write_csv(tmp_path / "batch.csv", digits.names, digits.X_pool[:200],
-                      np.zeros(200, dtype=int))
-    done = run_cli("stats", "--profile", profile, "--dataset", "digits-train", "--source", "s1",
-                   "--batch-id", "b1", "--ts", "2026-11-21T10:00:00Z", batch)
-    event = json.loads(done.stdout)
+    event = json.loads(stats_via_cli(profile, digits, tmp_path).stdout)
     event["by_label"]["0"]["px3"]["mean"] = 1e308
     stats = write_jsonl(tmp_path / "stats.jsonl", [event])
     dead = tmp_path / "dead.jsonl"

@@ -132,37 +132,37 @@ def test_poisoning_state_round_trip_and_fixed_size(digits):
     assert len(dumps(state)) < 64 * 1024
 
 
-def test_alerts_do_not_depend_on_batch_length(digits):
-    """A long attack gives one alert per family per cooldown hour, in any batching."""
+def alerts_in_steps(profile, raw_events, step):
+    """(rule, client, id) of the alerts when events reach the pipeline ``step`` at a time."""
     import json
 
     from streams.pipeline import Pipeline
     from streams.records import decode_inference, event_times
 
+    events = [decode_inference(json.dumps(e).encode())[0] for e in raw_events]
+    ts = event_times([e.ts for e in events])
+    pipeline = Pipeline([profile], load_thresholds())
+    alerts = []
+    for a in range(0, len(events), step):
+        alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
+    return sorted((a.rule.name, a.modelwatch.client_id, a.event.id) for a in alerts)
+
+
+def test_alerts_do_not_depend_on_batch_length(digits):
+    """A long attack gives one alert per family per cooldown hour, in any batching."""
+
+
     rng = np.random.default_rng(9)
     X = np.round(rng.uniform(0, 16, size=(360, 64)))
-    events = [decode_inference(json.dumps(e).encode())[0]
-              for e in digits.events("mallory", X, gap=30.0)]  # three hours
-    ts = event_times([e.ts for e in events])
-
-    def ids(step):
-        pipeline = Pipeline([digits.profile], load_thresholds())
-        alerts = []
-        for a in range(0, len(events), step):
-            alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
-        return sorted((a.rule.name, a.event.id) for a in alerts)
-
-    whole = ids(len(events))
-    assert whole == ids(1) == ids(7)
-    assert sum(name.startswith("adversarial.") for name, _ in whole) == 3
+    raw = digits.events("mallory", X, gap=30.0)  # three hours
+    whole = alerts_in_steps(digits.profile, raw, len(raw))
+    assert whole == alerts_in_steps(digits.profile, raw, 1) == alerts_in_steps(digits.profile, raw, 7)
+    assert sum(name.startswith("adversarial.") for name, _, _ in whole) == 3
 
 
 def test_alerts_across_clients_do_not_depend_on_batching(digits):
     """Population baselines and IP pooling are cross-client: still batching-invariant."""
-    import json
 
-    from streams.pipeline import Pipeline
-    from streams.records import decode_inference, event_times
 
     rng = np.random.default_rng(11)
     raw = []
@@ -173,18 +173,8 @@ def test_alerts_across_clients_do_not_depend_on_batching(digits):
         rows = digits.X_pool[rng.permutation(len(digits.X_pool))[:60]]
         raw += digits.events(f"honest{n}", rows, t0=1.79e9 + n * 11, gap=90.0)
     raw.sort(key=lambda e: e["ts"])
-    events = [decode_inference(json.dumps(e).encode())[0] for e in raw]
-    ts = event_times([e.ts for e in events])
-
-    def ids(step):
-        pipeline = Pipeline([digits.profile], load_thresholds())
-        alerts = []
-        for a in range(0, len(events), step):
-            alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
-        return sorted((a.rule.name, a.modelwatch.client_id, a.event.id) for a in alerts)
-
-    whole = ids(len(events))
-    assert whole == ids(1) == ids(7)
+    whole = alerts_in_steps(digits.profile, raw, len(raw))
+    assert whole == alerts_in_steps(digits.profile, raw, 1) == alerts_in_steps(digits.profile, raw, 7)
     assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
 
 
