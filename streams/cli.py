@@ -7,6 +7,7 @@ stderr naming the file, line and field, and exit status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,37 @@ def _replay(args) -> int:
     return 0
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _tail(args) -> int:
+    import hashlib
+
+    from streams.tail import Checkpoint, Shipper, follow
+
+    settings = resolve(args)
+    if settings.broker is None:
+        raise UserError("tail: needs --broker or MODELWATCH_BROKER")
+    checkpoint_path = args.checkpoint
+    if checkpoint_path is None and args.path != "-":
+        name = hashlib.sha1(str(Path(args.path).resolve()).encode()).hexdigest()[:12]
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{settings.state_dir}: cannot create: {exc.strerror}") from None
+        checkpoint_path = settings.state_dir / f"tail-{Path(args.path).name}-{name}.json"
+    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped as a service: flush and checkpoint first
+    try:
+        follow(args.path, shipper, Checkpoint(checkpoint_path), once=args.once)
+    finally:
+        shipper.close()
+        print(f"tail: {shipper.shipped} events shipped, {shipper.rejected} bad lines to "
+              f"{settings.topic_deadletter}", file=sys.stderr)
+    return 0
+
+
 def _run(args) -> int:
     if not args.demo:
         raise UserError("run: the embedded broker is not part of this version; use --demo")
@@ -131,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadletter", type=Path, help="bad records with file, line and reason")
     p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("tail", help="follow an inference log (like tail -F) and ship it to Kafka")
+    p.add_argument("path", help="the log file, or - for standard input")
+    p.add_argument("--once", action="store_true", help="ship what is there, then exit")
+    p.add_argument("--checkpoint", type=Path,
+                   help="where the shipped position is kept (default: in the state dir)")
+    p.add_argument("--batch-events", type=int, default=500, help="events per flush at most")
+    p.add_argument("--linger-ms", type=float, default=200.0,
+                   help="longest wait before a partial batch is sent")
+    add_arguments(p)
+    p.set_defaults(func=_tail)
 
     p = sub.add_parser("run", help="everything on one machine")
     p.add_argument("--demo", action="store_true", help="play the built-in scenario")

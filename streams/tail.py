@@ -1,0 +1,209 @@
+"""``modelwatch tail``: follow an inference log and ship it to Kafka.
+
+Follows the file the way ``tail -F`` does (growing, rotated, truncated; ``-``
+for standard input). Valid lines are grouped by the partition that Kafka's
+default partitioner gives each event's ``client_id`` and sent as JSON arrays
+with that explicit partition (contract v1, batched records), flushed by size or
+after a short linger, with acks=all. The file position is checkpointed only
+after the broker acknowledged everything before it, so a restart neither loses
+lines nor re-sends acknowledged ones. Bad lines go to the dead-letter topic with
+the reason, file and line in headers. While the broker is down, sending is
+retried with backoff and no further lines are read, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from streams.kafka import client_options
+from streams.records import Rejected, decode_inference, event_times
+from streams.settings import Settings
+from streams.tabular import UserError
+
+
+def partition_of(client_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives this key."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(client_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@dataclass
+class Checkpoint:
+    """Where shipping stopped: file identity, byte offset, line number (atomic writes)."""
+
+    path: Path | None
+    inode: int = -1
+    offset: int = 0
+    line: int = 0
+
+    def load(self) -> Checkpoint:
+        if self.path is not None and self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                self.inode, self.offset, self.line = saved["inode"], saved["offset"], saved["line"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{self.path}: not a tail checkpoint; remove it to start over") from None
+        return self
+
+    def save(self, inode: int, offset: int, line: int) -> None:
+        self.inode, self.offset, self.line = inode, offset, line
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"inode": inode, "offset": offset, "line": line}))
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class Shipper:
+    """Batches valid events per partition; sends and waits for acknowledgement."""
+
+    settings: Settings
+    batch_events: int = 500
+    linger_s: float = 0.2
+    max_backoff_s: float = 30.0
+    pending: dict = field(default_factory=dict)   # partition -> [event bytes]
+    dead: list = field(default_factory=list)      # (raw, headers)
+    count: int = 0
+    first_at: float = 0.0
+    shipped: int = 0
+    rejected: int = 0
+
+    def __post_init__(self):
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        try:
+            self.producer = KafkaProducer(acks="all", linger_ms=5, retries=3,
+                                          **client_options(self.settings))
+            partitions = self.producer.partitions_for(self.settings.topic_inference)
+        except KafkaError as exc:
+            raise UserError(f"{self.settings.broker}: cannot connect: {exc}") from None
+        if not partitions:
+            raise UserError(f"{self.settings.topic_inference}: topic has no partitions")
+        self.partitions = len(partitions)
+
+    def add(self, raw: bytes, source: str, line: int) -> None:
+        records = decode_inference(raw)
+        for record in records:
+            if isinstance(record, Rejected):
+                self._dead(record.raw or raw, record.reason, source, line)
+                continue
+            if math.isnan(event_times([record.ts])[0]):
+                self._dead(raw, f"ts: not an RFC 3339 time or epoch seconds: {record.ts!r}",
+                           source, line)
+                continue
+            body = raw.strip() if len(records) == 1 else msgspec.json.encode(record)
+            self.pending.setdefault(partition_of(record.client_id, self.partitions), []).append(body)
+            if not self.count:
+                self.first_at = time.monotonic()
+            self.count += 1
+
+    def _dead(self, raw: bytes, reason: str, source: str, line: int) -> None:
+        self.rejected += 1
+        self.dead.append((raw.rstrip(b"\r\n"), [("reason", reason.encode()),
+                                               ("file", source.encode()),
+                                               ("line", str(line).encode())]))
+
+    def due(self) -> bool:
+        return self.count >= self.batch_events or bool(self.dead) or (
+            self.count > 0 and time.monotonic() - self.first_at >= self.linger_s)
+
+    def flush(self) -> None:
+        """Send everything pending; returns once the broker acknowledged all of it."""
+        from kafka.errors import KafkaError
+
+        backoff = 0.5
+        while self.pending or self.dead:
+            try:
+                futures = [self.producer.send(self.settings.topic_inference, partition=p,
+                                              value=b"[" + b",".join(events) + b"]")
+                           for p, events in self.pending.items()]
+                futures += [self.producer.send(self.settings.topic_deadletter, value=raw,
+                                               headers=headers) for raw, headers in self.dead]
+                for future in futures:
+                    future.get(timeout=30)
+            except KafkaError as exc:
+                print(f"tail: broker unavailable ({type(exc).__name__}); retrying in "
+                      f"{backoff:.1f} s", file=sys.stderr)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            self.shipped += self.count
+            self.pending, self.dead, self.count = {}, [], 0
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def follow(path: str, shipper: Shipper, checkpoint: Checkpoint, *, once: bool,
+           poll_s: float = 0.2, should_stop=lambda: False) -> None:
+    """Ship complete lines of ``path`` from the checkpoint on; with ``once``, stop at its end."""
+    if path == "-":
+        return _follow_stdin(shipper, once)
+    checkpoint.load()
+    handle, inode = _open(path)
+    if inode == checkpoint.inode:
+        handle.seek(checkpoint.offset)
+        offset, line = checkpoint.offset, checkpoint.line
+    else:
+        offset, line = 0, 0
+    try:
+        while not should_stop():
+            raw = handle.readline()
+            if raw.endswith(b"\n"):
+                line += 1
+                offset += len(raw)
+                if raw.strip():
+                    shipper.add(raw, path, line)
+                if shipper.due():
+                    shipper.flush()
+                    checkpoint.save(inode, offset, line)
+                continue
+            handle.seek(offset)  # a partial last line waits for its newline
+            shipper.flush()
+            checkpoint.save(inode, offset, line)
+            if once:
+                return
+            time.sleep(poll_s)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue  # rotated away; the new file has not appeared yet
+            if now.st_ino != inode:  # rotated: the old file was read to its end above
+                handle.close()
+                handle, inode = _open(path)
+                offset, line = 0, 0
+            elif now.st_size < offset:  # truncated in place
+                handle.seek(0)
+                offset, line = 0, 0
+    finally:
+        shipper.flush()
+        checkpoint.save(inode, offset, line)
+        handle.close()
+
+
+def _open(path: str):
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by follow()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    return handle, os.fstat(handle.fileno()).st_ino
+
+
+def _follow_stdin(shipper: Shipper, once: bool) -> None:
+    for line, raw in enumerate(sys.stdin.buffer, start=1):
+        if raw.strip():
+            shipper.add(raw, "-", line)
+        if shipper.due():
+            shipper.flush()
+    shipper.flush()

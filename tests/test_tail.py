@@ -1,0 +1,112 @@
+"""``modelwatch tail`` against the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streams.broker import EmbeddedBroker
+from streams.tail import partition_of
+from tests.conftest import ROOT, run_cli
+
+PARTITIONS = 8
+
+
+@pytest.fixture
+def broker():
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    with EmbeddedBroker() as running:
+        admin = KafkaAdminClient(bootstrap_servers=running.address, request_timeout_ms=5000)
+        admin.create_topics([NewTopic(t, num_partitions=PARTITIONS, replication_factor=1)
+                             for t in ("inference-logs", "modelwatch-deadletter")])
+        admin.close()
+        yield running
+
+
+def read_topic(broker, topic, want=None, timeout_s=10.0):
+    """All records of a topic (until ``want`` events arrived, or quiet)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=broker.address, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=1500)
+    consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    records, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records += list(consumer)
+        if want is None or sum(len(json.loads(r.value)) for r in records) >= want:
+            break
+    consumer.close()
+    return records
+
+
+def events(n, clients=20, start=0):
+    return [{"ts": 1.79e9 + start + i, "model": "m", "client_id": f"c{(start + i) % clients}",
+             "prediction": 1, "features": [float(i), 1.0], "request_id": f"r{start + i}"}
+            for i in range(n)]
+
+
+def write(path, records, mode="w"):
+    with open(path, mode) as out:
+        for r in records:
+            out.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def tail_once(broker, path, checkpoint):
+    done = run_cli("tail", path, "--once", "--broker", broker.url, "--checkpoint", checkpoint)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_ships_batches_to_each_clients_partition_and_dead_letters_bad_lines(broker, tmp_path):
+    log = tmp_path / "log.jsonl"
+    write(log, events(150) + ["{broken", json.dumps({"ts": 1, "model": "m"})] + events(150, start=150))
+    done = tail_once(broker, log, tmp_path / "cp.json")
+    assert "300 events shipped, 2 bad lines" in done.stderr
+    records = read_topic(broker, "inference-logs", want=300)
+    shipped = [(r.partition, e) for r in records for e in json.loads(r.value)]
+    assert len(shipped) == 300 and len(records) < 300  # batched: arrays, not one per event
+    assert all(p == partition_of(e["client_id"], PARTITIONS) for p, e in shipped)
+    dead = read_topic(broker, "modelwatch-deadletter", want=None, timeout_s=3)
+    lines = sorted(dict(r.headers)["line"] for r in dead)
+    assert lines == [b"151", b"152"] and dead[0].value in (b"{broken", b'{"ts": 1, "model": "m"}')
+
+
+def test_restart_resumes_after_the_last_acknowledged_line(broker, tmp_path):
+    log, checkpoint = tmp_path / "log.jsonl", tmp_path / "cp.json"
+    write(log, events(100))
+    tail_once(broker, log, checkpoint)
+    assert "0 events shipped" in tail_once(broker, log, checkpoint).stderr
+    write(log, events(25, start=100), mode="a")
+    assert "25 events shipped" in tail_once(broker, log, checkpoint).stderr
+    ids = [e["request_id"] for r in read_topic(broker, "inference-logs", want=125)
+           for e in json.loads(r.value)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(125))
+
+
+def test_follows_growth_rotation_and_truncation(broker, tmp_path):
+    log = tmp_path / "log.jsonl"
+    write(log, events(40))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "tail", str(log), "--broker", broker.url,
+         "--checkpoint", str(tmp_path / "cp.json"), "--linger-ms", "50"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)
+        write(log, events(20, start=40), mode="a")            # grows
+        time.sleep(1.0)
+        os.rename(log, tmp_path / "log.jsonl.1")              # rotated
+        write(log, events(30, start=60))
+        time.sleep(1.5)
+        write(log, events(10, start=90), mode="w")            # truncated and rewritten
+        ids = {e["request_id"] for r in read_topic(broker, "inference-logs", want=100, timeout_s=15)
+               for e in json.loads(r.value)}
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+    assert ids == {f"r{i}" for i in range(100)}
