@@ -82,12 +82,18 @@ class Shipper:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        try:
-            self.producer = KafkaProducer(acks="all", linger_ms=5, retries=3,
-                                          **client_options(self.settings))
-            partitions = self.producer.partitions_for(self.settings.topic_inference)
-        except KafkaError as exc:
-            raise UserError(f"{self.settings.broker}: cannot connect: {exc}") from None
+        backoff = 0.5
+        while True:  # a shipper started before its broker waits for it
+            try:
+                self.producer = KafkaProducer(acks="all", linger_ms=5, retries=3,
+                                              **client_options(self.settings))
+                partitions = self.producer.partitions_for(self.settings.topic_inference)
+                break
+            except KafkaError as exc:
+                print(f"tail: broker {self.settings.broker} unavailable ({type(exc).__name__}); "
+                      f"retrying in {backoff:.1f} s", file=sys.stderr)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
         if not partitions:
             raise UserError(f"{self.settings.topic_inference}: topic has no partitions")
         self.partitions = len(partitions)

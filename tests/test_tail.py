@@ -110,3 +110,34 @@ def test_follows_growth_rotation_and_truncation(broker, tmp_path):
         follower.terminate()
         follower.wait(timeout=10)
     assert ids == {f"r{i}" for i in range(100)}
+
+
+def test_waits_for_a_broker_that_is_not_up_yet(tmp_path):
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streams.broker import free_port
+
+    port = free_port()
+    log = tmp_path / "log.jsonl"
+    write(log, events(30))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "tail", str(log), "--once",
+         "--broker", f"kafka://127.0.0.1:{port}", "--checkpoint", str(tmp_path / "cp.json")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        assert follower.poll() is None, follower.stderr.read()
+        with EmbeddedBroker(port=port) as late:
+            admin = KafkaAdminClient(bootstrap_servers=late.address, request_timeout_ms=5000)
+            admin.create_topics([NewTopic("inference-logs", num_partitions=PARTITIONS,
+                                          replication_factor=1)])
+            admin.close()
+            _, err = follower.communicate(timeout=60)
+            assert follower.returncode == 0, err
+            assert "30 events shipped" in err  # kafka-python blocks on metadata meanwhile
+            shipped = [e for r in read_topic(late, "inference-logs", want=30)
+                       for e in json.loads(r.value)]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert len(shipped) == 30
