@@ -152,10 +152,15 @@ class Shipper:
 
 
 def follow(path: str, shipper: Shipper, checkpoint: Checkpoint, *, once: bool,
-           poll_s: float = 0.2, should_stop=lambda: False) -> None:
-    """Ship complete lines of ``path`` from the checkpoint on; with ``once``, stop at its end."""
+           poll_s: float = 0.2) -> None:
+    """Ship complete lines of ``path`` from the checkpoint on; with ``once``, stop at its end.
+
+    A checkpoint of another file (the log was rotated while tail was stopped)
+    starts the current file from its beginning; the rest of the old file is not
+    shipped.
+    """
     if path == "-":
-        return _follow_stdin(shipper, once)
+        return _ship_stdin(shipper)
     checkpoint.load()
     handle, inode = _open(path)
     if inode == checkpoint.inode:
@@ -164,7 +169,7 @@ def follow(path: str, shipper: Shipper, checkpoint: Checkpoint, *, once: bool,
     else:
         offset, line = 0, 0
     try:
-        while not should_stop():
+        while True:
             raw = handle.readline()
             if raw.endswith(b"\n"):
                 line += 1
@@ -206,7 +211,7 @@ def _open(path: str):
     return handle, os.fstat(handle.fileno()).st_ino
 
 
-def _follow_stdin(shipper: Shipper, once: bool) -> None:
+def _ship_stdin(shipper: Shipper) -> None:
     for line, raw in enumerate(sys.stdin.buffer, start=1):
         if raw.strip():
             shipper.add(raw, "-", line)
