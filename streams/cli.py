@@ -89,6 +89,30 @@ def _replay(args) -> int:
     return 0
 
 
+def _worker(args) -> int:
+    from streams.files import load_profile, read_thresholds
+
+    settings = resolve(args)
+    if settings.broker is None:
+        raise UserError("worker: needs --broker or MODELWATCH_BROKER")
+    profiles = []
+    if settings.profiles is not None:
+        if not settings.profiles.is_dir():
+            raise UserError(f"{settings.profiles}: not a folder of profiles")
+        profiles = [load_profile(p) for p in sorted(settings.profiles.glob("*.json"))]
+    thresholds = read_thresholds(settings.thresholds)
+    import faust
+
+    from streams.app import build_app
+
+    app = build_app(settings, profiles, thresholds)
+    print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
+          f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
+    worker = faust.Worker(app, loglevel=args.log_level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
 def _interrupt(*_):
     raise KeyboardInterrupt
 
@@ -174,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait before a partial batch is sent")
     add_arguments(p)
     p.set_defaults(func=_tail)
+
+    p = sub.add_parser("worker", help="the streaming worker: detectors on Kafka, alerts out")
+    p.add_argument("--log-level", default="warning", help="worker log level")
+    add_arguments(p)
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser("run", help="everything on one machine")
     p.add_argument("--demo", action="store_true", help="play the built-in scenario")
