@@ -145,11 +145,21 @@ def _tail(args) -> int:
 
 
 def _run(args) -> int:
-    if not args.demo:
-        raise UserError("run: the embedded broker is not part of this version; use --demo")
-    from streams.demo import play_demo
+    if args.demo:
+        from streams.demo import play_demo
 
-    return play_demo(args.thresholds)
+        return play_demo(args.thresholds)
+    from streams.run import run
+
+    settings = resolve(args)
+    passed_on = []  # the settings the worker and tail need too (the broker is given apart)
+    for name in ("profiles", "thresholds", "state_dir", "topic_inference", "topic_stats",
+                 "topic_alerts", "topic_deadletter", "tls_ca", "tls_cert", "tls_key",
+                 "sasl_mechanism", "sasl_username", "sasl_password"):
+        value = getattr(settings, name)
+        if value is not None:
+            passed_on += ["--" + name.replace("_", "-"), str(value)]
+    return run(settings, args.log, passed_on)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_worker)
 
-    p = sub.add_parser("run", help="everything on one machine")
-    p.add_argument("--demo", action="store_true", help="play the built-in scenario")
-    p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
+    p = sub.add_parser("run", help="everything on one machine: embedded broker, worker, tail")
+    p.add_argument("--demo", action="store_true",
+                   help="play the built-in scenario and print its alerts (no broker)")
+    p.add_argument("--log", type=Path, help="an inference log to follow and ship")
+    add_arguments(p)
     p.set_defaults(func=_run)
     return parser
 
