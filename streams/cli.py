@@ -145,11 +145,11 @@ def _tail(args) -> int:
 
 
 def _run(args) -> int:
-    if args.demo:
-        from streams.demo import play_demo
+    if args.demo and args.offline:
+        from streams.demo import play_demo_offline
 
-        return play_demo(args.thresholds)
-    from streams.run import run
+        return play_demo_offline(args.thresholds)
+    from streams.run import run, run_demo
 
     settings = resolve(args)
     passed_on = []  # the settings the worker and tail need too (the broker is given apart)
@@ -159,7 +159,21 @@ def _run(args) -> int:
         value = getattr(settings, name)
         if value is not None:
             passed_on += ["--" + name.replace("_", "-"), str(value)]
+    if args.demo:
+        return run_demo(settings, _drop_flags(passed_on, ("--profiles", "--state-dir")))
     return run(settings, args.log, passed_on)
+
+
+def _drop_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in flags:
+            skip = True
+        else:
+            out.append(item)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="everything on one machine: embedded broker, worker, tail")
     p.add_argument("--demo", action="store_true",
-                   help="play the built-in scenario and print its alerts (no broker)")
+                   help="play the built-in scenario through the stack and print its alerts")
+    p.add_argument("--offline", action="store_true",
+                   help="with --demo: play it through replay, without a broker")
     p.add_argument("--log", type=Path, help="an inference log to follow and ship")
     add_arguments(p)
     p.set_defaults(func=_run)

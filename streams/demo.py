@@ -20,7 +20,7 @@ import msgspec
 from detectors.profile import build_profile
 from streams.files import read_thresholds, write_profile
 from streams.records import Alert
-from streams.replay import replay, write_alerts
+from streams.replay import replay
 from streams.stats import stats_event_from_csv
 from streams.tabular import read_table
 
@@ -55,32 +55,44 @@ def prepare(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def play_demo(thresholds_path: Path | None = None, keep: Path | None = None) -> int:
+def summary(truth: dict, caught: set[str], n_events: int, n_batches: int, n_alerts: int) -> str:
+    """Which of the scenario's attacks were caught, and how many honest clients alerted."""
+    attackers = {c: t["variant"] for c, t in truth["clients"].items() if t["kind"] == "attack"}
+    poisoned = {b["batch_id"]: b["kind"] for b in truth["batches"] if b["poisoned"]}
+    honest = [c for c, t in truth["clients"].items() if t["kind"] == "benign"]
+    lines = [f"\n{n_events} events and {n_batches} training batches judged; {n_alerts} alerts."]
+    lines += [f"  {kind:<18} {name:<16} {'DETECTED' if name in caught else 'missed'}"
+              for name, kind in {**attackers, **poisoned}.items()]
+    lines.append(f"  honest clients alerted: {sum(c in caught for c in honest)} of {len(honest)}")
+    return "\n".join(lines)
+
+
+def expected_detections(truth: dict) -> set[str]:
+    """The scenario's attacker ids and poisoned batch ids."""
+    return ({c for c, t in truth["clients"].items() if t["kind"] == "attack"}
+            | {b["batch_id"] for b in truth["batches"] if b["poisoned"]})
+
+
+def play_demo_offline(thresholds_path: Path | None = None) -> int:
+    """The demo through ``replay``: no broker, a few seconds."""
+    from streams.files import load_profile
+
     thresholds = read_thresholds(thresholds_path)
     with tempfile.TemporaryDirectory(prefix="modelwatch-demo-") as tmp:
-        folder = keep or Path(tmp)
-        print("modelwatch demo: generating the scenario (digits model, 30 honest clients, "
-              "3 attackers, 6 training batches)...", file=sys.stderr)
+        folder = Path(tmp)
+        print(GENERATING, file=sys.stderr)
         paths = prepare(folder)
-        from streams.files import load_profile
-
         result = replay([load_profile(paths["profile"])], thresholds,
                         inference_log=paths["inference.jsonl"], training_stats=paths["stats"],
                         deadletter=None)
         for alert in result.alerts:
             print(alert_line(alert))
-        write_alerts(result.alerts, folder / "alerts.jsonl")
         truth = json.loads(paths["truth.json"].read_text())
-        attackers = {c: t["variant"] for c, t in truth["clients"].items() if t["kind"] == "attack"}
-        poisoned = {b["batch_id"]: b["kind"] for b in truth["batches"] if b["poisoned"]}
         caught = {a.modelwatch.client_id for a in result.alerts} | {
             a.modelwatch.batch_id for a in result.alerts}
-        honest_alerted = sum(1 for c, t in truth["clients"].items()
-                             if t["kind"] == "benign" and c in caught)
-        print(f"\n{result.events} events and {result.batches} training batches judged; "
-              f"{len(result.alerts)} alerts.")
-        for name, kind in {**attackers, **poisoned}.items():
-            print(f"  {kind:<18} {name:<16} {'DETECTED' if name in caught else 'missed'}")
-        print(f"  honest clients alerted: {honest_alerted} of "
-              f"{sum(1 for t in truth['clients'].values() if t['kind'] == 'benign')}")
+        print(summary(truth, caught, result.events, result.batches, len(result.alerts)))
     return 0
+
+
+GENERATING = ("modelwatch demo: generating the scenario (digits model, 30 honest clients, "
+              "3 attackers, 6 training batches)...")

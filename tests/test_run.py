@@ -45,3 +45,15 @@ def test_run_follows_a_log_prints_alerts_and_stops_everything(demo, tmp_path):  
     assert leftover.stdout.strip() == "", leftover.stdout
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_plays_through_the_streaming_stack():
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "run", "--demo"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "broker kafka://127.0.0.1:" in done.stderr
+    summary = done.stdout.split("judged;")[1]
+    assert summary.count("DETECTED") == 5 and "missed" not in summary
+    assert "honest clients alerted: 0 of 30" in summary
+    rules = {line.split()[1].split(".")[0] for line in done.stdout.splitlines() if "score" in line}
+    assert rules == {"extraction", "adversarial", "poisoning"}
