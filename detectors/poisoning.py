@@ -92,9 +92,9 @@ class PoisoningDetector:
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
-        self._last_flip_z = 0.0
+        flip, flip_z = self._label_flip(key, state, batch, profile)
         verdicts = [v for v in (
-            self._label_flip(key, state, batch, profile),
+            flip,
             self._trigger_spike(key, state, batch, profile),
             self._out_of_bounds(key, state, batch, profile),
             self._duplicates(key, state, batch, profile),
@@ -103,7 +103,7 @@ class PoisoningDetector:
         if not verdicts:
             # A batch half-way to a flip alert does not teach the clean reference.
             self._learn_clean(state, batch, profile.scale,
-                              learn_classes=self._last_flip_z < self.cfg["flip_z"] / 2)
+                              learn_classes=flip_z < self.cfg["flip_z"] / 2)
         return verdicts
 
     def _verdict(self, key, state, rule, score, threshold, description, evidence) -> Verdict:
@@ -113,7 +113,8 @@ class PoisoningDetector:
             techniques=POISON, description=description, evidence=evidence,
         )
 
-    def _label_flip(self, key, state, batch, profile) -> Verdict | None:
+    def _label_flip(self, key, state, batch, profile) -> tuple[Verdict | None, float]:
+        """The flip verdict if any, and the strongest flip z seen (0 when untestable)."""
         scale = profile.scale
         # Reference: recent clean batches of this source once there are a few (their
         # average is many batches deep), else the profile (a finite sample too).
@@ -129,7 +130,7 @@ class PoisoningDetector:
         present = (batch.class_n >= 10) & ~np.isnan(batch.class_mean).any(1)
         idx = np.flatnonzero(present & (profile.class_counts >= 10) & np.isfinite(ref).all(1))
         if len(idx) < 2:
-            return None
+            return None, 0.0
         delta = batch.class_mean[idx] / scale - ref[idx]
         batch_var = (batch.class_std[idx] / scale) ** 2
         precision = _within_precision(profile)
@@ -160,15 +161,14 @@ class PoisoningDetector:
                 if widening >= 0.5 * expected:
                     best = (z, f, a, b, widening / expected if expected > 0 else 0.0)
         z, f, a, b, widening = best
-        self._last_flip_z = z
         if z < self.cfg["flip_z"] or f < 0.03:
-            return None
+            return None, z
         return self._verdict(
             key, state, "label_flip", z, self.cfg["flip_z"],
             f"rows labelled {profile.classes[a]} look like class {profile.classes[b]}: labels flipped",
             {"class": profile.classes[a], "looks_like": profile.classes[b],
              "estimated_flipped_share": round(f, 3), "z": round(z, 2),
-             "variance_widening_ratio": round(widening, 2), "reference": reference})
+             "variance_widening_ratio": round(widening, 2), "reference": reference}), z
 
     def _trigger_spike(self, key, state, batch, profile) -> Verdict | None:
         if batch.hist is None:

@@ -7,6 +7,7 @@ import ipaddress
 import math
 import time
 
+import msgspec
 import numpy as np
 
 from detectors.base import ATLAS, Verdict
@@ -107,3 +108,13 @@ def build_alert(
         ),
         message=message,
     )
+
+
+def alert_line(alert: Alert | dict) -> str:
+    """A short readable line: time, rule, client or batch, score."""
+    doc = alert if isinstance(alert, dict) else msgspec.to_builtins(alert)
+    mw = doc["modelwatch"]
+    who = f"client {mw['client_id']}" if mw.get("client_id") else \
+        f"batch {mw['batch_id']} ({mw.get('source')})"
+    return (f"{doc['@timestamp']}  {doc['rule']['name']:<34} {who:<36} "
+            f"score {mw['score']:.3g} (threshold {mw['threshold']:.3g})")

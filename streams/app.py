@@ -14,7 +14,7 @@ import numpy as np
 from detectors.config import Thresholds
 from detectors.profile import Profile
 from streams.pipeline import Pipeline
-from streams.records import Rejected, bad_time, decode_inference, decode_stats, event_times
+from streams.records import screen
 from streams.settings import Settings
 
 TAKE = 1_000        # records per processing batch at most
@@ -48,33 +48,19 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.agent(inference)
     async def judge_inference(stream):
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
-            valid = []
-            for event in batch:
-                for record in decode_inference(event.value):
-                    if isinstance(record, Rejected):
-                        await dead_letter(event.key, record.raw or event.value, record.reason)
-                        continue
-                    reason = pipeline.reject_reason(record)
-                    if reason is not None:
-                        await dead_letter(event.key, msgspec.json.encode(record), reason)
-                        continue
-                    valid.append(record)
-            if not valid:
+            result = screen(((event.value, event.key) for event in batch), pipeline.reject_reason)
+            for key, reason, raw in result.rejected:
+                await dead_letter(key, raw, reason)
+            if not result.events:
                 continue
-            ts = event_times([e.ts for e in valid])
-            good = ~np.isnan(ts)
-            for record in (r for r, ok in zip(valid, good, strict=True) if not ok):
-                await dead_letter(None, msgspec.json.encode(record), bad_time(record.ts).reason)
-            order = np.argsort(ts[good], kind="stable")  # per client, partition order is kept
-            kept = [r for r, ok in zip(valid, good, strict=True) if ok]
-            await publish(pipeline.process_inference([kept[i] for i in order], ts[good][order]))
+            order = np.argsort(result.ts, kind="stable")  # per client, partition order is kept
+            await publish(pipeline.process_inference([result.events[i] for i in order],
+                                                     result.ts[order]))
 
     @app.agent(stats)
     async def judge_stats(stream):
         async for event in stream.events():
-            record, ts = decode_stats(event.value)
-            reason = (record.reason if isinstance(record, Rejected)
-                      else pipeline.stats_reject_reason(record))
+            record, ts, reason = pipeline.screen_stats(event.value)
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
                 continue

@@ -18,19 +18,11 @@ from pathlib import Path
 import msgspec
 
 from detectors.profile import build_profile
+from streams.alerts import alert_line
 from streams.files import read_thresholds, write_profile
-from streams.records import Alert
 from streams.replay import replay
 from streams.stats import stats_event_from_csv
 from streams.tabular import read_table
-
-
-def alert_line(alert: Alert) -> str:
-    """A short readable line: time, detector, who, score."""
-    mw = alert.modelwatch
-    who = f"client {mw.client_id}" if mw.client_id else f"batch {mw.batch_id} ({mw.source})"
-    return (f"{alert.timestamp}  {alert.rule.name:<34} {who:<36} "
-            f"score {mw.score:.3g} (threshold {mw.threshold:.3g})")
 
 
 def prepare(folder: Path) -> dict[str, Path]:

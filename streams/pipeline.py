@@ -23,7 +23,14 @@ from detectors.monitor import QueryMonitor
 from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
 from streams.alerts import build_alert
-from streams.records import Alert, InferenceEvent, TrainingStatsEvent, check_against
+from streams.records import (
+    Alert,
+    InferenceEvent,
+    Rejected,
+    TrainingStatsEvent,
+    check_against,
+    decode_stats,
+)
 
 UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
 Z_LIMIT = 1e6  # scaled feature values are clipped here: far beyond any honest value
@@ -204,6 +211,14 @@ class Pipeline:
         return code
 
     # --- training stats ----------------------------------------------------------
+    def screen_stats(self, raw: bytes) -> tuple[TrainingStatsEvent | None, float, str | None]:
+        """Decode and check one training-stats record: (event, time, None) or (None, nan, reason)."""
+        record, ts = decode_stats(raw)
+        if isinstance(record, Rejected):
+            return None, ts, record.reason
+        reason = self.stats_reject_reason(record)
+        return (None, ts, reason) if reason is not None else (record, ts, None)
+
     def stats_reject_reason(self, event: TrainingStatsEvent) -> str | None:
         """Why a training-stats event cannot be judged against its profile, or None."""
         profile = self.dataset_profiles.get(event.dataset)

@@ -251,6 +251,52 @@ def bad_time(value) -> Rejected:
     return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {value!r}")
 
 
+class Screened(Struct, gc=False):
+    """Records that passed, with their times and tags, and those that did not."""
+
+    events: list
+    ts: np.ndarray
+    tags: list
+    rejected: list  # (tag, reason, original bytes)
+
+
+def screen(items, check=None) -> Screened:
+    """Decode and validate ``(raw record, tag)`` pairs in one pass.
+
+    ``check(event)`` adds model-specific reasons (feature count). A rejected
+    record keeps its original bytes: the line itself, or its own array element;
+    only a valid-looking element of an array, rejected later, is re-encoded.
+    Times are parsed in bulk at the end.
+    """
+    events, tags, single, raws, rejected = [], [], [], [], []
+    for raw, tag in items:
+        records = decode_inference(raw)
+        for record in records:
+            if isinstance(record, Rejected):
+                rejected.append((tag, record.reason, record.raw or raw))
+                continue
+            reason = check(record) if check is not None else None
+            if reason is not None:
+                rejected.append((tag, reason, raw if len(records) == 1 else
+                                 msgspec.json.encode(record)))
+                continue
+            events.append(record)
+            tags.append(tag)
+            single.append(len(records) == 1)
+            raws.append(raw)
+    ts = event_times([e.ts for e in events])
+    bad = np.isnan(ts)
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            rejected.append((tags[i], bad_time(events[i].ts).reason,
+                             raws[i] if single[i] else msgspec.json.encode(events[i])))
+        keep = ~bad
+        events = [e for e, k in zip(events, keep, strict=True) if k]
+        tags = [t for t, k in zip(tags, keep, strict=True) if k]
+        ts = ts[keep]
+    return Screened(events, ts, tags, rejected)
+
+
 def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:
     if len(raw) > MAX_RECORD_BYTES:
         return Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit"), math.nan

@@ -14,7 +14,7 @@ from detectors.profile import Profile
 from streams.files import DeadLetters
 from streams.pipeline import Pipeline
 from streams.progress import tracked_open
-from streams.records import Alert, Rejected, bad_time, decode_inference, decode_stats, event_times
+from streams.records import Alert, screen
 from streams.tabular import UserError
 
 CHUNK = 131_072  # events judged together: large, so per-client overhead is spread thin
@@ -41,51 +41,32 @@ def _lines(path: Path, label: str):
 
 
 def inference_chunks(path: Path, pipeline: Pipeline, dead: DeadLetters, size: int):
-    """Valid events in file order, ``size`` at a time, as (events, event times).
+    """Valid events in file order, about ``size`` lines at a time, as (events, times).
 
-    Memory stays bounded by the chunk: times are parsed in bulk per chunk, and a
-    rejected line keeps its original bytes only until its chunk is done.
+    Memory stays bounded by the chunk: a line's bytes are kept only until its
+    chunk has been screened.
     """
-    events, lines, raws = [], [], []
-    check = pipeline.reject_reason
+    items = []
     for number, raw in _lines(path, f"reading {path.name}"):
-        records = decode_inference(raw)
-        for record in records:
-            if isinstance(record, Rejected):
-                dead.add(str(path), number, record.reason, record.raw or raw)
-                continue
-            reason = check(record)
-            if reason is not None:
-                dead.add(str(path), number, reason, raw if len(records) == 1 else
-                         msgspec.json.encode(record))
-                continue
-            events.append(record)
-            lines.append(number)
-            raws.append(raw if len(records) == 1 else None)
-        if len(events) >= size:
-            yield _timed(path, events, lines, raws, dead)
-            events, lines, raws = [], [], []
-    if events:
-        yield _timed(path, events, lines, raws, dead)
+        items.append((raw, number))
+        if len(items) >= size:
+            yield _screened(path, items, pipeline, dead)
+            items = []
+    if items:
+        yield _screened(path, items, pipeline, dead)
 
 
-def _timed(path, events, lines, raws, dead):
-    ts = event_times([e.ts for e in events])
-    bad = np.isnan(ts)
-    if bad.any():
-        for i in np.flatnonzero(bad):
-            dead.add(str(path), lines[i], bad_time(events[i].ts).reason,
-                     raws[i] if raws[i] is not None else msgspec.json.encode(events[i]))
-        events = [e for e, b in zip(events, bad, strict=True) if not b]
-        ts = ts[~bad]
-    return events, ts
+def _screened(path, items, pipeline: Pipeline, dead: DeadLetters):
+    result = screen(items, pipeline.reject_reason)
+    for line, reason, raw in result.rejected:
+        dead.add(str(path), line, reason, raw)
+    return result.events, result.ts
 
 
 def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):
     batches = []
     for number, raw in _lines(path, f"reading {path.name}"):
-        record, ts = decode_stats(raw)
-        reason = record.reason if isinstance(record, Rejected) else pipeline.stats_reject_reason(record)
+        record, ts, reason = pipeline.screen_stats(raw)
         if reason is not None:
             dead.add(str(path), number, reason, raw)
         else:

@@ -15,19 +15,12 @@ import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
+from streams.alerts import alert_line
 from streams.broker import EmbeddedBroker
 from streams.settings import Settings
 from streams.tabular import UserError
 
 PARTITIONS = 8
-
-
-def alert_summary(alert: dict) -> str:
-    """Time, detector, client or batch, score: one readable line."""
-    mw = alert["modelwatch"]
-    who = f"client {mw['client_id']}" if mw.get("client_id") else f"batch {mw['batch_id']}"
-    return (f"{alert['@timestamp']}  {alert['rule']['name']:<34} {who:<36} "
-            f"score {mw['score']:.3g} (threshold {mw['threshold']:.3g})")
 
 
 def create_topics(address: str, settings: Settings) -> None:
@@ -93,7 +86,7 @@ def _print_alerts(address: str, topic: str, children: list[subprocess.Popen],
         while not until(alerts) and (idle_s is None or time.monotonic() - last < idle_s):
             for record in consumer:
                 alerts.append(json.loads(record.value))
-                print(alert_summary(alerts[-1]), flush=True)
+                print(alert_line(alerts[-1]), flush=True)
                 last = time.monotonic()
             for child in children:
                 if child.poll() not in (None, 0):

@@ -14,7 +14,6 @@ retried with backoff and no further lines are read, so memory stays bounded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from streams.kafka import client_options
-from streams.records import Rejected, decode_inference, event_times
+from streams.records import screen
 from streams.settings import Settings
 from streams.tabular import UserError
 
@@ -99,16 +98,13 @@ class Shipper:
         self.partitions = len(partitions)
 
     def add(self, raw: bytes, source: str, line: int) -> None:
-        records = decode_inference(raw)
-        for record in records:
-            if isinstance(record, Rejected):
-                self._dead(record.raw or raw, record.reason, source, line)
-                continue
-            if math.isnan(event_times([record.ts])[0]):
-                self._dead(raw, f"ts: not an RFC 3339 time or epoch seconds: {record.ts!r}",
-                           source, line)
-                continue
-            body = raw.strip() if len(records) == 1 else msgspec.json.encode(record)
+        result = screen([(raw, line)])
+        for _, reason, original in result.rejected:
+            self._dead(original, reason, source, line)
+        for record in result.events:
+            # A single event line ships as written; elements of an array line one by one.
+            single = raw.lstrip()[:1] == b"{"
+            body = raw.strip() if single else msgspec.json.encode(record)
             self.pending.setdefault(partition_of(record.client_id, self.partitions), []).append(body)
             if not self.count:
                 self.first_at = time.monotonic()

@@ -141,3 +141,11 @@ def test_waits_for_a_broker_that_is_not_up_yet(tmp_path):
         if follower.poll() is None:
             follower.kill()
     assert len(shipped) == 30
+
+
+def test_array_lines_ship_their_events_one_by_one(broker, tmp_path):
+    log = tmp_path / "log.jsonl"
+    write(log, [json.dumps(events(1)), json.dumps(events(3, start=1))])  # one- and three-element arrays
+    assert "4 events shipped" in tail_once(broker, log, tmp_path / "cp.json").stderr
+    shipped = [e for r in read_topic(broker, "inference-logs", want=4) for e in json.loads(r.value)]
+    assert sorted(e["request_id"] for e in shipped) == ["r0", "r1", "r2", "r3"]
