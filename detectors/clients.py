@@ -100,6 +100,8 @@ class ClientState:
     margin_bin: int = -1                              # this client's bin in the population histogram
     pooled_epoch: float = -1.0                        # epoch of pooled_counts
     pooled_counts: np.ndarray = field(default=None)   # own share of its IP's pooled counts, this epoch
+    ip: str = ""                                      # the source IP its pooled counts went to
+    ip_counts: np.ndarray = field(default=None)       # its whole share of that IP's pooled counts
     last_alert: dict = field(default_factory=dict)    # family -> event time of its last alert
 
     def __post_init__(self):
@@ -112,6 +114,7 @@ class ClientState:
             self.rates = np.zeros((len(RATES), 2))
             self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
             self.pooled_counts = np.zeros(5)
+            self.ip_counts = np.zeros(5)
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
@@ -255,6 +258,40 @@ class Population:
     def class_entropy(self) -> float:
         return entropy(self.class_counts)
 
+    def add_client(self, client_id: str, state: ClientState) -> None:
+        """Count one client's state in: the population is the sum of its clients,
+        so it can be rebuilt from restored client states after a restart."""
+        self.class_counts += state.class_counts
+        if state.events:
+            self.volume_hist[volume_bin(state.events)] += 1
+        if state.margin_bin >= 0:
+            self.margin_hist[state.margin_bin] += 1
+        if state.ip:
+            self.pool(state.ip, client_id, state.ip_counts)
+
+    def pool(self, ip: str, client_id: str, counts: np.ndarray) -> None:
+        """Add a client's pooled counts to its IP's entry."""
+        self._pool(ip, [client_id], counts)
+
+    def merge(self, other: Population) -> None:
+        """Add another shard's population (disjoint clients) into this one."""
+        self.class_counts += other.class_counts
+        self.margin_hist += other.margin_hist
+        self.volume_hist += other.volume_hist
+        for ip, entry in other.ips.items():
+            self._pool(ip, entry["ids"], np.asarray(entry["counts"]))
+
+    def _pool(self, ip: str, client_ids: list[str], counts: np.ndarray) -> None:
+        entry = self.ips.get(ip)
+        if entry is None:
+            if len(self.ips) >= MAX_IPS:  # bounded: MAX_IPS addresses, MAX_IDS_PER_IP ids each
+                return
+            entry = self.ips[ip] = {"ids": [], "counts": [0.0] * 5}
+        for client_id in client_ids:
+            if client_id not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
+                entry["ids"].append(client_id)
+        entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + counts]
+
 
 def entropy(counts: np.ndarray) -> float:
     """Shannon entropy (nats) of a vector of counts."""
@@ -267,3 +304,7 @@ def entropy(counts: np.ndarray) -> float:
 
 def volume_bin(events: int) -> int:
     return int(min(39, np.log2(max(events, 1))))
+
+
+MAX_IPS = 100_000
+MAX_IDS_PER_IP = 32

@@ -16,6 +16,7 @@ import numpy as np
 from detectors import adversarial, extraction
 from detectors.base import Candidate, Verdict, decayed_counts, select
 from detectors.clients import (
+    MAX_IDS_PER_IP,
     RATES,
     ClientState,
     Neighbours,
@@ -110,7 +111,7 @@ class QueryMonitor:
         ips = [ip for ip in view.batch.source_ip if ip]
         if not ips:
             return []
-        ip = ips[-1]
+        ip = ips[-1][:MAX_IP_LENGTH]
         client = view.key.split("/", 1)[-1]
         nb = view.neighbours
         per_event = np.column_stack([
@@ -126,13 +127,11 @@ class QueryMonitor:
             state.pooled_epoch, state.pooled_counts = view.population.epoch, np.zeros(5)
         counts = np.asarray(seen["counts"]) + state.pooled_counts + np.cumsum(per_event, axis=0)
         state.pooled_counts = counts[-1] - np.asarray(seen["counts"])
-        entry = pending.ips.get(ip)
-        if entry is None and len(pending.ips) < MAX_IPS:
-            entry = pending.ips[ip] = {"ids": [], "counts": [0.0] * 5}
-        if entry is not None:
-            if client not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
-                entry["ids"].append(client)
-            entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + per_event.sum(0)]
+        batch_counts = per_event.sum(0)
+        if state.ip != ip:  # an id that moves on leaves its share with the old address
+            state.ip, state.ip_counts = ip, np.zeros(5)
+        state.ip_counts = state.ip_counts + batch_counts
+        pending.pool(state.ip, client, batch_counts)
         mask, score, kind = extraction.pooled_hits(len(ids), counts, self.ext,
                                                    2 * view.profile.sign_step_rate)
 
@@ -179,5 +178,4 @@ class QueryMonitor:
             state.margin_bin = new_bin
 
 
-MAX_IPS = 100_000
-MAX_IDS_PER_IP = 32
+MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded

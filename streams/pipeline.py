@@ -47,7 +47,8 @@ class Counters:
 
 class Pipeline:
     def __init__(self, profiles: list[Profile], thresholds: Thresholds,
-                 clients: MutableMapping | None = None, sources: MutableMapping | None = None):
+                 clients: MutableMapping | None = None, sources: MutableMapping | None = None,
+                 shared: MutableMapping | None = None):
         self.profiles = {p.model: p for p in profiles}
         self.dataset_profiles = {p.dataset or p.model: p for p in profiles}
         self.thresholds = thresholds
@@ -55,9 +56,14 @@ class Pipeline:
         self.poisoning = PoisoningDetector(thresholds)
         self.clients: MutableMapping[str, ClientState] = {} if clients is None else clients
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
-        self.populations: dict[str, Population] = {}  # the snapshot rules read
-        self.pending: dict[str, Population] = {}      # updated as events are judged
-        self._epoch: float | None = None
+        # Population baselines, per shard (a Kafka partition in the worker; replay has
+        # one): each shard sums its own clients in ``pending``; when its events enter
+        # a new epoch it publishes a snapshot to ``shared`` ("model/shard" keys; a
+        # global table in the worker); rules read the merge of all shards' snapshots.
+        self.pending: dict[int, dict[str, Population]] = {}
+        self.shard_epochs: dict[int, float] = {}
+        self.shared: MutableMapping[str, Population] = {} if shared is None else shared
+        self.populations: dict[str, Population] = {}  # the merged snapshot rules read
         self.epoch_s = thresholds.section("population")["epoch_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
         bounds = thresholds.section("adversarial")["bounds_tolerance"]
@@ -86,7 +92,8 @@ class Pipeline:
         return None
 
     # --- inference ---------------------------------------------------------------
-    def process_inference(self, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
+    def process_inference(self, events: list[InferenceEvent], ts: np.ndarray,
+                          shard: int = 0) -> list[Alert]:
         """Judge a batch of valid events, given in event-time order.
 
         Population baselines advance by event-time epochs: events of an epoch are
@@ -98,34 +105,69 @@ class Pipeline:
         alerts: list[Alert] = []
         epochs = np.floor(ts / self.epoch_s)
         for epoch in np.unique(epochs):
-            self._advance_to(float(epoch))
+            self._advance_to(shard, float(epoch))
             in_epoch = np.flatnonzero(epochs == epoch)
             by_model: dict[str, list[int]] = {}
             for i in in_epoch:
                 by_model.setdefault(events[i].model, []).append(int(i))
             for model, rows in by_model.items():
-                alerts += self._model_batch(model, [events[i] for i in rows], ts[rows])
+                alerts += self._model_batch(model, [events[i] for i in rows], ts[rows], shard)
         return alerts
 
-    def _advance_to(self, epoch: float) -> None:
-        """A new epoch: what was learned so far becomes the snapshot rules read."""
-        if self._epoch is not None and epoch <= self._epoch:
+    def _advance_to(self, shard: int, epoch: float) -> None:
+        """A shard's new epoch: what it learned so far becomes its part of the snapshot."""
+        current = self.shard_epochs.get(shard)
+        if current is not None and epoch <= current:
             return  # late events are judged against the current snapshot
-        self._epoch = epoch
-        self.populations = {m: copy.deepcopy(p) for m, p in self.pending.items()}
-        for population in self.populations.values():
-            population.epoch = epoch
+        self.shard_epochs[shard] = epoch
+        for model, pending in self.pending.get(shard, {}).items():
+            snapshot = copy.deepcopy(pending)
+            snapshot.epoch = epoch
+            self.shared[f"{model}/{shard}"] = snapshot
+        self.refresh_populations()
 
-    def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray) -> list[Alert]:
+    def refresh_populations(self) -> None:
+        """Rebuild the snapshot rules read: the sum of every shard's last snapshot."""
+        merged: dict[str, Population] = {}
+        for key, snapshot in self.shared.items():
+            model = key.rsplit("/", 1)[0]
+            if model in merged:
+                merged[model].merge(snapshot)
+            else:
+                merged[model] = copy.deepcopy(snapshot)
+        self.populations = merged
+
+    def restore_shard(self, shard: int, clients) -> None:
+        """After a restart or rebalance: a shard's population is the sum of its clients'
+        restored states (``clients`` yields (key, ClientState) pairs)."""
+        pending: dict[str, Population] = {}
+        for key, state in clients:
+            model, client = key.split("/", 1)
+            population = pending.get(model)
+            if population is None:
+                population = pending[model] = Population(state.n_classes)
+            population.add_client(client, state)
+        self.pending[shard] = pending
+        epochs = [s.epoch for k, s in self.shared.items() if k.rsplit("/", 1)[1] == str(shard)]
+        if epochs:
+            self.shard_epochs[shard] = max(epochs)
+        else:
+            self.shard_epochs.pop(shard, None)
+        self.refresh_populations()
+
+    def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray,
+                     shard: int) -> list[Alert]:
         profile = self.profiles.get(model)
         columns = self._columns(model, events, ts, profile)
         n_classes = len(profile.classes) if profile else UNPROFILED_CLASSES
-        pending = self.pending.get(model)
+        shard_pending = self.pending.setdefault(shard, {})
+        pending = shard_pending.get(model)
         if pending is None:
-            pending = self.pending[model] = Population(n_classes)
+            pending = shard_pending[model] = Population(n_classes)
         population = self.populations.get(model)
         if population is None:
-            population = self.populations[model] = Population(n_classes, epoch=self._epoch)
+            population = self.populations[model] = Population(n_classes)
+        population.epoch = self.shard_epochs[shard]  # shards may stand in different epochs
         codes: dict[str, int] = {}
         client_code = np.fromiter((codes.setdefault(e.client_id, len(codes)) for e in events),
                                   dtype=np.int64, count=len(events))

@@ -66,6 +66,9 @@ SETTINGS = (
     Setting("topic_stats", "training-stats topic", "training-stats"),
     Setting("topic_alerts", "alerts topic", "security-alerts"),
     Setting("topic_deadletter", "dead-letter topic", "modelwatch-deadletter"),
+    Setting("sinks", "more alert outputs, comma-separated URLs (syslog+udp://, syslog+tcp://, "
+            "syslog+tls://, hec+https://, webhook+https://, file://); the alerts topic is always on",
+            None),
     Setting("tls_ca", "CA certificate (PEM) for TLS to the broker", None, Path),
     Setting("tls_cert", "client certificate (PEM) for TLS", None, Path),
     Setting("tls_key", "client private key (PEM) for TLS", None, Path),
@@ -86,6 +89,7 @@ class Settings:
     topic_stats: str
     topic_alerts: str
     topic_deadletter: str
+    sinks: str | None
     tls_ca: Path | None
     tls_cert: Path | None
     tls_key: Path | None
