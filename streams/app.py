@@ -1,70 +1,368 @@
 """The Faust worker: inference logs and training stats in, alerts and dead letters out.
 
-A first cut: detector state lives in the worker's memory (one worker holds all
-partitions); tables with changelogs, the recovery fix in
-``docs/streaming-notes.md`` and metrics come next.
+One agent per input topic runs :class:`streams.pipeline.Pipeline` (the code
+``replay`` runs) on batches of Kafka records; each record may hold a JSON array
+of events, all of one partition.
+
+State and exact recovery
+------------------------
+Per-key detector state (a client of a model, a source of a dataset) lives in
+Faust tables with changelogs (RocksDB on disk). Writing every touched key after
+every batch would send ~20 KiB per client per batch to the changelog, so the
+worker keeps working copies in memory and *checkpoints* every
+``CHECKPOINT_S``: it waits until the alerts and dead letters sent so far are
+acknowledged, writes each changed key once (with the partition and offset of the
+last record applied to it), and only then acknowledges the records, which lets
+Faust commit their offsets. So a committed offset never runs ahead of the state,
+and after a kill -9 the records after the last commit are read again: a key
+whose stored state already holds a record skips it, the others apply it. The
+state comes back equal to that of an uninterrupted run, and an alert raised
+again carries the same ``event.id``.
+
+Population baselines span partitions: each partition's clients are summed per
+shard (rebuilt from the restored client states after a restart or rebalance);
+at each event-time epoch a shard publishes its snapshot to a global table, and
+rules read the sum of all shards' latest snapshots. With several workers a
+shard that lags behind contributes its previous epoch's snapshot for a while:
+that is the bounded difference to ``replay``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import struct
+import time
+import weakref
+from collections.abc import Iterator, MutableMapping
+
 import faust
 import msgspec
 import numpy as np
+from faust.streams import _current_event
 
+from detectors.clients import ClientState, Population
 from detectors.config import Thresholds
+from detectors.poisoning import SourceState
 from detectors.profile import Profile
+from detectors.state import dumps, loads
 from streams.pipeline import Pipeline
 from streams.records import screen
 from streams.settings import Settings
+from streams.transport import faust_broker_urls
 
-TAKE = 1_000        # records per processing batch at most
-WITHIN_S = 0.05     # ... or what arrived within this time
+TAKE = 1_000         # records per processing batch at most
+WITHIN_S = 0.05      # ... or what arrived within this time
+CHECKPOINT_S = 1.0   # state to the changelog, then offsets may be committed
+_APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 
 
-def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds) -> faust.App:
+class KeyedStates(MutableMapping):
+    """Working copies of per-key detector state, backed by a Faust table.
+
+    Read from the table on first use; written back at checkpoints, each value
+    prefixed with the partition and offset of the last record applied to it.
+    """
+
+    def __init__(self, table, cls):
+        self.table, self.cls = table, cls
+        self.live: dict[str, object] = {}
+        self.applied: dict[str, tuple[int, int]] = {}
+        self.dirty: set[str] = set()
+        self.position: tuple[int, int] = (-1, -1)  # the records being applied now
+
+    def _load(self, key: str) -> bool:
+        if key in self.live:
+            return True
+        blob = self.table.get(key.encode())
+        if blob is None:
+            return False
+        partition, offset = _APPLIED.unpack_from(blob)
+        self.live[key] = loads(self.cls, blob[_APPLIED.size:])
+        self.applied[key] = (partition, offset)
+        return True
+
+    def holds(self, key: str, partition: int, offset: int) -> bool:
+        """Whether the state of ``key`` already includes that record."""
+        if not self._load(key):
+            return False
+        applied = self.applied.get(key)
+        return applied is not None and applied[0] == partition and offset <= applied[1]
+
+    def __getitem__(self, key: str):
+        if not self._load(key):
+            raise KeyError(key)
+        return self.live[key]
+
+    def __setitem__(self, key: str, state) -> None:
+        self.live[key] = state
+        self.applied[key] = self.position
+        self.dirty.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        raise NotImplementedError("detector state is never deleted by the pipeline")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.live)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def flush(self, partitions: set[int]) -> int:
+        """Write changed keys of the partitions still owned to the table."""
+        written = 0
+        for key in sorted(self.dirty):
+            partition, offset = self.applied[key]
+            if partition in partitions:
+                with _as_partition(partition):
+                    self.table[key.encode()] = (_APPLIED.pack(partition, offset)
+                                                + dumps(self.live[key]))
+                written += 1
+        self.dirty.clear()
+        return written
+
+    def forget(self, partitions: set[int]) -> None:
+        """Drop working copies of partitions this worker no longer owns."""
+        for key in [k for k, (p, _) in self.applied.items() if p in partitions]:
+            self.live.pop(key, None)
+            self.applied.pop(key, None)
+            self.dirty.discard(key)
+
+    def restored(self, partition: int) -> Iterator[tuple[str, object]]:
+        """Every stored key of a partition, loaded into the working copies."""
+        for raw_key, blob in list(self.table.items()):
+            if blob is None or _APPLIED.unpack_from(blob)[0] != partition:
+                continue
+            key = raw_key.decode()
+            if self._load(key):
+                yield key, self.live[key]
+
+
+class SharedSnapshots(MutableMapping):
+    """Population snapshots per "model/shard" in a global table; writes wait for
+    the next checkpoint, reads decode once per stored version."""
+
+    def __init__(self, table):
+        self.table = table
+        self.local: dict[str, Population] = {}
+        self.dirty: set[str] = set()
+        self._decoded: dict[str, tuple[bytes, Population]] = {}
+
+    def __getitem__(self, key: str) -> Population:
+        if key in self.local:
+            return self.local[key]
+        blob = self.table.get(key.encode())
+        if blob is None:
+            raise KeyError(key)
+        cached = self._decoded.get(key)
+        if cached is None or cached[0] != blob:
+            cached = self._decoded[key] = (blob, loads(Population, blob))
+        return cached[1]
+
+    def __setitem__(self, key: str, snapshot: Population) -> None:
+        self.local[key] = snapshot
+        self.dirty.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        keys = {k.decode() for k in list(self.table.keys())} | set(self.local)
+        return iter(sorted(keys))
+
+    def __len__(self) -> int:
+        return len(set(self))
+
+    def flush(self, partitions: set[int]) -> None:
+        for key in sorted(self.dirty):
+            shard = int(key.rsplit("/", 1)[1])
+            if shard in partitions:
+                with _as_partition(shard):
+                    self.table[key.encode()] = dumps(self.local[key])
+        self.dirty.clear()
+        self.local.clear()
+
+
+class _as_partition:
+    """Table writes outside an agent: Faust picks the changelog partition (and the
+    RocksDB partition) from the current event, so stand in one of that partition."""
+
+    def __init__(self, partition: int):
+        self.event = _PartitionEvent(partition)
+
+    def __enter__(self):
+        self.token = _current_event.set(weakref.ref(self.event))
+
+    def __exit__(self, *exc):
+        _current_event.reset(self.token)
+
+
+class _PartitionMessage:
+    __slots__ = ("partition", "topic", "timestamp")
+
+    def __init__(self, partition: int):
+        self.partition, self.topic, self.timestamp = partition, None, time.time()
+
+
+class _PartitionEvent:
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, partition: int):
+        self.message = _PartitionMessage(partition)
+
+
+def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
+              partitions: dict[str, int]) -> faust.App:
+    """The worker's Faust app; ``partitions`` gives each input topic's partition count."""
     app = faust.App(
         "modelwatch",
-        broker=settings.broker,
-        store="memory://",
+        broker=faust_broker_urls(settings.broker),
+        broker_credentials=_credentials(settings),
+        store="rocksdb://",
+        datadir=str(settings.state_dir),
         broker_session_timeout=10,  # a new group joins in ~5 s on Tansu, not ~30 s
         producer_acks=-1,
         web_enabled=False,
         topic_disable_leader=True,
+        stream_wait_empty=False,    # un-acked records are read again by the next owner
     )
-    pipeline = Pipeline(profiles, thresholds)
+    n_inference = partitions[settings.topic_inference]
+    n_stats = partitions[settings.topic_stats]
     inference = app.topic(settings.topic_inference, key_serializer="raw", value_serializer="raw")
     stats = app.topic(settings.topic_stats, key_serializer="raw", value_serializer="raw")
     alerts_topic = app.topic(settings.topic_alerts, key_serializer="raw", value_serializer="raw")
     dead_topic = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
+    raw = {"key_type": bytes, "value_type": bytes}  # Faust stores bytes types as raw
+    clients = KeyedStates(app.Table("clients", partitions=n_inference, **raw), ClientState)
+    sources = KeyedStates(app.Table("sources", partitions=n_stats, **raw), SourceState)
+    shared = SharedSnapshots(app.GlobalTable("populations", partitions=n_inference, **raw))
+    pipeline = Pipeline(profiles, thresholds, clients=clients, sources=sources, shared=shared)
     encoder = msgspec.json.Encoder()
+    lock = asyncio.Lock()
+    held: list = []            # events processed but not yet acknowledged
+    restored: set[int] = set()  # inference partitions whose population is rebuilt
 
-    async def dead_letter(key, raw: bytes, reason: str) -> None:
-        await dead_topic.send(key=key, value=raw, headers={"reason": reason.encode()})
+    async def dead_letter(key, raw_value: bytes, reason: str) -> None:
+        await dead_topic.send(key=key, value=raw_value, headers={"reason": reason.encode()})
 
     async def publish(alerts) -> None:
         for alert in alerts:
             await alerts_topic.send(key=alert.event.id.encode(), value=encoder.encode(alert))
 
+    def owned(topic: str) -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
+
+    async def checkpoint() -> None:
+        async with lock:
+            if not held:
+                return
+            await app.producer.flush()  # alerts and dead letters first, then state
+            clients.flush(owned(settings.topic_inference))
+            shared.flush(owned(settings.topic_inference))
+            sources.flush(owned(settings.topic_stats))
+            pipeline.refresh_populations()  # other workers' shards may have moved on
+            events = held[:]
+            held.clear()
+            for event in events:
+                event.ack()
+
+    def hold(batch) -> None:
+        for event in batch:
+            event.message.incref()  # take_events acks on return; we ack after checkpoint
+        held.extend(batch)
+
     @app.agent(inference)
     async def judge_inference(stream):
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
-            result = screen(((event.value, event.key) for event in batch), pipeline.reject_reason)
-            for key, reason, raw in result.rejected:
-                await dead_letter(key, raw, reason)
-            if not result.events:
-                continue
-            order = np.argsort(result.ts, kind="stable")  # per client, partition order is kept
-            await publish(pipeline.process_inference([result.events[i] for i in order],
-                                                     result.ts[order]))
+            async with lock:
+                hold(batch)
+                by_partition: dict[int, list] = {}
+                for event in batch:
+                    by_partition.setdefault(event.message.partition, []).append(event)
+                for partition, events in by_partition.items():
+                    await judge_partition(partition, events)
+
+    async def judge_partition(partition: int, events) -> None:
+        if partition not in restored:
+            pipeline.restore_shard(partition, clients.restored(partition))
+            restored.add(partition)
+        result = screen(((e.value, (e.key, e.message.offset)) for e in events),
+                        pipeline.reject_reason)
+        for (key, _), reason, raw_value in result.rejected:
+            await dead_letter(key, raw_value, reason)
+        if not result.events:
+            return
+        keep = [i for i, (event, (_, offset)) in enumerate(zip(result.events, result.tags, strict=True))
+                if not clients.holds(f"{event.model}/{event.client_id}", partition, offset)]
+        if not keep:
+            return
+        ts = result.ts[keep]
+        order = np.argsort(ts, kind="stable")  # per client, partition order is kept
+        clients.position = (partition, events[-1].message.offset)
+        await publish(pipeline.process_inference(
+            [result.events[keep[i]] for i in order], ts[order], shard=partition))
 
     @app.agent(stats)
     async def judge_stats(stream):
-        async for event in stream.events():
-            record, ts, reason = pipeline.screen_stats(event.value)
-            if reason is not None:
-                await dead_letter(event.key, event.value, reason)
-                continue
-            await publish(pipeline.process_stats(record, ts))
+        async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            async with lock:
+                hold(batch)
+                for event in batch:
+                    record, ts, reason = pipeline.screen_stats(event.value)
+                    if reason is not None:
+                        await dead_letter(event.key, event.value, reason)
+                        continue
+                    partition, offset = event.message.partition, event.message.offset
+                    if sources.holds(f"{record.dataset}/{record.source}", partition, offset):
+                        continue
+                    sources.position = (partition, offset)
+                    await publish(pipeline.process_stats(record, ts))
+
+    @app.timer(CHECKPOINT_S)
+    async def checkpoint_timer() -> None:
+        await checkpoint()
+
+    @app.on_partitions_revoked.connect
+    async def forget(app, revoked, **kwargs) -> None:
+        gone_inference = {tp.partition for tp in revoked if tp.topic == settings.topic_inference}
+        gone_stats = {tp.partition for tp in revoked if tp.topic == settings.topic_stats}
+        clients.forget(gone_inference)
+        sources.forget(gone_stats)
+        restored.difference_update(gone_inference)
+        for partition in gone_inference:
+            pipeline.pending.pop(partition, None)
+        held[:] = [e for e in held if e.message.tp not in revoked]
 
     app.modelwatch_pipeline = pipeline
     return app
+
+
+def _credentials(settings: Settings):
+    """TLS / SASL settings as Faust credentials (None: plaintext)."""
+    import ssl
+
+    context = None
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.sasl_username, password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Partition count of each topic (8, Faust's default, for one not created yet)."""
+    from kafka import KafkaConsumer
+
+    from streams.kafka import client_options
+
+    consumer = KafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    try:
+        found = {t: consumer.partitions_for_topic(t) for t in topics}
+    finally:
+        consumer.close()
+    return {t: len(p) if p else 8 for t, p in found.items()}

@@ -103,9 +103,10 @@ def _worker(args) -> int:
     thresholds = read_thresholds(settings.thresholds)
     import faust
 
-    from streams.app import build_app
+    from streams.app import build_app, topic_partitions
 
-    app = build_app(settings, profiles, thresholds)
+    partitions = topic_partitions(settings, [settings.topic_inference, settings.topic_stats])
+    app = build_app(settings, profiles, thresholds, partitions=partitions)
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
           f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True)

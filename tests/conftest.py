@@ -57,3 +57,15 @@ def write_jsonl(path: Path, records) -> Path:
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "streams.cli", *map(str, args)],
                           capture_output=True, text=True, input=stdin, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The built-in demo scenario: (folder with profiles/, paths of its files)."""
+    from streams.demo import prepare
+
+    folder = tmp_path_factory.mktemp("demo")
+    paths = prepare(folder)
+    (folder / "profiles").mkdir()
+    (folder / "profiles" / "digits.json").write_bytes(paths["profile"].read_bytes())
+    return folder, paths

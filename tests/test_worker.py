@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from detectors.config import load_thresholds
 from streams.broker import EmbeddedBroker
 from streams.files import load_profile
@@ -16,17 +14,6 @@ from streams.replay import replay
 from tests.conftest import ROOT, run_cli
 
 TOPICS = ("inference-logs", "training-stats", "security-alerts", "modelwatch-deadletter")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from streams.demo import prepare
-
-    folder = tmp_path_factory.mktemp("demo")
-    paths = prepare(folder)
-    (folder / "profiles").mkdir()
-    (folder / "profiles" / "digits.json").write_bytes(paths["profile"].read_bytes())
-    return folder, paths
 
 
 def test_worker_alerts_equal_replay_alerts(demo, tmp_path):
