@@ -42,30 +42,38 @@ class ConsumerThread(fa.AIOKafkaConsumerThread):
         return highwaters
 
     async def _fetched_highwaters(self, tps, listed):
-        """The high watermark of each partition, from a fetch at its listed end."""
         conf = self.app.conf
-        reader = aiokafka.AIOKafkaConsumer(
-            bootstrap_servers=fa.server_list(self.transport.url, self.transport.default_port),
-            enable_auto_commit=False, fetch_max_wait_ms=10, group_id=None,
+        return await fetched_highwaters(
+            fa.server_list(self.transport.url, self.transport.default_port), listed, tps,
             **fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
-        await reader.start()
-        found = {}
-        try:
-            wanted = {aiokafka.TopicPartition(tp.topic, tp.partition): tp for tp in tps}
-            reader.assign(list(wanted))
-            for atp, tp in wanted.items():
-                reader.seek(atp, listed[tp] - 1)
-            pending, deadline = set(wanted), time.monotonic() + HIGHWATER_TIMEOUT_S
-            while pending and time.monotonic() < deadline:
-                await reader.getmany(*pending, timeout_ms=500, max_records=1)
-                for atp in list(pending):
-                    highwater = reader.highwater(atp)
-                    if highwater is not None:
-                        found[wanted[atp]] = max(listed[wanted[atp]], highwater)
-                        pending.discard(atp)
-        finally:
-            await reader.stop()
-        return found
+
+
+async def fetched_highwaters(servers, listed: dict, tps, **auth) -> dict:
+    """The high watermark of each partition, from a fetch at its listed end.
+
+    ``listed`` maps each partition (anything with ``topic`` and ``partition``) to
+    the end ListOffsets gave; the answer is never lower.
+    """
+    reader = aiokafka.AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,
+                                       fetch_max_wait_ms=10, group_id=None, **auth)
+    await reader.start()
+    found = {}
+    try:
+        wanted = {aiokafka.TopicPartition(tp.topic, tp.partition): tp for tp in tps}
+        reader.assign(list(wanted))
+        for atp, tp in wanted.items():
+            reader.seek(atp, listed[tp] - 1)
+        pending, deadline = set(wanted), time.monotonic() + HIGHWATER_TIMEOUT_S
+        while pending and time.monotonic() < deadline:
+            await reader.getmany(*pending, timeout_ms=500, max_records=1)
+            for atp in list(pending):
+                highwater = reader.highwater(atp)
+                if highwater is not None:
+                    found[wanted[atp]] = max(listed[wanted[atp]], highwater)
+                    pending.discard(atp)
+    finally:
+        await reader.stop()
+    return found
 
 
 class Consumer(fa.Consumer):
