@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 import time
 import weakref
 from collections.abc import Iterator, MutableMapping
@@ -320,6 +321,11 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.timer(CHECKPOINT_S)
     async def checkpoint_timer() -> None:
         await checkpoint()
+
+    @app.on_partitions_assigned.connect
+    async def announce(app, assigned, **kwargs) -> None:
+        mine = sorted(tp.partition for tp in assigned if tp.topic == settings.topic_inference)
+        print(f"worker: {settings.topic_inference} partitions {mine}", file=sys.stderr)
 
     @app.on_partitions_revoked.connect
     async def forget(app, revoked, **kwargs) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -99,3 +100,47 @@ def test_kill_9_mid_stream_loses_nothing_and_state_is_exact(demo, expected, tmp_
             stop(worker)
         assert mismatch is None, mismatch
         assert_alerts_once_each(wait_for_alerts(broker, lambda _: True), expected_ids)
+
+
+def assigned_partitions(log) -> list[list[int]]:
+    """The inference partitions a worker was given, at each rebalance (from its log)."""
+    found = re.findall(r"inference-logs partitions \[([\d, ]*)\]", log.read_text(errors="replace"))
+    return [[int(p) for p in text.split(",") if p.strip()] for text in found]
+
+
+def test_two_workers_split_partitions_and_survive_one_leaving(demo, expected, tmp_path):
+    folder, paths = demo
+    expected_ids = {a.event.id for a in expected.alerts}
+    lines = paths["inference.jsonl"].read_bytes().splitlines()
+    log, checkpoint = tmp_path / "inference.jsonl", tmp_path / "tail.json"
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    with EmbeddedBroker() as broker:
+        create_topics(broker)
+        workers = [start_worker(broker, folder / "profiles", tmp_path / f"state-{i}", logs[i])
+                   for i in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(
+                    (a := assigned_partitions(x)) and 0 < len(a[-1]) < 8 for x in logs):
+                time.sleep(0.5)
+            split = [assigned_partitions(x)[-1] for x in logs]
+            assert sorted(split[0] + split[1]) == list(range(8)), split
+            ship(broker, lines[: len(lines) // 2], log, checkpoint)
+            send_stats(broker, paths["stats"])
+            wait_for_alerts(broker, lambda alerts: len(alerts) >= 1, timeout_s=60)
+            stop(workers[1])  # leaves the group: its partitions move to the other worker
+            ship(broker, lines[len(lines) // 2:], log, checkpoint)
+            mismatch = wait_for_state(broker, expected.pipeline)
+            assert workers[0].poll() is None, logs[0].read_text()[-3000:]
+            assert assigned_partitions(logs[0])[-1] == list(range(8))
+        finally:
+            for worker in workers:
+                stop(worker)
+        assert mismatch is None, mismatch
+        alerts = wait_for_alerts(broker, lambda _: True)
+        assert_alerts_once_each(alerts, expected_ids)
+        per_attacker = {}
+        for alert in alerts:
+            per_attacker.setdefault(alert["modelwatch"]["client_id"], set()).add(alert["event"]["id"])
+        for alert in expected.alerts:  # once per attacker: the same alerts, not more
+            assert alert.event.id in per_attacker[alert.modelwatch.client_id]
