@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench-quality bench-speed schemas clean
+.PHONY: run test lint debian-tools bench-quality bench-speed bench-stream schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,16 @@ run: $(VENV)/.run-installed
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check detectors streams tests bench
 
-test: $(VENV)/.dev-installed lint
+# The real Prometheus server (and promtool) and headless Chromium for the tests of the
+# dashboards, alert rules and HTML report; without root their tests skip (never under CI).
+debian-tools:
+	@if command -v promtool >/dev/null && command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+	else echo "make: no root to install prometheus and chromium: their tests will skip"; exit 0; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+		prometheus chromium chromium-driver >/dev/null
+
+test: $(VENV)/.dev-installed lint debian-tools
 	$(BIN)/python -m pytest -n 2 detectors tests
 
 bench-quality: $(VENV)/.dev-installed
@@ -32,6 +41,9 @@ bench-quality: $(VENV)/.dev-installed
 
 bench-speed: $(VENV)/.dev-installed
 	$(BIN)/python bench/replay_speed.py
+
+bench-stream: $(VENV)/.dev-installed
+	$(BIN)/python bench/stream_speed.py
 
 schemas: $(VENV)/.run-installed
 	$(BIN)/python -m streams.records

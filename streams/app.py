@@ -34,6 +34,7 @@ import struct
 import sys
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator, MutableMapping
 
 import faust
@@ -46,9 +47,11 @@ from detectors.config import Thresholds
 from detectors.poisoning import SourceState
 from detectors.profile import Profile
 from detectors.state import dumps, loads
+from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
 from streams.records import screen
 from streams.settings import Settings
+from streams.sinks.base import Outbox
 from streams.transport import faust_broker_urls
 
 TAKE = 1_000         # records per processing batch at most
@@ -212,8 +215,10 @@ class _PartitionEvent:
 
 
 def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
-              partitions: dict[str, int]) -> faust.App:
-    """The worker's Faust app; ``partitions`` gives each input topic's partition count."""
+              partitions: dict[str, int], metrics: WorkerMetrics | None = None,
+              outboxes: list[Outbox] = ()) -> faust.App:
+    """The worker's Faust app; ``partitions`` gives each input topic's partition count,
+    ``outboxes`` the alert outputs besides the alerts topic."""
     app = faust.App(
         "modelwatch",
         broker=faust_broker_urls(settings.broker),
@@ -240,47 +245,103 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     encoder = msgspec.json.Encoder()
     lock = asyncio.Lock()
     held: list = []            # events processed but not yet acknowledged
+    next_offset: dict[tuple[str, int], int] = {}  # per partition, in this generation
     restored: set[int] = set()  # inference partitions whose population is rebuilt
 
-    async def dead_letter(key, raw_value: bytes, reason: str) -> None:
+    metrics = metrics or WorkerMetrics()
+    read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
+
+    async def dead_letter(topic: str, key, raw_value: bytes, reason: str) -> None:
+        metrics.invalid(topic, reason)
         await dead_topic.send(key=key, value=raw_value, headers={"reason": reason.encode()})
 
     async def publish(alerts) -> None:
         for alert in alerts:
             await alerts_topic.send(key=alert.event.id.encode(), value=encoder.encode(alert))
+        if alerts:
+            metrics.sink("kafka", delivered=len(alerts))
+            as_dicts = [msgspec.to_builtins(a) for a in alerts]
+            for alert in as_dicts:
+                metrics.alert(alert)
+            for outbox in outboxes:
+                outbox.offer(as_dicts)
+
+    def observe(topic: str, batch, started: float) -> None:
+        metrics.kafka_records(topic, len(batch))
+        metrics.processing(topic, time.perf_counter() - started)
+        for event in batch:
+            tp = (topic, event.message.partition)
+            read_up_to[tp] = max(read_up_to.get(tp, 0), event.message.offset + 1)
+
+    def report_state() -> None:
+        for (topic, partition), offset in list(read_up_to.items()):
+            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            if highwater is not None:
+                metrics.consumer_lag(topic, partition, max(0, highwater - offset))
+        metrics.tracked("client", len(clients.live))
+        metrics.tracked("source", len(sources.live))
+        metrics.state_bytes(sum(map(state_size, clients.live.values()))
+                            + sum(map(state_size, sources.live.values())))
+        for outbox in outboxes:
+            delivered, failed, dropped = outbox.take_counts()
+            metrics.sink(outbox.name, delivered=delivered, failed=failed, dropped=dropped)
 
     def owned(topic: str) -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
 
     async def checkpoint() -> None:
+        report_state()
         async with lock:
             if not held:
                 return
             await app.producer.flush()  # alerts and dead letters first, then state
-            clients.flush(owned(settings.topic_inference))
-            shared.flush(owned(settings.topic_inference))
-            sources.flush(owned(settings.topic_stats))
+            inference_owned = owned(settings.topic_inference)
+            stats_owned = owned(settings.topic_stats)
+            clients.flush(inference_owned)
+            shared.flush(inference_owned)
+            sources.flush(stats_owned)
             pipeline.refresh_populations()  # other workers' shards may have moved on
+            mine = {(settings.topic_inference, p) for p in inference_owned} | {
+                (settings.topic_stats, p) for p in stats_owned}
             events = held[:]
             held.clear()
-            for event in events:
-                event.ack()
+            for event in events:  # a partition given away is read again by its next owner
+                if (event.message.topic, event.message.partition) in mine:
+                    event.ack()
 
-    def hold(batch) -> None:
+    def hold(batch) -> list:
+        """Keep a batch's records from being acknowledged until a checkpoint holds their
+        effects; return those to judge, in offset order per partition, each once.
+
+        Records fetched before a rebalance can still sit in the batch: they are never
+        acknowledged (their partition is read again from its committed offset), and a
+        record already judged in this generation is not judged twice.
+        """
         for event in batch:
-            event.message.incref()  # take_events acks on return; we ack after checkpoint
-        held.extend(batch)
+            event.message.incref()  # take_events acknowledges on return; we do after checkpoint
+        generation = app.consumer_generation_id
+        fresh = sorted((e for e in batch if e.message.generation_id == generation),
+                       key=lambda e: (e.message.topic, e.message.partition, e.message.offset))
+        judge = []
+        for event in fresh:
+            tp = (event.message.topic, event.message.partition)
+            if event.message.offset >= next_offset.get(tp, 0):
+                next_offset[tp] = event.message.offset + 1
+                judge.append(event)
+        held.extend(judge)
+        return judge
 
     @app.agent(inference)
     async def judge_inference(stream):
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            started = time.perf_counter()
             async with lock:
-                hold(batch)
                 by_partition: dict[int, list] = {}
-                for event in batch:
+                for event in hold(batch):
                     by_partition.setdefault(event.message.partition, []).append(event)
                 for partition, events in by_partition.items():
                     await judge_partition(partition, events)
+            observe(settings.topic_inference, batch, started)
 
     async def judge_partition(partition: int, events) -> None:
         if partition not in restored:
@@ -289,9 +350,10 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         result = screen(((e.value, (e.key, e.message.offset)) for e in events),
                         pipeline.reject_reason)
         for (key, _), reason, raw_value in result.rejected:
-            await dead_letter(key, raw_value, reason)
+            await dead_letter(settings.topic_inference, key, raw_value, reason)
         if not result.events:
             return
+        metrics.event_lag(settings.topic_inference, time.time() - result.ts)
         keep = [i for i, (event, (_, offset)) in enumerate(zip(result.events, result.tags, strict=True))
                 if not clients.holds(f"{event.model}/{event.client_id}", partition, offset)]
         if not keep:
@@ -299,24 +361,29 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         ts = result.ts[keep]
         order = np.argsort(ts, kind="stable")  # per client, partition order is kept
         clients.position = (partition, events[-1].message.offset)
-        await publish(pipeline.process_inference(
-            [result.events[keep[i]] for i in order], ts[order], shard=partition))
+        judged = [result.events[keep[i]] for i in order]
+        for model, n in Counter(e.model for e in judged).items():
+            metrics.consumed(settings.topic_inference, model, n)
+        await publish(pipeline.process_inference(judged, ts[order], shard=partition))
 
     @app.agent(stats)
     async def judge_stats(stream):
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            started = time.perf_counter()
             async with lock:
-                hold(batch)
-                for event in batch:
+                for event in hold(batch):
                     record, ts, reason = pipeline.screen_stats(event.value)
                     if reason is not None:
-                        await dead_letter(event.key, event.value, reason)
+                        await dead_letter(settings.topic_stats, event.key, event.value, reason)
                         continue
+                    metrics.consumed(settings.topic_stats, record.dataset, 1)
+                    metrics.event_lag(settings.topic_stats, np.array([time.time() - ts]))
                     partition, offset = event.message.partition, event.message.offset
                     if sources.holds(f"{record.dataset}/{record.source}", partition, offset):
                         continue
                     sources.position = (partition, offset)
                     await publish(pipeline.process_stats(record, ts))
+            observe(settings.topic_stats, batch, started)
 
     @app.timer(CHECKPOINT_S)
     async def checkpoint_timer() -> None:
@@ -329,17 +396,28 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     @app.on_partitions_revoked.connect
     async def forget(app, revoked, **kwargs) -> None:
-        gone_inference = {tp.partition for tp in revoked if tp.topic == settings.topic_inference}
-        gone_stats = {tp.partition for tp in revoked if tp.topic == settings.topic_stats}
-        clients.forget(gone_inference)
-        sources.forget(gone_stats)
-        restored.difference_update(gone_inference)
-        for partition in gone_inference:
-            pipeline.pending.pop(partition, None)
-        held[:] = [e for e in held if e.message.tp not in revoked]
+        """Partitions taken away: drop their working state and un-acknowledged records
+        (the next owner reads them again from the committed offset and the tables)."""
+        async with lock:  # never in the middle of a batch
+            gone_inference = {tp.partition for tp in revoked
+                              if tp.topic == settings.topic_inference}
+            gone_stats = {tp.partition for tp in revoked if tp.topic == settings.topic_stats}
+            clients.forget(gone_inference)
+            sources.forget(gone_stats)
+            restored.difference_update(gone_inference)
+            for partition in gone_inference:
+                pipeline.pending.pop(partition, None)
+            for tp in revoked:
+                next_offset.pop((tp.topic, tp.partition), None)
+            held[:] = [e for e in held if e.message.tp not in revoked]
 
     app.modelwatch_pipeline = pipeline
     return app
+
+
+def state_size(state) -> int:
+    """Bytes held by a detector state's arrays (the bulk of it)."""
+    return sum(v.nbytes for v in vars(state).values() if isinstance(v, np.ndarray))
 
 
 def _credentials(settings: Settings):

@@ -78,6 +78,12 @@ def _replay(args) -> int:
     result = replay(profiles, thresholds, inference_log=args.inference_log,
                     training_stats=args.training_stats, deadletter=args.deadletter)
     write_alerts(result.alerts, args.alerts_out)
+    if args.report is not None:
+        from streams.report import write_report
+
+        write_report([msgspec.to_builtins(a) for a in result.alerts], args.report,
+                     summary={"events": result.events, "batches": result.batches,
+                              "dead_letters": result.rejected, "late": result.late})
     print(f"replay: {result.events} events, {result.batches} training batches, "
           f"{len(result.alerts)} alerts -> {args.alerts_out}", file=sys.stderr)
     if result.late:
@@ -104,9 +110,18 @@ def _worker(args) -> int:
     import faust
 
     from streams.app import build_app, topic_partitions
+    from streams.metrics import WorkerMetrics
+    from streams.sinks import open_sinks
 
+    outboxes = open_sinks(settings.sinks)
     partitions = topic_partitions(settings, [settings.topic_inference, settings.topic_stats])
-    app = build_app(settings, profiles, thresholds, partitions=partitions)
+    metrics = WorkerMetrics()
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as exc:
+        raise UserError(f"--metrics-port {settings.metrics_port}: {exc.strerror}") from None
+    app = build_app(settings, profiles, thresholds, partitions=partitions, metrics=metrics,
+                    outboxes=outboxes)
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
           f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True)
@@ -154,7 +169,8 @@ def _run(args) -> int:
 
     settings = resolve(args)
     passed_on = []  # the settings the worker and tail need too (the broker is given apart)
-    for name in ("profiles", "thresholds", "state_dir", "topic_inference", "topic_stats",
+    for name in ("profiles", "thresholds", "state_dir", "metrics_port", "sinks",
+                 "topic_inference", "topic_stats",
                  "topic_alerts", "topic_deadletter", "tls_ca", "tls_cert", "tls_key",
                  "sasl_mechanism", "sasl_username", "sasl_password"):
         value = getattr(settings, name)
@@ -211,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alerts-out", required=True, type=Path, help="alerts, one ECS JSON per line")
     p.add_argument("--deadletter", type=Path, help="bad records with file, line and reason")
     p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
+    p.add_argument("--report", type=Path, help="also write a self-contained HTML report here")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("tail", help="follow an inference log (like tail -F) and ship it to Kafka")
@@ -237,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, help="an inference log to follow and ship")
     add_arguments(p)
     p.set_defaults(func=_run)
+
+    from streams.dashboards.push import add_dashboards_parser
+    from streams.forward import add_forward_parser
+
+    add_dashboards_parser(sub)
+    add_forward_parser(sub)
     return parser
 
 

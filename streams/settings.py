@@ -16,6 +16,8 @@ from pathlib import Path
 from streams.tabular import UserError
 
 PREFIX = "MODELWATCH_"
+# Secrets read by name where they are used (never flags: they would show in `ps`).
+SECRETS = ("MODELWATCH_GRAFANA_TOKEN", "MODELWATCH_HEC_TOKEN", "MODELWATCH_WEBHOOK_SECRET")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _BROKER = re.compile(r"^kafka://[^,:/\s]+:\d{1,5}(,[^,:/\s]+:\d{1,5})*$")
 
@@ -110,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags, then ``MODELWATCH_*`` variables, then defaults; one clear error otherwise."""
     environ = os.environ if environ is None else environ
-    known = {s.env for s in SETTINGS}
+    known = {s.env for s in SETTINGS} | set(SECRETS)
     unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
     if unknown:
         raise UserError(f"environment: {unknown[0]} is not a modelwatch setting "

@@ -28,11 +28,13 @@ def create_topics(broker) -> None:
     admin.close()
 
 
-def start_worker(broker, profiles: Path, state_dir: Path, log: Path) -> subprocess.Popen:
+def start_worker(broker, profiles: Path, state_dir: Path, log: Path,
+                 *flags: str) -> subprocess.Popen:
     """A worker in its own process group (so kill -9 takes all of it)."""
+    flags = flags or ("--metrics-port", "0")
     return subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "worker", "--broker", broker.url,
-         "--profiles", str(profiles), "--state-dir", str(state_dir), "--metrics-port", "0"],
+         "--profiles", str(profiles), "--state-dir", str(state_dir), *flags],
         cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
 

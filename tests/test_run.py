@@ -10,10 +10,9 @@ import sys
 import time
 
 from tests.conftest import ROOT
-from tests.test_worker import demo  # noqa: F401 - the demo scenario fixture
 
 
-def test_run_follows_a_log_prints_alerts_and_stops_everything(demo, tmp_path):  # noqa: F811
+def test_run_follows_a_log_prints_alerts_and_stops_everything(demo, tmp_path):
     folder, paths = demo
     runner = subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "run", "--log", str(paths["inference.jsonl"]),
