@@ -1,0 +1,310 @@
+"""The HTML report: built from a real replay of the demo scenario, checked as parsed
+HTML and as rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streams.demo import prepare
+from streams.report import COLORS, write_report
+from tests.conftest import ROOT, run_cli
+
+HOSTILE = "<script>alert(1)</script>"
+VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr", "source", "area", "base"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent: Node | None):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node] = []
+        self.text: list[str] = []
+
+    @property
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def find(self, tag: str, cls: str | None = None) -> list[Node]:
+        return [n for n in self.walk() if n.tag == tag and (cls is None or cls in n.classes)]
+
+    def all_text(self) -> str:
+        return "".join(t for n in self.walk() for t in n.text)
+
+
+class Tree(HTMLParser):
+    """A small DOM: enough to count SVG series and bars without a browser library."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.root = self.node = Node("#root", {}, None)
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs), self.node)
+        self.node.children.append(node)
+        if tag not in VOID:
+            self.node = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.node.children.append(Node(tag, dict(attrs), self.node))
+
+    def handle_endtag(self, tag):
+        node = self.node
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self.node = node.parent
+
+    def handle_data(self, data):
+        self.node.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The demo scenario replayed through the CLI, one attacker renamed to a script tag."""
+    folder = tmp_path_factory.mktemp("report")
+    paths = prepare(folder)
+    truth = json.loads(paths["truth.json"].read_text())
+    attacker = next(c for c, t in sorted(truth["clients"].items()) if t["kind"] == "attack")
+    log = paths["inference.jsonl"]
+    lines = []
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event["client_id"] == attacker:
+            event["client_id"] = HOSTILE  # client ids are whatever the caller sends
+        lines.append(json.dumps(event))
+    log.write_text("\n".join(lines) + "\n")
+    alerts_path, dead = folder / "alerts.jsonl", folder / "dead.jsonl"
+    done = run_cli("replay", "--profile", paths["profile"], "--inference-log", log,
+                   "--training-stats", paths["stats"], "--alerts-out", alerts_path,
+                   "--deadletter", dead)
+    assert done.returncode == 0, done.stderr
+    counts = re.search(r"(\d+) events, (\d+) training batches", done.stderr)
+    alerts = [json.loads(line) for line in alerts_path.read_text().splitlines()]
+    summary = {"events": int(counts[1]), "batches": int(counts[2]), "dead_letters": 0}
+    page_path = folder / "report.html"
+    write_report(alerts, page_path, summary=summary)
+    return alerts, page_path, summary
+
+
+def _bars_by_detector(svg: Node) -> Counter:
+    return Counter({g.attrs["data-detector"]: sum(int(r.attrs["data-count"])
+                                                  for r in g.find("rect", "bar"))
+                    for g in svg.find("g", "series")})
+
+
+def _check_plots(tree: Tree, alerts: list[dict]) -> None:
+    """The timeline has one series per detector that alerted, and bars that add up."""
+    per_detector = Counter(a["modelwatch"]["detector"] for a in alerts)
+    [timeline] = [s for s in tree.root.find("svg") if "timeline" in s.classes]
+    assert _bars_by_detector(timeline) == per_detector
+    hists = {s.attrs["data-rule"]: s for s in tree.root.find("svg", "hist")}
+    per_rule = Counter(a["rule"]["name"] for a in alerts)
+    assert set(hists) == set(per_rule)
+    for rule, svg in hists.items():
+        assert sum(int(r.attrs["data-count"]) for r in svg.find("rect", "bar")) == per_rule[rule]
+        assert len(svg.find("line", "threshold-line")) == 1
+
+
+def test_scenario_alerts_cover_every_family_and_the_hostile_client(run):
+    alerts, _, _ = run
+    assert {a["modelwatch"]["detector"] for a in alerts} == {"extraction", "adversarial",
+                                                              "poisoning"}
+    assert HOSTILE in {a["modelwatch"]["client_id"] for a in alerts}
+
+
+def test_every_detector_that_alerted_is_in_the_time_plot(run):
+    alerts, page_path, _ = run
+    _check_plots(Tree(page_path.read_text()), alerts)
+
+
+def test_hostile_client_id_is_shown_as_text_never_as_markup(run):
+    _, page_path, _ = run
+    page = page_path.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert HOSTILE not in page and "<script" not in page.lower()
+    tree = Tree(page)
+    assert not tree.root.find("script")
+    [clients] = tree.root.find("table", "clients")
+    assert HOSTILE in clients.all_text()
+
+
+def test_page_fetches_nothing(run):
+    _, page_path, _ = run
+    page = page_path.read_text()
+    for needle in ("src=", "href=", "url(", "@import", "<link", "http://", "https://"):
+        assert needle not in page.lower(), needle
+    assert "default-src 'none'" in page  # the CSP keeps the browser to it as well
+
+
+def test_offenders_and_evidence(run):
+    alerts, page_path, _ = run
+    tree = Tree(page_path.read_text())
+    [clients] = tree.root.find("table", "clients")
+    [batches] = tree.root.find("table", "batches")
+    client_text, batch_text = clients.all_text(), batches.all_text()
+    for a in alerts:
+        mw = a["modelwatch"]
+        if mw["client_id"]:
+            assert mw["client_id"] in client_text and mw["model"] in client_text
+        else:
+            assert mw["batch_id"] in batch_text and mw["source"] in batch_text
+        assert a["rule"]["name"] in (client_text if mw["client_id"] else batch_text)
+        first_key = next(iter(mw["evidence"]))
+        assert f"{first_key}=" in (client_text if mw["client_id"] else batch_text)
+
+
+def test_summary_and_raw_thresholds(run):
+    alerts, page_path, summary = run
+    tree = Tree(page_path.read_text())
+    [cards] = tree.root.find("dl", "cards")
+    text = cards.all_text()
+    assert f"{summary['events']:,}inference events judged" in text
+    assert f"{summary['batches']:,}training batches judged" in text
+    assert "0dead letters" in text and f"{len(alerts)}alerts" in text
+    captions = {f.find("span", "rule")[0].all_text(): f.find("span", "raw-threshold")[0].all_text()
+                for f in tree.root.find("figure", "hist-card")}
+    for a in alerts:
+        assert f"{a['modelwatch']['threshold']:.4g}" in captions[a["rule"]["name"]]
+
+
+def test_odd_alerts_still_render_and_every_field_is_escaped(run, tmp_path):
+    """Zero threshold, infinite score, no time, an unknown detector, markup everywhere."""
+    alerts, _, _ = run
+    evil = '"><img src=x onerror=alert(1)>\u202e'
+    odd = json.loads(json.dumps(alerts[:3]))
+    odd[0]["modelwatch"].update(threshold=0.0, model=evil, client_id=evil, evidence={evil: evil})
+    odd[1]["modelwatch"].update(score=1e308, detector=evil, dataset=evil, source=evil,
+                                batch_id=evil, client_id=None)
+    odd[1]["rule"]["name"] = evil
+    del odd[2]["@timestamp"]
+    out = tmp_path / "odd.html"
+    write_report(odd, out, summary={evil: evil})
+    page = out.read_text()
+    assert "<img" not in page and "\u202e" not in page and "\\u202e" in page
+    tree = Tree(page)
+    assert not tree.root.find("img")
+    [timeline] = [s for s in tree.root.find("svg") if "timeline" in s.classes]
+    assert sum(_bars_by_detector(timeline).values()) == 2  # the one without a time is left out
+
+
+def test_no_alerts_gives_a_page_that_says_so(tmp_path):
+    out = tmp_path / "empty.html"
+    write_report([], out, summary={"events": 10})
+    page = out.read_text()
+    assert "No alerts" in page and not Tree(page).root.find("svg")
+
+
+def test_module_command(run, tmp_path):
+    _, page_path, _ = run
+    alerts_path = page_path.parent / "alerts.jsonl"
+    out = tmp_path / "r.html"
+    done = subprocess.run([sys.executable, "-m", "streams.report", alerts_path, out,
+                           "--deadletter", page_path.parent / "dead.jsonl"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "dead letters" in out.read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(alerts_path.read_text().splitlines()[0] + "\n{not json\n")
+    done = subprocess.run([sys.executable, "-m", "streams.report", bad, out],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip() == f"modelwatch: {bad}:2: not a JSON alert"
+
+
+# --- rendered in a real browser -----------------------------------------------------
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    return found
+
+
+def _headless(browser: str, profile: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--hide-scrollbars", f"--user-data-dir={profile}", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    """RGB(A) pixels of a non-interlaced 8-bit PNG, as Chromium writes them (no Pillow here)."""
+    data, pos, idat = path.read_bytes(), 8, b""
+    while pos < len(data):
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + size]
+        if kind == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and color in (2, 6) and interlace == 0
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + size
+    bpp = 3 if color == 2 else 4
+    stride = width * bpp
+    raw = zlib.decompress(idat)
+    out = np.zeros((height, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.int64)
+    for row in range(height):
+        kind = raw[row * (stride + 1)]
+        line = np.frombuffer(raw, np.uint8, stride, row * (stride + 1) + 1).astype(np.int64)
+        if kind == 1:  # Sub: a running sum per channel
+            line = line.reshape(-1, bpp).cumsum(0).reshape(-1) % 256
+        elif kind == 2:
+            line = (line + prev) % 256
+        elif kind in (3, 4):  # Average, Paeth: depend on the left pixel, one byte at a time
+            cur, up = line.tolist(), prev.tolist()
+            for i in range(stride):
+                a = cur[i - bpp] if i >= bpp else 0
+                b, c = up[i], (up[i - bpp] if i >= bpp else 0)
+                if kind == 3:
+                    pred = (a + b) // 2
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur[i] = (cur[i] + pred) % 256
+            line = np.array(cur, dtype=np.int64)
+        out[row], prev = line, line
+    return out.reshape(height, width, bpp)[..., :3]
+
+
+def test_chromium_renders_the_plots(run, tmp_path):
+    browser = _chromium()
+    alerts, page_path, _ = run
+    done = _headless(browser, tmp_path / "profile", "--dump-dom", page_path.as_uri())
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = Tree(done.stdout)  # the DOM after parsing and layout, not our own string
+    _check_plots(dom, alerts)
+    [clients] = dom.root.find("table", "clients")
+    assert HOSTILE in clients.all_text() and not dom.root.find("script")
+
+    shot = tmp_path / "shot.png"
+    done = _headless(browser, tmp_path / "profile", f"--screenshot={shot}",
+                     "--window-size=1100,760", page_path.as_uri())
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    pixels = _png_pixels(shot)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # not a blank page
+    for detector in {a["modelwatch"]["detector"] for a in alerts}:
+        rgb = np.array([int(COLORS[detector][i:i + 2], 16) for i in (1, 3, 5)])
+        match = np.abs(pixels.astype(int) - rgb).max(axis=2) <= 3
+        # A bar is taller than the legend swatch (14 px) and the summary card border (4 px).
+        assert match.sum(axis=0).max() >= 25, f"no {detector} bar painted"
