@@ -54,9 +54,13 @@ from streams.settings import Settings
 from streams.sinks.base import Outbox
 from streams.transport import faust_broker_urls
 
-TAKE = 1_000         # records per processing batch at most
+TAKE = 10_000        # records per processing batch at most
 WITHIN_S = 0.05      # ... or what arrived within this time
+# Detectors cost ~1.5 ms per client per batch on top of the per-event cost: under a
+# backlog, batches must be large, so fetch far more than Faust's 1 MiB per partition.
+FETCH_BYTES = 16 << 20
 CHECKPOINT_S = 1.0   # state to the changelog, then offsets may be committed
+SEND_TIMEOUT_S = 30.0
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 
 
@@ -111,18 +115,17 @@ class KeyedStates(MutableMapping):
     def __len__(self) -> int:
         return len(self.live)
 
-    def flush(self, partitions: set[int]) -> int:
-        """Write changed keys of the partitions still owned to the table."""
-        written = 0
+    def flush(self, partitions: set[int]) -> list:
+        """Write changed keys of the partitions still owned to the table; returns the
+        changelog sends to wait for."""
+        sends = []
         for key in sorted(self.dirty):
             partition, offset = self.applied[key]
             if partition in partitions:
-                with _as_partition(partition):
-                    self.table[key.encode()] = (_APPLIED.pack(partition, offset)
-                                                + dumps(self.live[key]))
-                written += 1
+                sends.append(write(self.table, partition, key.encode(),
+                                   _APPLIED.pack(partition, offset) + dumps(self.live[key])))
         self.dirty.clear()
-        return written
+        return sends
 
     def forget(self, partitions: set[int]) -> None:
         """Drop working copies of partitions this worker no longer owns."""
@@ -176,14 +179,27 @@ class SharedSnapshots(MutableMapping):
     def __len__(self) -> int:
         return len(set(self))
 
-    def flush(self, partitions: set[int]) -> None:
+    def flush(self, partitions: set[int]) -> list:
+        sends = []
         for key in sorted(self.dirty):
             shard = int(key.rsplit("/", 1)[1])
             if shard in partitions:
-                with _as_partition(shard):
-                    self.table[key.encode()] = dumps(self.local[key])
+                sends.append(write(self.table, shard, key.encode(), dumps(self.local[key])))
         self.dirty.clear()
         self.local.clear()
+        return sends
+
+
+def write(table, partition: int, key: bytes, value: bytes):
+    """Set a table key outside an agent; returns the changelog send to wait for.
+
+    Faust's own ``table[key] = value`` drops that future, and its producer flush
+    gives up after 0.1 s without a send: a commit could then run ahead of the state.
+    """
+    with _as_partition(partition):
+        sent = table.send_changelog(partition, key, value)
+        table.data[key] = value  # the local store (RocksDB picks its partition database)
+    return sent
 
 
 class _as_partition:
@@ -230,6 +246,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         web_enabled=False,
         topic_disable_leader=True,
         stream_wait_empty=False,    # un-acked records are read again by the next owner
+        consumer_max_fetch_size=FETCH_BYTES,
+        stream_buffer_maxsize=TAKE,
     )
     n_inference = partitions[settings.topic_inference]
     n_stats = partitions[settings.topic_stats]
@@ -251,13 +269,17 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     metrics = metrics or WorkerMetrics()
     read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
 
+    sends: list = []  # alerts and dead letters not yet known to be on the broker
+
     async def dead_letter(topic: str, key, raw_value: bytes, reason: str) -> None:
         metrics.invalid(topic, reason)
-        await dead_topic.send(key=key, value=raw_value, headers={"reason": reason.encode()})
+        sends.append(await dead_topic.send(key=key, value=raw_value,
+                                           headers={"reason": reason.encode()}))
 
     async def publish(alerts) -> None:
         for alert in alerts:
-            await alerts_topic.send(key=alert.event.id.encode(), value=encoder.encode(alert))
+            sends.append(await alerts_topic.send(key=alert.event.id.encode(),
+                                                 value=encoder.encode(alert)))
         if alerts:
             metrics.sink("kafka", delivered=len(alerts))
             as_dicts = [msgspec.to_builtins(a) for a in alerts]
@@ -286,20 +308,22 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             delivered, failed, dropped = outbox.take_counts()
             metrics.sink(outbox.name, delivered=delivered, failed=failed, dropped=dropped)
 
+    assigned: set[tuple[str, int]] = set()  # kept by the rebalance handlers below
+
     def owned(topic: str) -> set[int]:
-        return {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
+        return {p for t, p in assigned if t == topic}
 
     async def checkpoint() -> None:
         report_state()
         async with lock:
             if not held:
                 return
-            await app.producer.flush()  # alerts and dead letters first, then state
+            # Alerts and dead letters on the broker first, then the state, then the acks.
+            await delivered(sends)
             inference_owned = owned(settings.topic_inference)
             stats_owned = owned(settings.topic_stats)
-            clients.flush(inference_owned)
-            shared.flush(inference_owned)
-            sources.flush(stats_owned)
+            await delivered(clients.flush(inference_owned) + shared.flush(inference_owned)
+                            + sources.flush(stats_owned))
             pipeline.refresh_populations()  # other workers' shards may have moved on
             mine = {(settings.topic_inference, p) for p in inference_owned} | {
                 (settings.topic_stats, p) for p in stats_owned}
@@ -308,6 +332,17 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             for event in events:  # a partition given away is read again by its next owner
                 if (event.message.topic, event.message.partition) in mine:
                     event.ack()
+
+    async def delivered(futures: list) -> None:
+        """Wait until the broker acknowledged these sends. If it does not, stop: the
+        records after the last commit are read again by the next worker, so nothing
+        is lost, where going on would acknowledge records whose effects may be."""
+        waiting, futures[:] = futures[:], []
+        try:
+            await asyncio.wait_for(asyncio.gather(*waiting), timeout=SEND_TIMEOUT_S)
+        except Exception as exc:
+            await app.crash(RuntimeError(f"checkpoint: sends not acknowledged: {exc!r}"))
+            raise
 
     def hold(batch) -> list:
         """Keep a batch's records from being acknowledged until a checkpoint holds their
@@ -320,7 +355,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         for event in batch:
             event.message.incref()  # take_events acknowledges on return; we do after checkpoint
         generation = app.consumer_generation_id
-        fresh = sorted((e for e in batch if e.message.generation_id == generation),
+        fresh = sorted((e for e in batch if e.message.generation_id == generation
+                        and (e.message.topic, e.message.partition) in assigned),
                        key=lambda e: (e.message.topic, e.message.partition, e.message.offset))
         judge = []
         for event in fresh:
@@ -333,38 +369,48 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     @app.agent(inference)
     async def judge_inference(stream):
+        loop = asyncio.get_running_loop()
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
             started = time.perf_counter()
             async with lock:
                 by_partition: dict[int, list] = {}
                 for event in hold(batch):
                     by_partition.setdefault(event.message.partition, []).append(event)
-                for partition, events in by_partition.items():
-                    await judge_partition(partition, events)
+                # The detectors run in a thread, so the event loop keeps fetching and
+                # the next batch grows while this one is judged (bigger batches cost
+                # less per event).
+                rejected, alerts = await loop.run_in_executor(
+                    None, judge_partitions, by_partition)
+                for key, reason, raw_value in rejected:
+                    await dead_letter(settings.topic_inference, key, raw_value, reason)
+                await publish(alerts)
             observe(settings.topic_inference, batch, started)
 
-    async def judge_partition(partition: int, events) -> None:
-        if partition not in restored:
-            pipeline.restore_shard(partition, clients.restored(partition))
-            restored.add(partition)
-        result = screen(((e.value, (e.key, e.message.offset)) for e in events),
-                        pipeline.reject_reason)
-        for (key, _), reason, raw_value in result.rejected:
-            await dead_letter(settings.topic_inference, key, raw_value, reason)
-        if not result.events:
-            return
-        metrics.event_lag(settings.topic_inference, time.time() - result.ts)
-        keep = [i for i, (event, (_, offset)) in enumerate(zip(result.events, result.tags, strict=True))
-                if not clients.holds(f"{event.model}/{event.client_id}", partition, offset)]
-        if not keep:
-            return
-        ts = result.ts[keep]
-        order = np.argsort(ts, kind="stable")  # per client, partition order is kept
-        clients.position = (partition, events[-1].message.offset)
-        judged = [result.events[keep[i]] for i in order]
-        for model, n in Counter(e.model for e in judged).items():
-            metrics.consumed(settings.topic_inference, model, n)
-        await publish(pipeline.process_inference(judged, ts[order], shard=partition))
+    def judge_partitions(by_partition: dict[int, list]) -> tuple[list, list]:
+        rejected, alerts = [], []
+        for partition, events in by_partition.items():
+            if partition not in restored:
+                pipeline.restore_shard(partition, clients.restored(partition))
+                restored.add(partition)
+            result = screen(((e.value, (e.key, e.message.offset)) for e in events),
+                            pipeline.reject_reason)
+            rejected += [(key, reason, raw) for (key, _), reason, raw in result.rejected]
+            if not result.events:
+                continue
+            metrics.event_lag(settings.topic_inference, time.time() - result.ts)
+            keep = [i for i, (event, (_, offset))
+                    in enumerate(zip(result.events, result.tags, strict=True))
+                    if not clients.holds(f"{event.model}/{event.client_id}", partition, offset)]
+            if not keep:
+                continue
+            ts = result.ts[keep]
+            order = np.argsort(ts, kind="stable")  # per client, partition order is kept
+            clients.position = (partition, events[-1].message.offset)
+            judged = [result.events[keep[i]] for i in order]
+            for model, n in Counter(e.model for e in judged).items():
+                metrics.consumed(settings.topic_inference, model, n)
+            alerts += pipeline.process_inference(judged, ts[order], shard=partition)
+        return rejected, alerts
 
     @app.agent(stats)
     async def judge_stats(stream):
@@ -390,8 +436,10 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         await checkpoint()
 
     @app.on_partitions_assigned.connect
-    async def announce(app, assigned, **kwargs) -> None:
-        mine = sorted(tp.partition for tp in assigned if tp.topic == settings.topic_inference)
+    async def take_on(app, assigned_now, **kwargs) -> None:
+        async with lock:
+            assigned.update((tp.topic, tp.partition) for tp in assigned_now)
+        mine = sorted(p for t, p in assigned if t == settings.topic_inference)
         print(f"worker: {settings.topic_inference} partitions {mine}", file=sys.stderr)
 
     @app.on_partitions_revoked.connect
@@ -399,6 +447,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         """Partitions taken away: drop their working state and un-acknowledged records
         (the next owner reads them again from the committed offset and the tables)."""
         async with lock:  # never in the middle of a batch
+            # Records of these partitions still in a buffer must not be judged here any
+            # more: their state would skip what this worker judged and then forgot.
+            assigned.difference_update((tp.topic, tp.partition) for tp in revoked)
             gone_inference = {tp.partition for tp in revoked
                               if tp.topic == settings.topic_inference}
             gone_stats = {tp.partition for tp in revoked if tp.topic == settings.topic_stats}

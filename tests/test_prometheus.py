@@ -293,9 +293,22 @@ def worker_targets(demo, tmp_path_factory):
                               "--checkpoint", work / "tail.json")
             assert shipped.returncode == 0, shipped.stderr
             send_stats(broker, paths["stats"])
+            send_broken_records(broker)
             yield Targets(up=[f"127.0.0.1:{port}"], down=[f"127.0.0.1:{free_port()}"])
         finally:
             stop(worker)
+
+
+def send_broken_records(broker) -> None:
+    """What a broken producer writes straight to the topics, past ``tail``'s checks."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.address, acks="all")
+    producer.send("inference-logs", key=b"c1", value=b"not json")
+    producer.send("inference-logs", key=b"c1", value=b'{"ts": 1}')
+    producer.send("training-stats", key=b"d1", value=b'{"dataset": "d1"}')
+    producer.flush()
+    producer.close()
 
 
 @pytest.fixture(scope="module")

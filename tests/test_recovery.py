@@ -53,7 +53,10 @@ def state_mismatch(broker, pipeline) -> str | None:
                    f"{len(set(stored) - set(reference))} extra"
         differing = {k: d for k in stored if (d := state_differences(stored[k], reference[k]))}
         if differing:
-            return f"{table}: {len(differing)} keys differ, e.g. {next(iter(differing.items()))}"
+            counts = {k: (getattr(stored[k], "events", None), getattr(reference[k], "events", None))
+                      for k in differing}
+            return (f"{table}: {len(differing)} keys differ, e.g. {next(iter(differing.items()))};"
+                    f" events stored/expected: {counts}")
     return None
 
 
