@@ -53,6 +53,16 @@ def stop(worker: subprocess.Popen) -> None:
             kill9(worker)
 
 
+def terminate(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def send_stats(broker, stats: Path) -> None:
     from kafka import KafkaProducer
 

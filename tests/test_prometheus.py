@@ -36,6 +36,7 @@ from streams.dashboards.rules import rules
 from streams.metrics import FIELDS, RULES, WorkerMetrics, reason_label
 from streams.records import decode_inference, decode_stats
 from tests.conftest import ROOT
+from tests.streaming import terminate
 
 PROMETHEUS_DIR = ROOT / "dashboards" / "prometheus"
 INFERENCE, STATS = "inference-logs", "training-stats"
@@ -351,12 +352,7 @@ def run_prometheus(targets, tmp_path_factory):
                 time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
 
 def api(url: str, path: str, **params) -> dict:

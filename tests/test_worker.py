@@ -12,6 +12,7 @@ from streams.broker import EmbeddedBroker
 from streams.files import load_profile
 from streams.replay import replay
 from tests.conftest import ROOT, run_cli
+from tests.streaming import terminate
 
 TOPICS = ("inference-logs", "training-stats", "security-alerts", "modelwatch-deadletter")
 
@@ -53,10 +54,6 @@ def test_worker_alerts_equal_replay_alerts(demo, tmp_path):
             consumer.close()
             assert worker.poll() is None, worker.stdout.read()
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            terminate(worker)
     assert {a["event"]["id"] for a in got} == expected_ids
     assert all(a["event"]["id"].encode() for a in got)
