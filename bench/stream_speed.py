@@ -203,6 +203,16 @@ class Worker:
     def cpu_s(self) -> float:
         return cpu_s(self.process.pid)
 
+    def peak_rss_mib(self) -> float:
+        """The worker's peak resident memory so far (VmHWM)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        kib = next((int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmHWM:")), None)
+        return float("nan") if kib is None else kib / 1024
+
     def check(self) -> None:
         if self.process.poll() is not None:
             self.log.flush()
@@ -262,6 +272,7 @@ class WorkerRun:
     samples: list = field(default_factory=list)  # (wall time, events committed, worker CPU s,
     #                                                broker CPU s)
     done: bool = False
+    peak_rss_mib: float = float("nan")
 
     def figures(self) -> dict:
         first = next((s for s in self.samples if s[1] > 0), None)
@@ -311,6 +322,7 @@ def run_worker(broker: EmbeddedBroker, profiles: Path, ends: dict[int, int],
                 break
             time.sleep(POLL_S)
     finally:
+        run.peak_rss_mib = worker.peak_rss_mib()
         worker.stop()
     return run
 
@@ -789,6 +801,7 @@ def _describe(run: WorkerRun, fig: dict) -> str:
         text += (f"; {fig['rate_to_end']:,.0f}/s to the commit that reached the end "
                  f"(includes up to one commit gap idle); {fig['cpu_rate']:,.0f} per worker CPU-s; "
                  f"CPU worker {fig['worker_cpu']:.0%}, broker {fig['broker_cpu']:.0%} of a core")
+    text += f"; worker peak RSS {run.peak_rss_mib:,.0f} MiB"
     if not run.done:
         text += "; TIMED OUT before the end"
     return text
