@@ -115,17 +115,17 @@ class KeyedStates(MutableMapping):
     def __len__(self) -> int:
         return len(self.live)
 
-    def flush(self, partitions: set[int]) -> list:
-        """Write changed keys of the partitions still owned to the table; returns the
-        changelog sends to wait for."""
-        sends = []
+    def snapshot(self, partitions: set[int]) -> list[tuple]:
+        """The changed keys of the partitions still owned, as (table, partition, key,
+        value) to :func:`write`; the working copies may change again right after."""
+        out = []
         for key in sorted(self.dirty):
             partition, offset = self.applied[key]
             if partition in partitions:
-                sends.append(write(self.table, partition, key.encode(),
-                                   _APPLIED.pack(partition, offset) + dumps(self.live[key])))
+                out.append((self.table, partition, key.encode(),
+                            _APPLIED.pack(partition, offset) + dumps(self.live[key])))
         self.dirty.clear()
-        return sends
+        return out
 
     def forget(self, partitions: set[int]) -> None:
         """Drop working copies of partitions this worker no longer owns."""
@@ -179,15 +179,21 @@ class SharedSnapshots(MutableMapping):
     def __len__(self) -> int:
         return len(set(self))
 
-    def flush(self, partitions: set[int]) -> list:
-        sends = []
+    def snapshot(self, partitions: set[int]) -> list[tuple]:
+        """Like :meth:`KeyedStates.snapshot`; the snapshots stay readable here until
+        :meth:`written`."""
+        out = []
         for key in sorted(self.dirty):
             shard = int(key.rsplit("/", 1)[1])
             if shard in partitions:
-                sends.append(write(self.table, shard, key.encode(), dumps(self.local[key])))
+                out.append((self.table, shard, key.encode(), dumps(self.local[key])))
         self.dirty.clear()
-        self.local.clear()
-        return sends
+        return out
+
+    def written(self) -> None:
+        """The table holds every snapshot not changed since: read them from there."""
+        for key in [k for k in self.local if k not in self.dirty]:
+            del self.local[key]
 
 
 def write(table, partition: int, key: bytes, value: bytes):
@@ -261,7 +267,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     shared = SharedSnapshots(app.GlobalTable("populations", partitions=n_inference, **raw))
     pipeline = Pipeline(profiles, thresholds, clients=clients, sources=sources, shared=shared)
     encoder = msgspec.json.Encoder()
-    lock = asyncio.Lock()
+    lock = asyncio.Lock()          # batches, checkpoint cuts and rebalances, one at a time
+    checkpointing = asyncio.Lock()  # a checkpoint from its cut until its records are acked
     held: list = []            # events processed but not yet acknowledged
     next_offset: dict[tuple[str, int], int] = {}  # per partition, in this generation
     restored: set[int] = set()  # inference partitions whose population is rebuilt
@@ -315,22 +322,25 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     async def checkpoint() -> None:
         report_state()
-        async with lock:
-            if not held:
-                return
-            # Alerts and dead letters on the broker first, then the state, then the acks.
-            await delivered(sends)
-            inference_owned = owned(settings.topic_inference)
-            stats_owned = owned(settings.topic_stats)
-            await delivered(clients.flush(inference_owned) + shared.flush(inference_owned)
-                            + sources.flush(stats_owned))
-            pipeline.refresh_populations()  # other workers' shards may have moved on
-            mine = {(settings.topic_inference, p) for p in inference_owned} | {
-                (settings.topic_stats, p) for p in stats_owned}
-            events = held[:]
-            held.clear()
+        # One at a time, and a revocation waits for the one under way: a write sent
+        # late could otherwise land after the next owner's.
+        async with checkpointing:
+            async with lock:  # a consistent cut between batches; judging goes on after it
+                if not held:
+                    return
+                alert_sends, sends[:] = sends[:], []
+                events, held[:] = held[:], []
+                inference_owned = owned(settings.topic_inference)
+                writes = (clients.snapshot(inference_owned) + shared.snapshot(inference_owned)
+                          + sources.snapshot(owned(settings.topic_stats)))
+                pipeline.refresh_populations()  # other workers' shards may have moved on
+            # Alerts and dead letters on the broker first, then the state, then the acks:
+            # a state that holds a record is never stored before the record's alerts.
+            await delivered(alert_sends)
+            await delivered([write(*w) for w in writes])
+            shared.written()
             for event in events:  # a partition given away is read again by its next owner
-                if (event.message.topic, event.message.partition) in mine:
+                if (event.message.topic, event.message.partition) in assigned:
                     event.ack()
 
     async def delivered(futures: list) -> None:
@@ -446,7 +456,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     async def forget(app, revoked, **kwargs) -> None:
         """Partitions taken away: drop their working state and un-acknowledged records
         (the next owner reads them again from the committed offset and the tables)."""
-        async with lock:  # never in the middle of a batch
+        async with checkpointing, lock:  # never in the middle of a batch or checkpoint
             # Records of these partitions still in a buffer must not be judged here any
             # more: their state would skip what this worker judged and then forgot.
             assigned.difference_update((tp.topic, tp.partition) for tp in revoked)
