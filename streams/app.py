@@ -68,6 +68,8 @@ FETCH_BYTES = 16 << 20
 # so a new worker commits within a second of its first batch.
 CHECKPOINT_S = 5.0
 TICK_S = 1.0
+WRITE_SLICE = 64         # changelog writes in flight at most (~1.3 MB)
+WRITE_PAUSE_S = 0.02
 SEND_TIMEOUT_S = 30.0
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 
@@ -204,12 +206,18 @@ class SharedSnapshots(MutableMapping):
             del self.local[key]
 
 
-async def write_soon(table, partition: int, key: bytes, value: bytes):
-    """:func:`write`, letting the event loop run in between: a checkpoint writes up
-    to a few thousand ~20 KiB values, which would hold up the alerts of the batches
-    being judged meanwhile."""
-    await asyncio.sleep(0)
-    return write(table, partition, key, value)
+async def write_paced(writes: list[tuple], delivered) -> list:
+    """:func:`write` each (table, partition, key, value), ``WRITE_SLICE`` at a time,
+    each slice acknowledged before the next: a checkpoint writes up to a few
+    thousand ~20 KiB values, and sent in one go they held up fetching (and so the
+    alerts) for half a second. ``delivered`` waits for a list of sends."""
+    sent = []
+    for start in range(0, len(writes), WRITE_SLICE):
+        if sent:
+            await delivered(sent[-WRITE_SLICE:])
+            await asyncio.sleep(WRITE_PAUSE_S)
+        sent += [write(*item) for item in writes[start:start + WRITE_SLICE]]
+    return sent
 
 
 def write(table, partition: int, key: bytes, value: bytes):
@@ -355,7 +363,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             # Alerts and dead letters on the broker first, then the state, then the acks:
             # a state that holds a record is never stored before the record's alerts.
             await delivered(alert_sends)
-            await delivered([await write_soon(*w) for w in writes])
+            await delivered(await write_paced(writes, delivered))
             shared.written()
             for event in events:  # a partition given away is read again by its next owner
                 if (event.message.topic, event.message.partition) in assigned:
