@@ -643,7 +643,8 @@ def _pct(values, q) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backlog", type=int, default=400_000, help="events, batched phase")
+    parser.add_argument("--backlog", type=int, default=1_500_000,
+                        help="events, batched phase (long enough that the 5 s commit gaps matter little)")
     parser.add_argument("--single", type=int, default=50_000, help="events, one-per-record phase")
     parser.add_argument("--batch-events", type=int, default=500,
                         help="events per flush over all partitions (tail's --batch-events)")
