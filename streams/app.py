@@ -375,7 +375,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         is lost, where going on would acknowledge records whose effects may be."""
         waiting, futures[:] = futures[:], []
         try:
-            await asyncio.wait_for(asyncio.gather(*waiting), timeout=SEND_TIMEOUT_S)
+            async with asyncio.timeout(SEND_TIMEOUT_S):  # wait_for may lose a cancel
+                await asyncio.gather(*waiting)
         except Exception as exc:
             await app.crash(RuntimeError(f"checkpoint: sends not acknowledged: {exc!r}"))
             raise

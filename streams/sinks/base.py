@@ -149,8 +149,11 @@ async def deliver(sink: Sink, alerts: list[dict], *, attempts: int | None = None
     while True:
         tries += 1
         try:
-            # A peer that stops reading must not hold the batch for ever.
-            await asyncio.wait_for(sink.send(alerts), timeout_s)
+            # A peer that stops reading must not hold the batch for ever. (Not
+            # wait_for: on Python 3.11 it can swallow a cancellation that comes as
+            # the send completes, and a cancelled forward would then go on for ever.)
+            async with asyncio.timeout(timeout_s):
+                await sink.send(alerts)
             return
         except Exception as exc:
             if on_failure is not None:
@@ -244,7 +247,8 @@ class Outbox:
         self._wakeup.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)

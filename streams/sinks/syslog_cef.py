@@ -150,7 +150,8 @@ class SyslogTCPSink(SyslogSink):
         self._drop()
         if writer is not None:
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):  # closing anyway
-                await asyncio.wait_for(writer.wait_closed(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await writer.wait_closed()
 
 
 class SyslogTLSSink(SyslogTCPSink):
