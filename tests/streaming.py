@@ -63,14 +63,20 @@ def terminate(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
         process.wait()
 
 
-def send_stats(broker, stats: Path) -> None:
+def send_records(broker, records) -> None:
+    """(topic, key, value) records, each acknowledged by the broker."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=broker.address, acks="all")
-    for line in stats.read_bytes().splitlines():
-        producer.send("training-stats", key=json.loads(line)["dataset"].encode(), value=line)
+    for topic, key, value in records:
+        producer.send(topic, key=key, value=value)
     producer.flush()
     producer.close()
+
+
+def send_stats(broker, stats: Path) -> None:
+    send_records(broker, [("training-stats", json.loads(line)["dataset"].encode(), line)
+                          for line in stats.read_bytes().splitlines()])
 
 
 def read_topic(broker, topic: str, partitions: int = PARTITIONS) -> list:

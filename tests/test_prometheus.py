@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -37,6 +36,7 @@ from streams.metrics import FIELDS, RULES, WorkerMetrics, reason_label
 from streams.records import decode_inference, decode_stats
 from tests.conftest import ROOT
 from tests.streaming import terminate
+from tests.test_sinks import free_port
 
 PROMETHEUS_DIR = ROOT / "dashboards" / "prometheus"
 INFERENCE, STATS = "inference-logs", "training-stats"
@@ -52,12 +52,6 @@ def need(tool: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- metrics, no server --------------------------------------------------------------
@@ -302,14 +296,11 @@ def worker_targets(demo, tmp_path_factory):
 
 def send_broken_records(broker) -> None:
     """What a broken producer writes straight to the topics, past ``tail``'s checks."""
-    from kafka import KafkaProducer
+    from tests.streaming import send_records
 
-    producer = KafkaProducer(bootstrap_servers=broker.address, acks="all")
-    producer.send("inference-logs", key=b"c1", value=b"not json")
-    producer.send("inference-logs", key=b"c1", value=b'{"ts": 1}')
-    producer.send("training-stats", key=b"d1", value=b'{"dataset": "d1"}')
-    producer.flush()
-    producer.close()
+    send_records(broker, [("inference-logs", b"c1", b"not json"),
+                          ("inference-logs", b"c1", b'{"ts": 1}'),
+                          ("training-stats", b"d1", b'{"dataset": "d1"}')])
 
 
 @pytest.fixture(scope="module")

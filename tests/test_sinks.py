@@ -87,10 +87,13 @@ async def wait_until(condition, timeout_s: float = 5.0) -> None:
 
 
 def unframe(data: bytes) -> list[bytes]:
-    """RFC 6587 octet counting: ``<length> SP <message>`` repeated."""
+    """RFC 6587 octet counting: ``<length> SP <message>`` repeated; a frame still
+    arriving is left out."""
     messages = []
     while data:
         length, _, rest = data.partition(b" ")
+        if len(rest) < int(length):
+            break
         messages.append(rest[:int(length)])
         data = rest[int(length):]
     return messages

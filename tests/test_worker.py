@@ -15,6 +15,7 @@ from streams.files import load_profile
 from streams.replay import replay
 from tests.conftest import run_cli
 from tests.streaming import create_topics, send_stats, start_worker, stop, wait_for_alerts
+from tests.test_sinks import unframe
 
 
 class SyslogTCPListener:
@@ -42,17 +43,9 @@ class SyslogTCPListener:
                     self.received += chunk
 
     def messages(self) -> list[bytes]:
-        """The RFC 6587 octet-counted frames received so far; a partial one is left."""
+        """The RFC 6587 octet-counted frames received so far."""
         with self.lock:
-            data = bytes(self.received)
-        out, at = [], 0
-        while (space := data.find(b" ", at)) > 0:
-            size = int(data[at:space])
-            if space + 1 + size > len(data):
-                break
-            out.append(data[space + 1: space + 1 + size])
-            at = space + 1 + size
-        return out
+            return unframe(bytes(self.received))
 
     def close(self) -> None:
         self.server.close()
