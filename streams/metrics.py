@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import HistogramMetricFamily
 
+from streams.alerts import SEVERITY_BANDS, severity_band
 from streams.records import InferenceEvent, TrainingStatsEvent
 
 # No *_created series: they double the series count and no query here needs them
@@ -55,7 +56,7 @@ RULES = (
     "poisoning.label_flip", "poisoning.trigger_spike", "poisoning.out_of_bounds",
     "poisoning.duplicates",
 )
-SEVERITIES = ("low", "medium", "high", "critical")
+SEVERITIES = tuple(band.name for band in SEVERITY_BANDS)
 TRACKED_KINDS = ("client", "source")
 # Event fields of the contract: an invalid-record reason is labelled by its field.
 FIELDS = frozenset(InferenceEvent.__struct_fields__) | frozenset(TrainingStatsEvent.__struct_fields__)
@@ -114,18 +115,12 @@ def reason_label(text: str) -> str:
 
 
 def severity_label(severity: float) -> str:
-    """ECS numeric severity (0-100) as Elastic's four levels (21 / 47 / 73 / 99 bands).
+    """ECS numeric severity (0-100) as its band's name (:data:`streams.alerts.SEVERITY_BANDS`).
 
     >>> [severity_label(s) for s in (10, 40, 50, 90)]
     ['low', 'medium', 'high', 'critical']
     """
-    if severity <= 21:
-        return "low"
-    if severity <= 47:
-        return "medium"
-    if severity <= 73:
-        return "high"
-    return "critical"
+    return severity_band(severity).name
 
 
 class _BulkHistogram:

@@ -106,14 +106,26 @@ class AlertRule(Struct, kw_only=True):
     version: str
 
 
-class Technique(Struct):
+class AtlasRef(Struct, kw_only=True, omit_defaults=True):
+    """ECS ``threat.tactic`` / ``threat.technique.subtechnique``: parallel arrays."""
+
     id: list[str]
     name: list[str]
+    reference: list[str] | None = None
 
 
-class Threat(Struct):
+class Technique(Struct, omit_defaults=True):
+    id: list[str]
+    name: list[str]
+    # Optional additions (ECS): links to ATLAS, and the sub-techniques of the ids above.
+    reference: list[str] | None = None
+    subtechnique: AtlasRef | None = None
+
+
+class Threat(Struct, omit_defaults=True):
     framework: str
     technique: Technique
+    tactic: AtlasRef | None = None  # optional addition (ECS threat.tactic.*)
 
 
 class Trigger(Struct, kw_only=True):
@@ -144,6 +156,10 @@ class SourceRef(Struct, kw_only=True, omit_defaults=True):
     address: str | None = None
 
 
+class EcsRef(Struct):
+    version: str
+
+
 class Alert(Struct, kw_only=True, omit_defaults=True, rename={"timestamp": "@timestamp"}):
     timestamp: str
     event: AlertEvent
@@ -153,6 +169,7 @@ class Alert(Struct, kw_only=True, omit_defaults=True, rename={"timestamp": "@tim
     message: str
     user: UserRef | None = None
     source: SourceRef | None = None
+    ecs: EcsRef | None = None  # optional addition: ECS requires ecs.version
 
 
 # --- decoding ---------------------------------------------------------------------

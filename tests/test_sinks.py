@@ -25,14 +25,17 @@ from streams.tabular import UserError
 
 ALERT = {
     "@timestamp": "2026-11-21T10:00:05.100Z",
-    "event": {"kind": "alert", "category": ["intrusion_detection"], "type": ["indicator"],
+    "event": {"kind": "alert", "category": ["intrusion_detection"], "type": ["info"],
               "id": "b1946ac92492d2347c6235b4d2611184", "severity": 73, "risk_score": 73.0,
               "created": "2026-11-21T10:00:05.140Z", "dataset": "modelwatch.alerts",
               "module": "modelwatch"},
     "rule": {"name": "extraction.query_distribution", "category": "extraction",
              "description": "queries a|b\\c spread = uniform\nover the space", "version": "1"},
     "threat": {"framework": "MITRE ATLAS",
-               "technique": {"id": ["AML.T0024.002"], "name": ["Extract AI Model"]}},
+               "technique": {"id": ["AML.T0024"], "name": ["Exfiltration via AI Inference API"],
+                             "subtechnique": {"id": ["AML.T0024.002"],
+                                              "name": ["Extract AI Model"]}},
+               "tactic": {"id": ["AML.TA0010"], "name": ["Exfiltration"]}},
     "user": {"id": "key=7f3a"},
     "source": {"ip": "203.0.113.7"},
     "modelwatch": {"detector": "extraction", "model": "fraud-v3", "client_id": "key=7f3a",
@@ -41,12 +44,13 @@ ALERT = {
                    "trigger": {"request_id": "9c1e", "ts": "2026-11-21T10:00:05.100Z"},
                    "evidence": {"w": 0.81}},
     "message": "Extraction suspected: client key=7f3a | path C:\\tmp\nsecond line",
+    "ecs": {"version": "8.17.0"},
 }
 RT_MS = 1795255205100  # ALERT's @timestamp in epoch milliseconds
 CEF = (f"CEF:0|modelwatch|modelwatch|{VERSION}|extraction.query_distribution|"
-       "queries a\\|b\\\\c spread = uniform over the space|7|"
+       "queries a\\|b\\\\c spread = uniform over the space|8|"
        f"rt={RT_MS} cat=extraction externalId=b1946ac92492d2347c6235b4d2611184 "
-       "suser=key\\=7f3a src=203.0.113.7 cs1Label=atlasTechnique cs1=AML.T0024.002 "
+       "suser=key\\=7f3a src=203.0.113.7 cs1Label=atlasTechnique cs1=AML.T0024,AML.T0024.002 "
        "cs2Label=model cs2=fraud-v3 cs6Label=requestId cs6=9c1e cfp1Label=score cfp1=0.97 "
        "cfp2Label=threshold cfp2=0.9 cn1Label=eventsSeen cn1=412 "
        "msg=Extraction suspected: client key\\=7f3a | path C:\\\\tmp\\nsecond line")
@@ -244,7 +248,8 @@ def worker_alerts() -> list[dict]:
 def test_every_family_of_worker_alert_formats(worker_alerts):
     extraction, adversarial, poisoning = worker_alerts
     assert " shost=gw-7 " in cef(extraction) and "src=" not in cef(extraction)
-    assert " src=2001:db8::1 " in cef(adversarial)
+    assert " c6a2Label=Source IPv6 Address c6a2=2001:db8::1 " in cef(adversarial)
+    assert "src=" not in cef(adversarial)  # CEF's src is IPv4 only
     assert "cs1=AML.T0043,AML.T0043.001" in cef(adversarial)
     assert "suser=" not in cef(poisoning) and "cs4Label=batchId cs4=b7" in cef(poisoning)
     assert "|adversarial \\| \\= \\\\ test|" not in cef(adversarial)  # header: only \ and |

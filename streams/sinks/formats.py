@@ -1,13 +1,26 @@
 """Alert formats: ECS as is, ArcSight CEF, OCSF Detection Finding (class 2004).
 
-Each takes the ECS alert dict of contract v1. Severity bands are defined once
-here so that CEF, syslog and OCSF agree on what "high" means.
+Each takes the ECS alert dict of contract v1. Severity words and levels come from
+the one band table, :data:`streams.alerts.SEVERITY_BANDS`; the ATLAS hierarchy
+from :mod:`streams.alerts` too.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import ipaddress
+import math
+import re
 
+from streams.alerts import (
+    ATLAS_TACTICS,
+    atlas_parent,
+    cef_severity,
+    escape_controls,
+    severity_band,
+    technique_name,
+    techniques_of,
+)
 from streams.records import parse_ts
 
 PRODUCT = "modelwatch"
@@ -17,35 +30,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree
     VERSION = "0.0.0"
 
-# ATLAS parents and tactics for the techniques the detectors emit (ATLAS 5.x).
-ATLAS_PARENT = {
-    "AML.T0024.002": ("AML.T0024", "Exfiltration via AI Inference API"),
-    "AML.T0043.001": ("AML.T0043", "Craft Adversarial Data"),
-    "AML.T0043.002": ("AML.T0043", "Craft Adversarial Data"),
-}
-ATLAS_TACTICS = {
-    "AML.T0024": (("AML.TA0010", "Exfiltration"),),
-    "AML.T0043": (("AML.TA0001", "AI Attack Staging"),),
-    "AML.T0020": (("AML.TA0003", "Resource Development"), ("AML.TA0006", "Persistence")),
-}
-
-# (lowest alert severity 0..100, syslog severity, OCSF severity_id, OCSF name), high first.
-SEVERITY_BANDS = (
-    (90, 2, 5, "Critical"),
-    (70, 3, 4, "High"),
-    (40, 4, 3, "Medium"),
-    (1, 5, 2, "Low"),
-    (0, 6, 1, "Informational"),
-)
-
-
-def _band(severity: int) -> tuple[int, int, int, str]:
-    return next(band for band in SEVERITY_BANDS if severity >= band[0])
-
-
-def syslog_severity(severity: int) -> int:
-    """RFC 5424 severity: 2 critical, 3 error, 4 warning, 5 notice, 6 informational."""
-    return _band(severity)[1]
+#: Marks where a value was cut to its limit.
+CUT = "…"
 
 
 def epoch_ms(stamp: str) -> int:
@@ -59,42 +45,122 @@ def ecs(alert: dict) -> dict:
 
 # --- CEF -------------------------------------------------------------------------
 
+# Lengths from ArcSight's "Implementing ArcSight CEF" (rev. 25): header fields, then
+# the extension keys used here (cs1..cs6 take 4,000, their labels 1,023; externalId 40).
+HEADER_LIMITS = (63, 63, 31, 1023, 512)  # vendor, product, version, class id, name
+EXTENSION_LIMITS = {"cat": 1023, "externalId": 40, "suser": 1023, "shost": 1023,
+                    "msg": 1023, "c6a2Label": 1023}
+CUSTOM_STRING_LIMIT = 4000
+LABEL_LIMIT = 1023
+#: Fields whose length the input decides (ids, names, free text): the ones cut first
+#: when a whole message must fit a size (:func:`cef`'s ``shrink``).
+SHRINKABLE = frozenset({"name", "suser", "shost", "msg", "cs2", "cs3", "cs4", "cs5", "cs6"})
+MIN_SHRUNK = 16
+
+
+def _header_text(text: str) -> str:
+    # A line break in the header would split the record for line-based receivers:
+    # it becomes a space; any other control character becomes visible text.
+    return escape_controls(text.replace("\r\n", " ").replace("\n", " ").replace("\r", " "))
+
 
 def cef_header_escape(text: str) -> str:
-    # CEF escapes only \ and | in the header; a line break there would split the
-    # record for line-based receivers, so it becomes a space.
-    text = text.replace("\\", "\\\\").replace("|", "\\|")
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    """Header field: CEF escapes only ``\\`` and ``|`` there."""
+    return _header_text(text).replace("\\", "\\\\").replace("|", "\\|")
+
+
+_BREAKS = re.compile(r"(\r\n|\n|\r)")
+
+
+def _value_text(text: str) -> str:
+    """Control characters as visible text, except line breaks (CEF has escapes for them)."""
+    parts = _BREAKS.split(text)
+    return "".join(p if i % 2 else escape_controls(p) for i, p in enumerate(parts))
 
 
 def cef_value_escape(text: str) -> str:
-    return (text.replace("\\", "\\\\").replace("=", "\\=")
-            .replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r"))
+    """Extension value: ``\\`` and ``=`` escaped, line breaks as CEF's ``\\n`` / ``\\r``,
+    any other control character as visible text (``\\x1b``, itself escaped)."""
+    parts = _BREAKS.split(text)
+    return "".join(("\\r" if p == "\r" else "\\n") if i % 2 else
+                   escape_controls(p).replace("\\", "\\\\").replace("=", "\\=")
+                   for i, p in enumerate(parts))
 
 
 def _number(value: float) -> str:
     return repr(float(value))
 
 
-def cef(alert: dict) -> str:
-    """``CEF:0|modelwatch|modelwatch|<version>|<rule>|<title>|<0-10>|<extension>``."""
+class _Cutter:
+    """Caps values at their limit (times ``shrink`` for :data:`SHRINKABLE` ones) and
+    counts the characters cut."""
+
+    def __init__(self, shrink: float):
+        self.shrink = shrink
+        self.cut = 0
+
+    def __call__(self, key: str, text: str | None, limit: int) -> str | None:
+        if text is None:
+            return None
+        if key in SHRINKABLE and self.shrink < 1.0:
+            limit = max(MIN_SHRUNK, math.floor(limit * self.shrink))
+        if len(text) <= limit:
+            return text
+        self.cut += len(text) - (limit - 1)
+        return text[:limit - 1] + CUT
+
+
+def _source_address(source: dict) -> tuple[str | None, str | None]:
+    """(IPv4 for ``src``, IPv6 for ``c6a2``): CEF's ``src`` holds IPv4 only."""
+    text = source.get("ip")
+    if not text:
+        return None, None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None, None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (str(address), None) if address.version == 4 else (None, str(address))
+
+
+def cef(alert: dict, *, shrink: float = 1.0) -> str:
+    """``CEF:0|modelwatch|modelwatch|<version>|<rule>|<title>|<0-10>|<extension>``.
+
+    Every value is capped at CEF's length for its key; ``shrink`` < 1 caps the
+    input-sized values (:data:`SHRINKABLE`) further, to fit a message size. A cut
+    value ends in ``…``, and ``cn2`` (``truncatedChars``) counts what was cut.
+    Control characters never reach the output raw (:func:`cef_value_escape`).
+    """
     event, rule, mw = alert["event"], alert["rule"], alert["modelwatch"]
-    title = (rule.get("description") or rule["name"])[:512]
-    severity = max(0, min(10, round(event["severity"] / 10)))
-    header = "|".join(cef_header_escape(h) for h in (
-        PRODUCT, PRODUCT, VERSION, rule["name"], title, str(severity)))
+    cap = _Cutter(shrink)
+    texts = (PRODUCT, PRODUCT, VERSION, rule["name"], rule.get("description") or rule["name"])
+    keys = ("vendor", "product", "version", "class", "name")
+    header = [cap(k, _header_text(t), limit) for k, t, limit in
+              zip(keys, texts, HEADER_LIMITS, strict=True)]
+    header.append(str(cef_severity(event["severity"])))
     source = alert.get("source") or {}
+    ipv4, ipv6 = _source_address(source)
     trigger = mw.get("trigger") or {}
+    technique = alert["threat"]["technique"]
+    atlas = list(dict.fromkeys([*technique.get("id", []),
+                                *(technique.get("subtechnique") or {}).get("id", [])]))
+
+    def value(key: str, text: str | None, limit: int) -> str | None:
+        return cap(key, None if text is None else _value_text(str(text)), limit)
+
     fields = [
         ("rt", str(epoch_ms(alert["@timestamp"]))),
-        ("cat", rule["category"]),
-        ("externalId", event["id"]),
-        ("suser", (alert.get("user") or {}).get("id")),
-        ("src", source.get("ip")),
-        ("shost", source.get("address")),
+        ("cat", value("cat", rule["category"], EXTENSION_LIMITS["cat"])),
+        ("externalId", value("externalId", event["id"], EXTENSION_LIMITS["externalId"])),
+        ("suser", value("suser", (alert.get("user") or {}).get("id"), EXTENSION_LIMITS["suser"])),
+        ("src", ipv4),
+        ("shost", value("shost", source.get("address"), EXTENSION_LIMITS["shost"])),
     ]
+    if ipv6 is not None:
+        fields += [("c6a2Label", "Source IPv6 Address"), ("c6a2", ipv6)]
     custom = [  # (key, its label, value); cn* are integers in CEF, fractions go to cfp*
-        ("cs1", "atlasTechnique", ",".join(alert["threat"]["technique"]["id"])),
+        ("cs1", "atlasTechnique", ",".join(atlas)),
         ("cs2", "model", mw.get("model")),
         ("cs3", "dataset", mw.get("dataset")),
         ("cs4", "batchId", mw.get("batch_id")),
@@ -104,32 +170,30 @@ def cef(alert: dict) -> str:
         ("cfp2", "threshold", _number(mw["threshold"])),
         ("cn1", "eventsSeen", str(mw["events_seen"])),
     ]
-    for key, label, value in custom:
-        fields += [(key + "Label", label), (key, value)] if value is not None else []
-    fields.append(("msg", alert["message"]))
+    for key, label, text in custom:
+        if text is not None:
+            limit = CUSTOM_STRING_LIMIT if key.startswith("cs") else LABEL_LIMIT
+            fields += [(key + "Label", label), (key, value(key, text, limit))]
+    fields.append(("msg", value("msg", alert["message"], EXTENSION_LIMITS["msg"])))
+    if cap.cut:  # early in the extension, so that a cut message still says so
+        fields[3:3] = [("cn2Label", "truncatedChars"), ("cn2", str(cap.cut))]
     extension = " ".join(f"{k}={cef_value_escape(v)}" for k, v in fields if v is not None)
-    return f"CEF:0|{header}|{extension}"
+    head = "|".join(h.replace("\\", "\\\\").replace("|", "\\|") for h in header)
+    return f"CEF:0|{head}|{extension}"
 
 
 # --- OCSF ------------------------------------------------------------------------
 
 
-def _attacks(technique_ids: list[str], names: list[str]) -> list[dict]:
-    named = dict(zip(technique_ids, names, strict=False))
-    listed_parents = {ATLAS_PARENT[t][0] for t in technique_ids if t in ATLAS_PARENT}
+def _attacks(alert: dict) -> list[dict]:
+    """One OCSF attack per (most precise technique, tactic of its parent)."""
     attacks = []
-    for uid in technique_ids:
-        if uid in listed_parents:
-            continue  # said more precisely by its sub-technique
-        attack: dict = {}
-        if uid in ATLAS_PARENT:
-            parent_uid, parent_name = ATLAS_PARENT[uid]
-            attack["technique"] = {"uid": parent_uid, "name": parent_name}
-            attack["sub_technique"] = {"uid": uid, "name": named.get(uid)}
-        else:
-            parent_uid = uid
-            attack["technique"] = {"uid": uid, "name": named.get(uid)}
-        for tactic_uid, tactic_name in ATLAS_TACTICS.get(parent_uid, ((None, None),)):
+    for uid in techniques_of(alert):
+        parent = atlas_parent(uid)
+        attack: dict = {"technique": {"uid": parent, "name": technique_name(parent)}}
+        if parent != uid:
+            attack["sub_technique"] = {"uid": uid, "name": technique_name(uid)}
+        for tactic_uid, tactic_name in ATLAS_TACTICS.get(parent, ((None, None),)):
             entry = dict(attack)
             if tactic_uid is not None:
                 entry["tactic"] = {"uid": tactic_uid, "name": tactic_name}
@@ -144,7 +208,7 @@ def _drop_none(doc: dict) -> dict:
 def ocsf(alert: dict) -> dict:
     """OCSF Detection Finding, activity Create (type_uid 200401)."""
     event, rule, mw = alert["event"], alert["rule"], alert["modelwatch"]
-    _, _, severity_id, severity_name = _band(event["severity"])
+    band = severity_band(event["severity"])
     source = alert.get("source") or {}
     user_id = (alert.get("user") or {}).get("id")
     evidence = _drop_none({
@@ -156,14 +220,13 @@ def ocsf(alert: dict) -> dict:
     })
     resources = [{"name": mw["model"], "type": "ml_model"}] if mw.get("model") else \
         [{"name": mw["dataset"], "type": "dataset"}] if mw.get("dataset") else None
-    technique = alert["threat"]["technique"]
     return _drop_none({
         "class_uid": 2004, "class_name": "Detection Finding",
         "category_uid": 2, "category_name": "Findings",
         "activity_id": 1, "activity_name": "Create", "type_uid": 200401,
         "type_name": "Detection Finding: Create",
         "time": epoch_ms(alert["@timestamp"]),
-        "severity_id": severity_id, "severity": severity_name,
+        "severity_id": band.ocsf_id, "severity": band.ocsf_name,
         "status_id": 1, "status": "New",
         "is_alert": True,
         "risk_score": round(event["risk_score"]),
@@ -178,7 +241,7 @@ def ocsf(alert: dict) -> dict:
             "created_time": epoch_ms(event["created"]) if event.get("created") else None,
             "analytic": {"name": rule["name"], "type_id": 3, "type": "Statistical",
                          "category": rule["category"], "version": rule.get("version")},
-            "attacks": _attacks(technique["id"], technique["name"]),
+            "attacks": _attacks(alert),
         }),
         "resources": resources,
         "evidences": [evidence] if evidence else None,

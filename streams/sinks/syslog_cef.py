@@ -4,24 +4,38 @@
 ``syslog+tcp://host[:514]``: octet-counting frames, ``<len> <message>`` (RFC 6587).
 ``syslog+tls://host[:6514][?ca=/ca.pem][&insecure=1]``: the same frames over TLS
 (RFC 5425); the server certificate is verified unless ``insecure=1``.
-Every scheme takes ``facility=local0`` (default) … ``local7``, or a number 0..23.
+Every scheme takes ``facility=local0`` (default) … ``local7``, or a number 0..23, and
+``max_bytes``: the largest message (over UDP: datagram payload) it sends, 2,048
+octets over UDP (what RFC 5426 says every receiver SHOULD take) and 8,192 over TCP
+and TLS (RFC 5425's SHOULD). A longer alert is cut to fit, its input-sized fields
+first, and says so (CEF ``cn2`` = characters cut); it is never dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 
+from streams.alerts import syslog_severity
 from streams.sinks.base import Sink, SinkURL
-from streams.sinks.formats import cef, syslog_severity
+from streams.sinks.formats import CUT, cef
+
+log = logging.getLogger("modelwatch.sinks")
 
 APP_NAME = "modelwatch"
 FACILITIES = {name: code for code, name in enumerate(
     ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
      "authpriv", "ftp", "ntp", "audit", "alert", "clock"))} | \
     {f"local{i}": 16 + i for i in range(8)}
+BOM = b"\xef\xbb\xbf"
+MIN_MESSAGE_BYTES = 480          # RFC 5426: every IPv4 receiver MUST take this much
+MAX_DATAGRAM_BYTES = 65_507      # the largest UDP payload over IPv4
+MAX_STREAM_MESSAGE_BYTES = 1 << 20
+# Ever smaller caps on the input-sized CEF fields, until a message fits.
+SHRINK_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
 
 
 def _printable(text: str, limit: int) -> str:
@@ -30,19 +44,50 @@ def _printable(text: str, limit: int) -> str:
     return kept or "-"
 
 
+def _msg(text: str) -> bytes:
+    """RFC 5424 MSG: plain ASCII as is (CEF receivers look for ``CEF:`` first), any
+    other text as UTF-8 after the BOM, as §6.4 requires."""
+    data = text.encode()
+    return data if data.isascii() else BOM + data
+
+
+def _cut_bytes(data: bytes, size: int) -> bytes:
+    """The first ``size`` bytes of UTF-8 text, at a character boundary and not inside
+    a CEF escape, then the cut mark."""
+    mark = CUT.encode()
+    data = data[:max(0, size - len(mark))]
+    while data and (data[-1] & 0xC0) == 0x80:  # a continuation byte: back to the start
+        data = data[:-1]
+    if data and data[-1] >= 0xC0:  # the lead byte of the character that did not fit
+        data = data[:-1]
+    backslashes = len(data) - len(data.rstrip(b"\\"))
+    if backslashes % 2:
+        data = data[:-1]
+    return data + mark
+
+
 def syslog_message(alert: dict, *, facility: int = FACILITIES["local0"],
-                   hostname: str | None = None) -> bytes:
-    """``<PRI>1 TIMESTAMP HOSTNAME modelwatch - MSGID - CEF:0|…``.
+                   hostname: str | None = None, max_bytes: int | None = None) -> bytes:
+    """``<PRI>1 TIMESTAMP HOSTNAME modelwatch - MSGID - CEF:0|…``, at most ``max_bytes``.
 
     TIMESTAMP is when the alert was made (``event.created``), MSGID its rule
-    category. There is no BOM before the message: CEF receivers expect ``CEF:``
-    first, and RFC 5424 allows a MSG without one.
+    category. The MSG has the BOM only when it is not plain ASCII. Over
+    ``max_bytes``, the CEF's input-sized fields are capped ever shorter until it
+    fits; only a size too small even for the fixed fields cuts the message's tail.
     """
     pri = facility * 8 + syslog_severity(alert["event"]["severity"])
-    timestamp = alert["event"].get("created") or "-"
+    timestamp = _printable(alert["event"].get("created") or "-", 64)
     host = _printable(hostname if hostname is not None else socket.gethostname(), 255)
     msgid = _printable(alert["rule"]["category"], 32)
-    return f"<{pri}>1 {timestamp} {host} {APP_NAME} - {msgid} - {cef(alert)}".encode()
+    head = f"<{pri}>1 {timestamp} {host} {APP_NAME} - {msgid} - ".encode()
+    for shrink in SHRINK_STEPS:
+        message = head + _msg(cef(alert, shrink=shrink))
+        if max_bytes is None or len(message) <= max_bytes:
+            return message
+    body = message[len(head):]
+    if not body.startswith(BOM):
+        body = BOM + body  # the cut mark is not ASCII
+    return head + BOM + _cut_bytes(body[len(BOM):], max_bytes - len(head) - len(BOM))
 
 
 def octet_frame(message: bytes) -> bytes:
@@ -50,12 +95,17 @@ def octet_frame(message: bytes) -> bytes:
 
 
 class SyslogSink(Sink):
-    options = ("facility",)
+    options = ("facility", "max_bytes")
     default_port = 514
+    default_max_bytes = 8192
+    largest_max_bytes = MAX_STREAM_MESSAGE_BYTES
 
-    def __init__(self, host: str, port: int, *, facility: int = FACILITIES["local0"]):
+    def __init__(self, host: str, port: int, *, facility: int = FACILITIES["local0"],
+                 max_bytes: int | None = None):
         self.host, self.port, self.facility = host, port, facility
+        self.max_bytes = max_bytes if max_bytes is not None else self.default_max_bytes
         self.hostname = socket.gethostname()
+        self.truncated = 0  # alerts cut to fit max_bytes
 
     @classmethod
     def from_url(cls, url: SinkURL) -> SyslogSink:
@@ -67,51 +117,68 @@ class SyslogSink(Sink):
         facility = FACILITIES.get(name, int(name) if name.isdigit() else -1)
         if not 0 <= facility <= 23:
             raise url.error(f"facility={name!r}: expected local0..local7 or a number 0..23")
+        size = url.options.get("max_bytes", str(cls.default_max_bytes))
+        if not size.isdigit() or not MIN_MESSAGE_BYTES <= int(size) <= cls.largest_max_bytes:
+            raise url.error(f"max_bytes={size!r}: expected a number "
+                            f"{MIN_MESSAGE_BYTES}..{cls.largest_max_bytes}")
         return cls(url.host, url.port or cls.default_port, facility=facility,
-                   **cls._extra(url))
+                   max_bytes=int(size), **cls._extra(url))
 
     @classmethod
     def _extra(cls, url: SinkURL) -> dict:
         return {}
 
     def message(self, alert: dict) -> bytes:
-        return syslog_message(alert, facility=self.facility, hostname=self.hostname)
-
-
-class _DatagramErrors(asyncio.DatagramProtocol):
-    """Keeps the last ICMP error (e.g. port unreachable) for the next send to raise."""
-
-    def __init__(self):
-        self.error: OSError | None = None
-
-    def error_received(self, exc: OSError) -> None:
-        self.error = exc
+        message = syslog_message(alert, facility=self.facility, hostname=self.hostname,
+                                 max_bytes=self.max_bytes)
+        if b"cn2Label=truncatedChars " in message or message.endswith(CUT.encode()):
+            self.truncated += 1
+            log.warning("sink %s: alert %s cut to %d bytes (max_bytes)", self.name,
+                        alert["event"]["id"], len(message))
+        return message
 
 
 class SyslogUDPSink(SyslogSink):
+    """One datagram per alert, sent on a connected socket: an error of the send (a
+    datagram too big, a refused port reported by ICMP) raises from the ``send`` of
+    the batch that carried it, so those alerts count as failed and are sent again."""
+
     name = "syslog+udp"
+    default_max_bytes = 2048
+    largest_max_bytes = MAX_DATAGRAM_BYTES
 
     def __init__(self, host: str, port: int, **kwargs):
         super().__init__(host, port, **kwargs)
-        self._transport: asyncio.DatagramTransport | None = None
-        self._protocol: _DatagramErrors | None = None
+        self._socket: socket.socket | None = None
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.connect(address)  # UDP: no packet, just the peer for send()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def send(self, alerts: list[dict]) -> None:
-        if self._protocol is not None and self._protocol.error is not None:
-            error = self._protocol.error
+        if self._socket is None:
+            self._socket = await self._connect()
+        loop = asyncio.get_running_loop()
+        try:
+            for alert in alerts:
+                await loop.sock_sendall(self._socket, self.message(alert))
+        except OSError:
             await self.close()
-            raise error
-        if self._transport is None:
-            loop = asyncio.get_running_loop()
-            self._transport, self._protocol = await loop.create_datagram_endpoint(
-                _DatagramErrors, remote_addr=(self.host, self.port))
-        for alert in alerts:
-            self._transport.sendto(self.message(alert))
+            raise
 
     async def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        self._transport = self._protocol = None
+        if self._socket is not None:
+            self._socket.close()
+        self._socket = None
 
 
 class SyslogTCPSink(SyslogSink):
