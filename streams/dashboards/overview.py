@@ -7,6 +7,8 @@ from streams.dashboards.panels import (
     dashboard,
     inference_topic,
     row,
+    severity_colors,
+    severity_description,
     stat,
     timeseries,
 )
@@ -38,7 +40,8 @@ def build() -> dict:
         timeseries("Alerts by detector", [(increase(ALERTS, by="detector"), "{{detector}}")],
                    bars=True, stack=True, description="alerts per minute, by detector family"),
         timeseries("Alerts by severity", [(increase(ALERTS, by="severity"), "{{severity}}")],
-                   bars=True, stack=True, description="alerts per minute, by ECS severity band"),
+                   bars=True, stack=True, description=severity_description(),
+                   overrides=severity_colors()),
         bargauge("Rules that fired in range",
                  [(f"sort_desc({increase(ALERTS, window='$__range', by='rule')} > 0)", "{{rule}}")],
                  width=24),

@@ -29,22 +29,45 @@ def _targets(queries) -> list[dict]:
 
 def _panel(kind: str, title: str, queries, width: int, height: int, description: str,
            unit: str, options: dict | None = None, field_extra: dict | None = None,
-           **extra) -> dict:
+           overrides: list[dict] | None = None, **extra) -> dict:
     return {"type": kind, "title": title, "description": description, "datasource": DATASOURCE,
             "gridPos": {"w": width, "h": height},
             "targets": _targets(queries),
-            "fieldConfig": {"defaults": {"unit": unit, **(field_extra or {})}, "overrides": []},
+            "fieldConfig": {"defaults": {"unit": unit, **(field_extra or {})},
+                            "overrides": overrides or []},
             "options": options or {}, **extra}
 
 
+def series_colors(colors: dict[str, str]) -> list[dict]:
+    """Field overrides giving each named series (its legend text) a fixed color."""
+    return [{"matcher": {"id": "byName", "options": name},
+             "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": color}}]}
+            for name, color in colors.items()]
+
+
+def severity_colors() -> list[dict]:
+    """The severity bands' colors (``streams.alerts.SEVERITY_BANDS``), by band name."""
+    from streams.alerts import SEVERITY_BANDS
+
+    return series_colors({band.name: band.color for band in SEVERITY_BANDS})
+
+
+def severity_description() -> str:
+    from streams.alerts import SEVERITY_BANDS
+
+    bands = ", ".join(f"{b.name} {b.floor}-{b.ceiling}" for b in SEVERITY_BANDS)
+    return f"alerts per minute, by ECS severity band ({bands})"
+
+
 def timeseries(title: str, queries, *, unit: str = "short", width: int = 12, height: int = 8,
-               description: str = "", stack: bool = False, bars: bool = False) -> dict:
+               description: str = "", stack: bool = False, bars: bool = False,
+               overrides: list[dict] | None = None) -> dict:
     custom = {"drawStyle": "bars" if bars else "line", "fillOpacity": 60 if bars else 10,
               "stacking": {"mode": "normal" if stack else "none", "group": "A"}}
     return _panel("timeseries", title, queries, width, height, description, unit,
                   {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
                    "tooltip": {"mode": "multi", "sort": "desc"}},
-                  {"custom": custom}, interval="1m" if bars else None)
+                  {"custom": custom}, overrides, interval="1m" if bars else None)
 
 
 def stat(title: str, queries, *, unit: str = "short", width: int = 6, height: int = 4,
