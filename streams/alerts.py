@@ -226,7 +226,9 @@ def severity(verdict: Verdict) -> int:
     if verdict.threshold <= 0:
         return 70
     excess = verdict.score / verdict.threshold - 1.0
-    return int(max(40, min(90, round(50 + 40 * excess))))
+    if not math.isfinite(excess):  # a score of 1e308 over a threshold of 1e-300
+        return 90
+    return int(round(50 + 40 * max(-0.25, min(1.0, excess))))
 
 
 def build_alert(
