@@ -10,8 +10,10 @@ same types (``python -m streams.records``) and checked by a test.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import re
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -23,9 +25,19 @@ from msgspec import Meta, Struct
 
 MAX_RECORD_BYTES = 1 << 20
 MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: what RFC 3339 can write
+# Nesting deeper than this is rejected before decoding: the decoder recurses, and its
+# own limit (Python's, ~1,000 levels less the caller's frames) would make the verdict
+# depend on where it runs. An event of the contract nests 3 levels, a stats event 5.
+MAX_NESTING = 256
+# Counts above 2**53 are not exact in JSON (a double), and 10**400 overflowed the
+# detectors' floats; integers beyond 64 bits are not labels anyone serves.
+MAX_COUNT = 2**53
+MAX_TEXT = 1024  # identifiers carried into alerts (request id, source, version)
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
-Count = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Label = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Timestamp = Annotated[str | float, Meta(description="RFC 3339 string, or epoch seconds")]
 
 
@@ -35,12 +47,12 @@ class InferenceEvent(Struct, kw_only=True, omit_defaults=True, gc=False):
     ts: Timestamp
     model: Name
     client_id: Name
-    prediction: str | int
+    prediction: str | Label
     features: list[float] | None = None
     probabilities: list[Probability] | None = None
-    request_id: str | None = None
-    source_ip: str | None = None
-    model_version: str | None = None
+    request_id: Text | None = None
+    source_ip: Text | None = None
+    model_version: Text | None = None
     latency_ms: Annotated[float, Meta(ge=0.0)] | None = None
 
 
@@ -186,7 +198,10 @@ class Rejected(Struct):
 
 _inference = msgspec.json.Decoder(InferenceEvent)
 _inference_or_array = msgspec.json.Decoder(InferenceEvent | list[msgspec.Raw])
+_array = msgspec.json.Decoder(list[msgspec.Raw])
 _stats = msgspec.json.Decoder(TrainingStatsEvent)
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.S)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def parse_ts(value: str | float) -> float:
@@ -210,32 +225,156 @@ def format_ts(epoch: float) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     text = str(exc)
     return text.replace("`", "") if text else type(exc).__name__
+
+
+def unreadable(raw) -> str | None:
+    """Why a record cannot even be looked at as JSON text: no value (a Kafka
+    tombstone), not bytes, over the size limit. None if it can."""
+    if raw is None:
+        return "not JSON: the record has no value (null: a Kafka tombstone)"
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        return f"not JSON: the record is a {type(raw).__name__}, not bytes"
+    if len(raw) > MAX_RECORD_BYTES:
+        return f"record is {len(raw)} bytes, over the 1 MiB limit"
+    return None
+
+
+def _not_utf8(raw: bytes) -> str | None:
+    """JSON text is UTF-8 throughout (RFC 8259), unknown fields and keys included:
+    the decoder skips what it does not need without looking at it."""
+    if raw.isascii():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"JSON is malformed: invalid UTF-8 (byte {exc.start})"
+    return None
+
+
+def _structure(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The record's bytes, and where they stand outside strings (vectorized: a quote
+    counts unless an odd run of backslashes precedes it)."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    n = len(b)
+    position = np.arange(n)
+    last_plain = np.maximum.accumulate(np.where(b != 0x5C, position, -1))
+    quotes = np.flatnonzero(b == 0x22)
+    before = quotes - 1
+    run = np.where(before >= 0, before - last_plain[np.maximum(before, 0)], 0)
+    real = quotes[run % 2 == 0]
+    toggles = np.zeros(n + 1, dtype=np.int8)
+    toggles[real] = 1
+    inside = (np.cumsum(toggles[:n], dtype=np.int64) % 2 == 1)
+    return b, ~inside  # a closing quote counts as inside: no bracket is one
+
+
+def _depths(b: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    step = (outside & ((b == 0x5B) | (b == 0x7B))).astype(np.int64) \
+        - (outside & ((b == 0x5D) | (b == 0x7D)))
+    return np.cumsum(step)
+
+
+def nesting(raw: bytes) -> int:
+    """How deep arrays and objects nest (outside strings); a bound when that is enough.
+
+    Exact only when the record holds more than ``MAX_NESTING`` opening brackets:
+    below that, their count is returned, which no depth can exceed.
+    """
+    opening = raw.count(b"[") + raw.count(b"{")
+    if opening <= MAX_NESTING:
+        return opening
+    brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if not len(brackets):
+        return 0
+    step = np.where((brackets == 0x5B) | (brackets == 0x7B), 1, -1).astype(np.int32)
+    return int(np.cumsum(step).max())
+
+
+TOO_DEEP = f"JSON is nested over {MAX_NESTING} levels deep"
+
+
+def _decoded(decoder, raw):
+    """``decoder.decode(raw)``, or the reason why not. The decoder recurses: its own
+    limit (~1,000 levels, less the caller's frames) rejects the deepest records
+    cheaply, and :func:`nesting` the rest beyond ``MAX_NESTING``, so the verdict
+    does not depend on where it runs."""
+    try:
+        value = decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        return None, _reason(exc)
+    except RecursionError:
+        return None, TOO_DEEP
+    if nesting(raw) > MAX_NESTING:
+        return None, TOO_DEEP
+    return value, None
+
+
+def _split_array(raw: bytes) -> list[bytes] | None:
+    """The elements of a top-level JSON array, as bytes, found without decoding them
+    (their nesting may be too deep for the decoder); None if ``raw`` is no array."""
+    text = raw.strip()
+    if text[:1] != b"[" or text[-1:] != b"]":
+        return None
+    body = text[1:-1]
+    b, outside = _structure(body)
+    commas = np.flatnonzero(outside & (b == 0x2C) & (_depths(b, outside) == 0))
+    cuts = [0, *(commas + 1).tolist(), len(body) + 1]
+    elements = [body[a:z - 1].strip() for a, z in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [] if elements == [b""] else elements
 
 
 def decode_inference(raw: bytes) -> list[InferenceEvent | Rejected]:
     """Decode one record (an event or a JSON array of events), in array order.
 
-    A malformed element becomes a :class:`Rejected` alone; its neighbours are
-    kept. Event times are parsed in bulk by :func:`event_times`, model-specific
-    checks (feature count) happen in :func:`check_against`.
+    Never raises: whatever ``raw`` is (None, not JSON, invalid UTF-8 anywhere,
+    nested without end, numbers out of range), the answer is a list of events
+    and :class:`Rejected`. A malformed element of an array becomes a
+    :class:`Rejected` alone; its neighbours are kept. Event times are parsed in
+    bulk by :func:`event_times`, model-specific checks (feature count) happen in
+    :func:`check_against`.
     """
-    if len(raw) > MAX_RECORD_BYTES:
-        return [Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit")]
+    problem = unreadable(raw)
+    if problem is not None:
+        return [Rejected(problem)]
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    utf8 = _not_utf8(raw)
+    if raw.lstrip()[:1] != b"[":
+        if utf8 is not None:
+            return [Rejected(utf8)]
+        event, problem = _decoded(_inference_or_array, raw)
+        return [Rejected(problem) if problem is not None else event]
+    # An array: whatever is wrong inside one element costs only that one.
     try:
-        decoded = _inference_or_array.decode(raw)
-    except msgspec.DecodeError as exc:
-        return [Rejected(_reason(exc))]
-    if isinstance(decoded, InferenceEvent):
-        return [decoded]
+        elements = _array.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        # Too deep for the decoder to skip over, or one element broken in a way it
+        # cannot skip (an invalid \u escape): split by hand, judge each element alone.
+        elements = _split_array(raw)
+        if elements is None:
+            return [Rejected(TOO_DEEP if isinstance(exc, RecursionError) else _reason(exc))]
+    # Nesting and UTF-8 are looked at element by element only where they could be wrong.
+    plain = utf8 is None and raw.count(b"[") + raw.count(b"{") <= MAX_NESTING
     out = []
-    for position, element in enumerate(decoded):
-        try:
-            out.append(_inference.decode(element))
-        except msgspec.DecodeError as exc:
-            out.append(Rejected(f"array element {position}: {_reason(exc)}", bytes(element)))
+    for position, element in enumerate(elements):
+        if plain:
+            try:
+                out.append(_inference.decode(element))
+                continue
+            except msgspec.DecodeError as exc:
+                element, problem = bytes(element), _reason(exc)
+        else:
+            element = bytes(element)
+            problem = _not_utf8(element) if utf8 is not None else None
+            if problem is None:
+                event, problem = _decoded(_inference, element)
+                if problem is None:
+                    out.append(event)
+                    continue
+        out.append(Rejected(f"array element {position}: {problem}", element))
     return out
 
 
@@ -245,6 +384,7 @@ def event_times(values: list) -> np.ndarray:
     # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form.
     utc = [i for i, v in enumerate(values)
            if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T" and v[4] == "-"]
+    done: set[int] = set()
     if utc:
         try:  # numpy parses the common "...Z" form some twenty times faster
             stamps = np.array([values[i][:-1] for i in utc], dtype="datetime64[us]")
@@ -252,10 +392,9 @@ def event_times(values: list) -> np.ndarray:
             ok = (~np.isnat(stamps)) & (epochs >= 0) & (epochs <= MAX_EPOCH)
             out[np.array(utc)[ok]] = epochs[ok]
             done = {i for i, good in zip(utc, ok, strict=True) if good}
-        except ValueError:
+        except (ValueError, OverflowError, TypeError):
+            out[:] = np.nan
             done = set()
-    else:
-        done = set()
     for i, value in enumerate(values):
         if i in done:
             continue
@@ -265,66 +404,98 @@ def event_times(values: list) -> np.ndarray:
 
 
 def bad_time(value) -> Rejected:
-    return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {value!r}")
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:80] + f"… ({len(shown)} characters)"
+    return Rejected(f"ts: not an RFC 3339 time or epoch seconds: {shown}")
 
 
 class Screened(Struct, gc=False):
-    """Records that passed, with their times and tags, and those that did not."""
+    """Records that passed, with their times and tags, and those that did not.
+
+    ``rejected`` holds (tag, reason, original bytes); ``elements`` says, for each,
+    which element of its record it was (None: the record itself).
+    """
 
     events: list
     ts: np.ndarray
     tags: list
     rejected: list  # (tag, reason, original bytes)
+    elements: list  # per rejected: the array element's index, or None
 
 
 def screen(items, check=None) -> Screened:
-    """Decode and validate ``(raw record, tag)`` pairs in one pass.
+    """Decode and validate ``(raw record, tag)`` pairs in one pass; never raises on
+    what a record holds.
 
     ``check(event)`` adds model-specific reasons (feature count). A rejected
     record keeps its original bytes: the line itself, or its own array element;
     only a valid-looking element of an array, rejected later, is re-encoded.
+    A reason about an array element starts with "array element N: ".
     Times are parsed in bulk at the end.
     """
-    events, tags, single, raws, rejected = [], [], [], [], []
+    events, tags, where, raws, rejected, elements = [], [], [], [], [], []
     for raw, tag in items:
         records = decode_inference(raw)
-        for record in records:
-            if isinstance(record, Rejected):
-                rejected.append((tag, record.reason, record.raw or raw))
+        single = len(records) == 1 and not (isinstance(raw, bytes | bytearray)
+                                            and raw.lstrip()[:1] == b"[")
+        for position, record in enumerate(records):
+            if isinstance(record, Rejected):  # only an element's rejection has its raw
+                rejected.append((tag, record.reason, raw if record.raw is None else record.raw))
+                elements.append(None if record.raw is None else position)
                 continue
             reason = check(record) if check is not None else None
             if reason is not None:
-                rejected.append((tag, reason, raw if len(records) == 1 else
-                                 msgspec.json.encode(record)))
+                rejected.append((tag, reason if single else f"array element {position}: {reason}",
+                                 raw if single else msgspec.json.encode(record)))
+                elements.append(None if single else position)
                 continue
             events.append(record)
             tags.append(tag)
-            single.append(len(records) == 1)
+            where.append(None if single else position)
             raws.append(raw)
     ts = event_times([e.ts for e in events])
     bad = np.isnan(ts)
     if bad.any():
         for i in np.flatnonzero(bad):
-            rejected.append((tags[i], bad_time(events[i].ts).reason,
-                             raws[i] if single[i] else msgspec.json.encode(events[i])))
+            reason = bad_time(events[i].ts).reason
+            if where[i] is None:
+                rejected.append((tags[i], reason, raws[i]))
+            else:
+                rejected.append((tags[i], f"array element {where[i]}: {reason}",
+                                 msgspec.json.encode(events[i])))
+            elements.append(where[i])
         keep = ~bad
         events = [e for e, k in zip(events, keep, strict=True) if k]
         tags = [t for t, k in zip(tags, keep, strict=True) if k]
         ts = ts[keep]
-    return Screened(events, ts, tags, rejected)
+    return Screened(events, ts, tags, rejected, elements)
 
 
 def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:
-    if len(raw) > MAX_RECORD_BYTES:
-        return Rejected(f"record is {len(raw)} bytes, over the 1 MiB limit"), math.nan
-    try:
-        event = _stats.decode(raw)
-    except msgspec.DecodeError as exc:
-        return Rejected(_reason(exc)), math.nan
+    """One training-stats record, or why not; never raises on what the record holds."""
+    problem = unreadable(raw)
+    if problem is not None:
+        return Rejected(problem), math.nan
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    problem = _not_utf8(raw)
+    if problem is not None:
+        return Rejected(problem), math.nan
+    event, problem = _decoded(_stats, raw)
+    if problem is not None:
+        return Rejected(problem), math.nan
     try:
         return event, parse_ts(event.ts)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError):
         return bad_time(event.ts), math.nan
+
+
+def dead_letter_id(topic: str, partition: int, offset: int, element: int | None) -> str:
+    """The same record (and element of it) gives the same id, after a restart too,
+    so a consumer of the dead letters can drop repeats."""
+    where = f"v1|{topic}|{partition}|{offset}|{'' if element is None else element}"
+    return hashlib.sha256(where.encode()).hexdigest()[:32]
 
 
 def check_against(event: InferenceEvent, n_features: int, n_classes: int) -> str | None:

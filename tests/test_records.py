@@ -123,3 +123,105 @@ def test_alert_source_is_an_ip_or_an_address():
     assert msgspec.json.decode(msgspec.json.encode(ip))["source"] == {"ip": "2001:db8::1"}
     assert msgspec.json.decode(msgspec.json.encode(host))["source"] == {"address": "gateway-7"}
     jsonschema.validate(msgspec.json.decode(msgspec.json.encode(host)), shipped_schema("alert"))
+
+
+# --- hostile records: never an exception, always a reason ----------------------------
+
+EVENT = json.dumps(GOOD).encode()
+
+
+def _with(extra: bytes) -> bytes:
+    return EVENT[:-1] + b", " + extra + b"}"
+
+
+HOSTILE = {
+    "tombstone": None,
+    "empty": b"",
+    "not json": b"hello",
+    "invalid UTF-8 in an unknown key": _with(b'"zz\xff": 1'),
+    "invalid UTF-8 in an unknown value": _with(b'"x": {"k": "a\xfe"}'),
+    "invalid UTF-8 in a known field": _with(b'"request_id": "a\xffb"'),
+    "lone surrogate": _with(b'"request_id": "\\ud800"'),
+    "overlong UTF-8": _with(b'"x": "\xc0\xaf"'),
+    "float overflow": _with(b'"latency_ms": 1e400'),
+    "integer overflow in a float field": _with(b'"features": [1' + b"0" * 400 + b"]"),
+    "integer overflow in the label": EVENT.replace(b'"prediction": 1', b'"prediction": 1' + b"0" * 400),
+    "huge request id": _with(b'"request_id": "' + b"r" * 5000 + b'"'),
+    "deep unknown field": _with(b'"x": ' + b"[" * 100_000 + b"]" * 100_000),
+    "deep, within the decoder's reach": _with(b'"x": ' + b"[" * 300 + b"]" * 300),
+    "deep objects": _with(b'"x": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000),
+    "number": b"5",
+    "string": b'"text"',
+    "null": b"null",
+    "oversize": _with(b'"pad": "' + b"x" * MAX_RECORD_BYTES + b'"'),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_records_are_rejected_with_a_reason(name):
+    [rejected] = decode_inference(HOSTILE[name])
+    assert isinstance(rejected, Rejected) and rejected.reason
+
+
+@pytest.mark.parametrize("name", [n for n in HOSTILE if HOSTILE[n] and HOSTILE[n][:1] == b"{"
+                                  and len(HOSTILE[n]) <= MAX_RECORD_BYTES])
+def test_a_hostile_array_element_costs_only_itself(name):
+    raw = b"[" + EVENT + b", " + HOSTILE[name] + b", " + EVENT + b"]"
+    first, bad, last = decode_inference(raw)
+    assert isinstance(first, InferenceEvent) and isinstance(last, InferenceEvent)
+    assert isinstance(bad, Rejected) and bad.reason.startswith("array element 1: ")
+    assert bad.raw == HOSTILE[name]
+
+
+def test_nesting_is_judged_the_same_wherever_the_decoder_runs():
+    """Depth 257 is rejected by the limit, not by the decoder's recursion: also with
+    most of the stack in use, and depth 256 passes with little of it left."""
+    import sys
+
+    at_limit = _with(b'"x": ' + b"[" * 255 + b"]" * 255)  # the event's object is one level
+    over = _with(b'"x": ' + b"[" * 256 + b"]" * 256)
+
+    def deep_call(n, raw):
+        return deep_call(n - 1, raw) if n else decode_inference(raw)[0]
+
+    for frames in (0, sys.getrecursionlimit() // 2):
+        assert isinstance(deep_call(frames, at_limit), InferenceEvent)
+        assert isinstance(deep_call(frames, over), Rejected)
+
+
+def test_hostile_training_stats_are_rejected_with_a_reason():
+    stats = {"ts": "2026-11-21T10:00:00Z", "dataset": "d", "batch_id": "b", "source": "s",
+             "n": 5, "features": {"a": {"count": 5}}, "labels": {"0": 5}}
+    raw = json.dumps(stats).encode()
+    for bad in (None, b"", b"[]", raw.replace(b'"n": 5', b'"n": 1' + b"0" * 400),
+                raw.replace(b'"count": 5', b'"count": 1e400'),
+                raw.replace(b'"a":', b'"a\xff":'), raw[:-1] + b', "x\xfe": 1}',
+                raw[:-1] + b', "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
+        record, ts = decode_stats(bad)
+        assert isinstance(record, Rejected) and record.reason, bad
+    record, _ = decode_stats(raw.replace(b'"n": 5', b'"n": 9007199254740992'))
+    assert isinstance(record, TrainingStatsEvent)
+
+
+def test_screen_names_the_element_of_every_rejection():
+    from streams.records import screen
+
+    late_bad = dict(GOOD, ts="yesterday")
+    raw = json.dumps([GOOD, late_bad, GOOD, {"ts": 1}]).encode()
+    result = screen([(raw, "t"), (None, "u"), (json.dumps(late_bad).encode(), "v")])
+    assert len(result.events) == 2
+    found = sorted(zip([r[0] for r in result.rejected], result.elements,
+                       [r[1] for r in result.rejected], strict=True), key=str)
+    assert [(tag, element) for tag, element, _ in found] == [("t", 1), ("t", 3), ("u", None),
+                                                               ("v", None)]
+    assert found[0][2].startswith("array element 1: ts:")
+
+
+def test_dead_letter_ids_are_deterministic():
+    from streams.records import dead_letter_id
+
+    assert dead_letter_id("t", 1, 5, None) == dead_letter_id("t", 1, 5, None)
+    ids = {dead_letter_id("t", 1, 5, None), dead_letter_id("t", 1, 5, 0),
+           dead_letter_id("t", 1, 6, None), dead_letter_id("t", 2, 5, None),
+           dead_letter_id("u", 1, 5, None)}
+    assert len(ids) == 5
