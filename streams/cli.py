@@ -7,6 +7,7 @@ stderr naming the file, line and field, and exit status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -44,6 +45,7 @@ def _profile(args) -> int:
 
 
 def _stats(args) -> int:
+    from streams.files import load_profile
     from streams.records import parse_ts
     from streams.stats import stats_event_from_csv
 
@@ -54,15 +56,21 @@ def _stats(args) -> int:
         ts = parse_ts(args.ts) if args.ts is not None else time.time()
     except ValueError:
         raise UserError(f"stats: --ts: not an RFC 3339 time: {args.ts!r}") from None
-    event = stats_event_from_csv(args.profile, args.batch, dataset=args.dataset,
-                                 source=args.source, batch_id=args.batch_id, ts=ts)
+    profile = load_profile(args.profile)
+    dataset = profile.dataset or profile.model  # what the worker matches batches on
+    if args.dataset is not None and args.dataset != dataset:
+        raise UserError(f"{args.profile}: field 'dataset' is {dataset!r}, but --dataset is "
+                        f"{args.dataset!r}: a batch is judged only against its dataset's "
+                        "profile (leave --dataset out, or profile again with --dataset)")
+    event = stats_event_from_csv(args.profile, args.batch, dataset=dataset, source=args.source,
+                                 batch_id=args.batch_id, ts=ts, profile=profile)
     line = msgspec.json.encode(event)
     if settings is None:
         sys.stdout.buffer.write(line + b"\n")
         return 0
     from streams.kafka import send_one
 
-    where = send_one(settings, settings.topic_stats, key=args.dataset.encode(), value=line)
+    where = send_one(settings, settings.topic_stats, key=dataset.encode(), value=line)
     print(f"stats: batch {args.batch_id} -> {where}", file=sys.stderr)
     return 0
 
@@ -92,7 +100,39 @@ def _replay(args) -> int:
     if result.rejected:
         where = f" -> {args.deadletter}" if args.deadletter else " (give --deadletter to keep them)"
         print(f"replay: {result.rejected} bad records skipped{where}", file=sys.stderr)
+    _warn_unprofiled(result, args.training_stats)
     return 0
+
+
+def _warn_unprofiled(result, training_stats: Path | None) -> None:
+    """One warning line per model or dataset that matched no profile (bounded)."""
+    from streams.run import MAX_UNKNOWN_NAMES, unknown_line
+
+    pipeline = result.pipeline
+    unknown = [("model", m) for m in sorted(set(pipeline.labels) - set(pipeline.profiles))]
+    if pipeline.counters.unprofiled_batches and training_stats is not None:
+        unknown += [("dataset", d) for d in
+                    sorted(_datasets(training_stats) - set(pipeline.dataset_profiles))]
+    for kind, name in unknown[:MAX_UNKNOWN_NAMES]:
+        print(unknown_line("replay", kind, name), file=sys.stderr)
+    if len(unknown) > MAX_UNKNOWN_NAMES:
+        print(f"replay: warning: {len(unknown) - MAX_UNKNOWN_NAMES} more models or datasets "
+              "match no profile", file=sys.stderr)
+
+
+class _Dataset(msgspec.Struct):
+    dataset: str
+
+
+def _datasets(path: Path) -> set[str]:
+    """The dataset names of a training-stats file (lines that do not parse are skipped)."""
+    decoder = msgspec.json.Decoder(_Dataset)
+    names = set()
+    with open(path, "rb") as handle:
+        for raw in handle:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                names.add(decoder.decode(raw).dataset)
+    return names
 
 
 def _worker(args) -> int:
@@ -133,9 +173,16 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def _tail(args) -> int:
+def tail_checkpoint(settings, path: str) -> Path:
+    """Where ``tail`` keeps its position for ``path`` by default: in the state dir, named
+    after the file (the compose file's tail healthcheck looks for ``tail-*.json``)."""
     import hashlib
 
+    name = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    return settings.state_dir / f"tail-{Path(path).name}-{name}.json"
+
+
+def _tail(args) -> int:
     from streams.tail import Checkpoint, Shipper, follow
 
     settings = resolve(args)
@@ -143,12 +190,13 @@ def _tail(args) -> int:
         raise UserError("tail: needs --broker or MODELWATCH_BROKER")
     checkpoint_path = args.checkpoint
     if checkpoint_path is None and args.path != "-":
-        name = hashlib.sha1(str(Path(args.path).resolve()).encode()).hexdigest()[:12]
         try:
             settings.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{settings.state_dir}: cannot create: {exc.strerror}") from None
-        checkpoint_path = settings.state_dir / f"tail-{Path(args.path).name}-{name}.json"
+        checkpoint_path = tail_checkpoint(settings, args.path)
+    if args.once and args.path != "-" and not Path(args.path).exists():
+        raise UserError(f"{args.path}: cannot read: no such file")
     shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as a service: flush and checkpoint first
     try:
@@ -165,32 +213,13 @@ def _run(args) -> int:
         from streams.demo import play_demo_offline
 
         return play_demo_offline(args.thresholds)
-    from streams.run import run, run_demo
+    from streams.run import check_inputs, run, run_demo
 
     settings = resolve(args)
-    passed_on = []  # the settings the worker and tail need too (the broker is given apart)
-    for name in ("profiles", "thresholds", "state_dir", "metrics_port", "sinks",
-                 "topic_inference", "topic_stats",
-                 "topic_alerts", "topic_deadletter", "tls_ca", "tls_cert", "tls_key",
-                 "sasl_mechanism", "sasl_username", "sasl_password"):
-        value = getattr(settings, name)
-        if value is not None:
-            passed_on += ["--" + name.replace("_", "-"), str(value)]
     if args.demo:
-        return run_demo(settings, _drop_flags(passed_on, ("--profiles", "--state-dir")))
-    return run(settings, args.log, passed_on)
-
-
-def _drop_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in flags:
-            skip = True
-        else:
-            out.append(item)
-    return out
+        return run_demo(settings)
+    checked = check_inputs(settings, args.log)  # before anything starts
+    return run(settings, args.log, checked)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("profile", help="profile a training set (CSV or Parquet)")
-    p.add_argument("--model", required=True, help="model name, as in inference events")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help="the model's name, as in the inference events' model field "
+                        "(a name, not a model file)")
     p.add_argument("--data", required=True, type=Path, help="training data, header row")
     p.add_argument("--label-column", required=True, help="the label's column")
     p.add_argument("--dataset", help="dataset name, as in training-stats events (default: model)")
@@ -208,10 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("stats", help="one training batch (CSV) -> one training-stats event")
-    p.add_argument("--profile", required=True, type=Path)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--source", required=True)
-    p.add_argument("--batch-id", required=True)
+    p.add_argument("--profile", required=True, type=Path,
+                   help="the reference profile of the batch's dataset")
+    p.add_argument("--dataset", help="dataset name; must be the profile's (default: the profile's)")
+    p.add_argument("--source", required=True,
+                   help="who supplied the batch (a vendor, feed or pipeline): the poisoning "
+                        "detectors compare each source with its own history")
+    p.add_argument("--batch-id", required=True, help="the batch's id, carried into alerts")
     p.add_argument("--ts", help="event time, RFC 3339 (default: now)")
     p.add_argument("--kafka", action="store_true",
                    help="send the event to the training-stats topic instead of stdout")
@@ -251,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="play the built-in scenario through the stack and print its alerts")
     p.add_argument("--offline", action="store_true",
                    help="with --demo: play it through replay, without a broker")
-    p.add_argument("--log", type=Path, help="an inference log to follow and ship")
+    p.add_argument("--log", type=Path,
+                   help="an inference log to follow and ship (checked before anything starts)")
     add_arguments(p)
     p.set_defaults(func=_run)
 

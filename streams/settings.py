@@ -1,7 +1,8 @@
 """Settings shared by ``worker``, ``tail`` and ``run`` (contract v1): each a flag
 and a ``MODELWATCH_*`` environment variable; the flag wins. An environment
 variable with the prefix that names no setting is an error (a typo would
-otherwise be silently ignored).
+otherwise be silently ignored). Each command takes the settings it uses
+(:data:`COMMAND_SETTINGS`); its ``--help`` lists only those.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ SETTINGS = (
             "means the embedded broker", None, _broker),
     Setting("profiles", "folder of reference profiles (*.json)", None, Path),
     Setting("thresholds", "thresholds TOML overriding the built-in defaults", None, Path),
-    Setting("state_dir", "local state (RocksDB)", Path("modelwatch-state"), Path),
+    Setting("state_dir", "local state: the worker's tables (RocksDB), tail's shipped position", Path("modelwatch-state"), Path),
     Setting("metrics_port", "Prometheus endpoint port; 0 disables", 9108, _port),
     Setting("topic_inference", "inference events topic", "inference-logs"),
     Setting("topic_stats", "training-stats topic", "training-stats"),
@@ -78,6 +79,19 @@ SETTINGS = (
     Setting("sasl_username", "SASL user name", None),
     Setting("sasl_password", "SASL password (prefer the environment variable)", None),
 )
+
+
+CONNECTION = ("broker", "tls_ca", "tls_cert", "tls_key", "sasl_mechanism", "sasl_username",
+              "sasl_password")
+#: The settings of each command that takes any, by its name after ``modelwatch``.
+#: ``worker`` and ``run`` take them all (``run`` passes each child what it takes).
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "worker": tuple(s.name for s in SETTINGS),
+    "run": tuple(s.name for s in SETTINGS),
+    "tail": (*CONNECTION, "state_dir", "topic_inference", "topic_deadletter"),
+    "stats": (*CONNECTION, "topic_stats"),
+    "alerts forward": (*CONNECTION, "topic_alerts"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,23 @@ class Settings:
     sasl_password: str | None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; ``--help`` names its environment variable and default."""
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """One flag per setting in ``names``; ``--help`` names its environment variable and default.
+
+    Without ``names``: the settings the command takes (:data:`COMMAND_SETTINGS`, by the
+    parser's prog, e.g. ``modelwatch tail``), or all of them for a parser of no command.
+    """
+    if names is None:
+        command = parser.prog.split(" ", 1)[1] if " " in parser.prog else parser.prog
+        names = COMMAND_SETTINGS.get(command, COMMAND_SETTINGS["worker"])
+    wanted = set(names)
+    unknown = wanted - {s.name for s in SETTINGS}
+    if unknown:
+        raise ValueError(f"not settings: {sorted(unknown)}")
     group = parser.add_argument_group("settings (each flag also reads its environment variable)")
     for s in SETTINGS:
+        if s.name not in wanted:
+            continue
         default = f"; default {s.default}" if s.default is not None else ""
         group.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.split("_")[-1].upper(),
                            help=f"{s.help} [{s.env}{default}]")
@@ -134,3 +161,13 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     if settings.sasl_mechanism and not (settings.sasl_username and settings.sasl_password):
         raise UserError("--sasl-mechanism needs --sasl-username and --sasl-password")
     return settings
+
+
+def settings_argv(settings: Settings, names: Iterable[str]) -> list[str]:
+    """The flags that give a child command these settings' values (unset ones left out)."""
+    argv = []
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv

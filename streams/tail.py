@@ -153,11 +153,14 @@ def follow(path: str, shipper: Shipper, checkpoint: Checkpoint, *, once: bool,
 
     A checkpoint of another file (the log was rotated while tail was stopped)
     starts the current file from its beginning; the rest of the old file is not
-    shipped.
+    shipped. Like ``tail -F``, a file that is not there yet is waited for (with
+    ``once``, it is an error).
     """
     if path == "-":
         return _ship_stdin(shipper)
     checkpoint.load()
+    if not once:
+        _wait_for(path, poll_s)
     handle, inode = _open(path)
     if inode == checkpoint.inode:
         handle.seek(checkpoint.offset)
@@ -197,6 +200,17 @@ def follow(path: str, shipper: Shipper, checkpoint: Checkpoint, *, once: bool,
         shipper.flush()
         checkpoint.save(inode, offset, line)
         handle.close()
+
+
+def _wait_for(path: str, poll_s: float) -> None:
+    """Until ``path`` exists; says so once on stderr."""
+    if os.path.exists(path):
+        return
+    print(f"tail: {path}: no such file yet; waiting for it to appear", file=sys.stderr,
+          flush=True)
+    while not os.path.exists(path):
+        time.sleep(poll_s)
+    print(f"tail: {path}: appeared; shipping it", file=sys.stderr, flush=True)
 
 
 def _open(path: str):
