@@ -200,6 +200,9 @@ def _plain(evidence: dict) -> dict:
 
 
 def _finite(value: float) -> float:
+    """Infinities as the largest plain numbers; NaN (no number at all) as 0."""
+    if math.isnan(value):
+        return 0.0
     return float(value) if math.isfinite(value) else float(np.sign(value) * 1e308)
 
 

@@ -374,6 +374,17 @@ def test_every_fuzzed_alert_is_valid_ecs_and_a_valid_ocsf_detection_finding():
         assert ocsf_problems(ocsf(alert)) == [], alert["event"]["id"]
 
 
+def test_every_alert_keeps_the_contract_schema(demo_alerts):
+    """Our namespace (modelwatch.*) and the rest, as the shipped JSON Schema says."""
+    import jsonschema
+
+    from streams.records import shipped_schema
+
+    validator = jsonschema.Draft202012Validator(shipped_schema("alert"))
+    for alert in [*demo_alerts, *FUZZED]:
+        assert [e.message for e in validator.iter_errors(alert)] == [], alert["event"]["id"]
+
+
 def test_sub_techniques_have_their_parent_and_every_id_is_kept():
     """No ATLAS id a rule names is lost: sub-techniques keep theirs, in ECS's field."""
     for alert in FUZZED:

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import inspect
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -57,6 +58,50 @@ CEF = (f"CEF:0|modelwatch|modelwatch|{VERSION}|extraction.query_distribution|"
 # local0 (16) * 8 + error (3): severity 73 is in the "high" band
 SYSLOG = f"<131>1 2026-11-21T10:00:05.140Z mw-test modelwatch - extraction - {CEF}".encode()
 FRAME = b"%d " % len(SYSLOG) + SYSLOG  # RFC 6587 octet counting
+
+
+CEF_UNESCAPE = {"\\": "\\", "|": "|", "=": "=", "n": "\n", "r": "\r"}
+
+
+def parse_cef(text: str) -> tuple[list[str], dict[str, str]]:
+    """(the 7 header fields, the extension's key -> value), unescaped as a receiver does:
+    a key is the word before an unescaped ``=``."""
+    assert text.startswith("CEF:"), text[:20]
+    header, field, i = [], [], 0
+    while len(header) < 7:
+        if text[i] == "\\":
+            assert text[i + 1] in "\\|", f"bad header escape at {i}"
+            field.append(text[i + 1])
+            i += 2
+        elif text[i] == "|":
+            header.append("".join(field))
+            field, i = [], i + 1
+        else:
+            field.append(text[i])
+            i += 1
+    chars: list[tuple[str, bool]] = []  # (character, was escaped)
+    rest = text[i:]
+    j = 0
+    while j < len(rest):
+        if rest[j] == "\\":
+            assert rest[j + 1] in CEF_UNESCAPE, f"bad extension escape {rest[j:j + 2]!r}"
+            chars.append((CEF_UNESCAPE[rest[j + 1]], True))
+            j += 2
+        else:
+            chars.append((rest[j], False))
+            j += 1
+    extension, key, start = {}, None, 0
+    for k, (ch, escaped) in enumerate(chars):
+        if ch == "=" and not escaped:
+            space = max((m for m in range(start, k) if chars[m] == (" ", False)), default=-1)
+            if key is not None:
+                extension[key] = "".join(c for c, _ in chars[start:space])
+            key = "".join(c for c, _ in chars[space + 1:k])
+            assert key.isalnum(), f"bad key {key!r}"
+            start = k + 1
+    if key is not None:
+        extension[key] = "".join(c for c, _ in chars[start:])
+    return header, extension
 
 
 def alert(n: int, **changes) -> dict:
@@ -547,3 +592,196 @@ def test_outbox_close_drains_what_is_queued(tmp_path):
     assert outbox.take_counts() == (5, 0, 0) and outbox.take_counts() == (0, 0, 0)
     assert [json.loads(line)["event"]["id"] for line in path.read_text().splitlines()] == \
         [alert(n)["event"]["id"] for n in range(5)]
+
+
+# --- hostile text, sizes, addresses ---------------------------------------------------
+
+# What no line-based output may carry raw: C0 (NUL, ESC, CR, LF …), DEL, C1 (U+0085 …),
+# the line and paragraph separators, bidi overrides.
+RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+HOSTILE = "k\x00e\x1b[2J\x07y\u0085\u2028\u2029\u202e\x9b\r\nz\x7f"
+
+
+def hostile_alert() -> dict:
+    doc = alert(7)
+    doc["user"]["id"] = doc["modelwatch"]["client_id"] = HOSTILE
+    doc["modelwatch"]["trigger"]["request_id"] = "req" + HOSTILE
+    doc["rule"]["description"] = "title" + HOSTILE
+    doc["message"] = "message " + HOSTILE
+    doc["source"] = {"address": "gw" + HOSTILE}
+    return doc
+
+
+def test_no_control_character_reaches_cef_syslog_or_the_terminal():
+    from streams.alerts import alert_line
+    from tests.test_ecs import FUZZED
+
+    for doc in [hostile_alert(), *FUZZED]:
+        message = syslog_message(doc, hostname="h\x1bost")
+        assert not RAW_CONTROL.search(message.decode("utf-8")), doc["event"]["id"]
+        assert not RAW_CONTROL.search(alert_line(doc)), doc["event"]["id"]
+        parse_cef(cef(doc))  # every escape is one CEF defines
+    header, fields = parse_cef(cef(hostile_alert()))
+    # visible, not lost: the receiver reads \x1b where ESC was; CEF's own \n stays
+    assert fields["suser"] == ("k\\x00e\\x1b[2J\\x07y\\x85\\u2028\\u2029\\u202e\\x9b"
+                               "\r\nz\\x7f").replace("\r\n", "\n")
+    assert fields["cs6"] == "req" + fields["suser"] and fields["shost"] == "gw" + fields["suser"]
+    assert header[5].startswith("titlek\\x00e\\x1b") and "\n" not in header[5]
+    from streams.alerts import alert_line
+    assert "k\\x00e\\x1b[2J" in alert_line(hostile_alert())
+
+
+def test_cef_fields_are_capped_at_the_spec_lengths_and_say_so():
+    doc = alert(8)
+    doc["modelwatch"]["trigger"]["request_id"] = "r" * 10_000
+    doc["user"]["id"] = "u" * 5_000
+    doc["source"] = {"address": "h" * 3_000}
+    doc["rule"]["description"] = "d" * 2_000
+    doc["message"] = "m" * 70_000
+    header, fields = parse_cef(cef(doc))
+    assert len(header[5]) == 512 and header[5].endswith("...")
+    assert len(fields["cs6"]) == 4000 and fields["cs6"] == "r" * 3997 + "..."
+    assert len(fields["suser"]) == len(fields["shost"]) == len(fields["msg"]) == 1023
+    cut = (10_000 - 3997) + (5_000 - 1020) + (3_000 - 1020) + (2_000 - 509) + (70_000 - 1020)
+    assert (fields["cn2Label"], fields["cn2"]) == ("truncatedChars", str(cut))
+    assert "cn2" not in parse_cef(cef(ALERT))[1]  # nothing cut, nothing said
+
+
+def test_cef_src_is_ipv4_and_ipv6_goes_to_c6a2():
+    def fields(ip):
+        return parse_cef(cef(alert(9, source={"ip": ip})))[1]
+
+    assert fields("203.0.113.7")["src"] == "203.0.113.7"
+    v6 = fields("2001:db8::1")
+    assert "src" not in v6 and (v6["c6a2Label"], v6["c6a2"]) == ("Source IPv6 Address",
+                                                                 "2001:db8::1")
+    assert fields("::ffff:192.0.2.9")["src"] == "192.0.2.9"  # an IPv4 in IPv6 clothes
+    assert "src" not in fields("not-an-address") and "c6a2" not in fields("not-an-address")
+
+
+def test_syslog_msg_has_the_bom_only_when_it_is_not_ascii():
+    assert b"\xef\xbb\xbf" not in SYSLOG
+    doc = alert(10)
+    doc["user"]["id"] = "clé-7"
+    message = syslog_message(doc, hostname="mw-test")
+    head = b"<131>1 2026-11-21T10:00:05.140Z mw-test modelwatch - extraction - "
+    assert message.startswith(head + b"\xef\xbb\xbfCEF:0|")
+    assert "suser=clé-7 " in message[len(head) + 3:].decode("utf-8")
+
+
+@pytest.mark.parametrize("max_bytes", [480, 700, 2048, 8192])
+def test_a_message_fits_max_bytes_by_cutting_input_sized_fields_first(max_bytes):
+    doc = alert(11)
+    doc["modelwatch"]["trigger"]["request_id"] = "r" * 10_000
+    doc["message"] = "m\u2028" * 30_000
+    doc["user"]["id"] = "ü" * 3_000
+    message = syslog_message(doc, hostname="mw-test", max_bytes=max_bytes)
+    assert len(message) <= max_bytes
+    assert message.startswith(b"<131>1 2026-11-21T10:00:05.140Z mw-test modelwatch - extraction"
+                              b" - \xef\xbb\xbfCEF:0|modelwatch|")
+    text = message.decode("utf-8")  # cut at a character boundary
+    assert "externalId=" + doc["event"]["id"] in text and "cn2Label=truncatedChars cn2=" in text
+    if max_bytes >= 2048:  # room for every field: only input-sized values were cut
+        _, fields = parse_cef(text.split(" - \ufeff", 1)[1])
+        assert fields["cfp1"] == "0.97" and fields["cn1"] == "412"
+        assert fields["cs1"] == "AML.T0024,AML.T0024.002"
+        assert fields["cs6"].endswith("...") and fields["msg"].endswith("...")
+
+
+def test_max_bytes_is_checked_in_the_url():
+    for url, problem in [("syslog+udp://h?max_bytes=70000", "max_bytes='70000': expected a "
+                          "number 480..65507"),
+                         ("syslog+tcp://h?max_bytes=100", "max_bytes='100'"),
+                         ("syslog+tls://h?max_bytes=lots", "max_bytes='lots'")]:
+        with pytest.raises(UserError, match=re.escape(problem)):
+            open_sink(url)
+    assert open_sink("syslog+udp://h").max_bytes == 2048
+    assert open_sink("syslog+tcp://h").max_bytes == open_sink("syslog+tls://h").max_bytes == 8192
+    assert open_sink("syslog+udp://h?max_bytes=65507").max_bytes == 65507
+
+
+def test_udp_keeps_a_huge_alert_within_one_datagram_of_the_configured_size():
+    doc = alert(12)
+    doc["modelwatch"]["trigger"]["request_id"] = "r" * 70_000
+    doc["message"] = "m" * 70_000
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+        small = open_sink(f"syslog+udp://127.0.0.1:{port}")
+        large = open_sink(f"syslog+udp://127.0.0.1:{port}?max_bytes=65507")
+        send_once(small, [doc, ALERT])
+        send_once(large, [doc])
+        got = [listener.recv(65535) for _ in range(3)]
+    assert len(got[0]) <= 2048 and b"cn2Label=truncatedChars" in got[0]
+    assert got[1].endswith(SYSLOG[SYSLOG.index(b" - CEF:"):])  # the next one, whole
+    assert 2048 < len(got[2]) <= 65507
+    assert b"\xef\xbb\xbf" not in got[0] + got[2]  # ASCII, even cut
+    _, fields = parse_cef(got[2].split(b" - ", 2)[2].decode())
+    assert len(fields["cs6"]) == 4000 and len(fields["msg"]) == 1023  # field caps only
+    assert (small.truncated, large.truncated) == (1, 1)
+
+
+def test_tcp_frames_keep_within_max_bytes():
+    doc = alert(13)
+    doc["modelwatch"]["trigger"]["request_id"] = "r" * 70_000
+
+    async def main():
+        server, received, port = await stream_server()
+        sink = open_sink(f"syslog+tcp://127.0.0.1:{port}?max_bytes=1024")
+        await sink.send([doc, ALERT])
+        await sink.close()
+        await wait_until(lambda: len(unframe(bytes(received))) == 2)
+        server.close()
+        return unframe(bytes(received))
+
+    big, normal = run(main())
+    assert len(big) <= 1024 and b"cn2Label=truncatedChars" in big
+    assert normal.endswith(SYSLOG[SYSLOG.index(b" - CEF:"):])
+
+
+def test_a_udp_send_that_fails_is_a_failure_of_its_own_alerts():
+    """A datagram the kernel refuses (EMSGSIZE) raises from the send that carried it:
+    the outbox counts a failure, not a delivery, and keeps the alert to retry."""
+    import errno
+
+    from streams.sinks.syslog_cef import SyslogUDPSink
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        sink = SyslogUDPSink("127.0.0.1", port)
+        sink.message = lambda doc: b"x" * 70_000  # over any UDP payload
+
+        with pytest.raises(OSError) as caught:
+            send_once(sink, [ALERT])
+        assert caught.value.errno == errno.EMSGSIZE
+
+        async def main():
+            outbox = Outbox(sink, backoff=(0.01, 0.02))
+            outbox.offer([ALERT])
+            await wait_until(lambda: outbox.failed >= 2)
+            delivered = outbox.delivered
+            await outbox.close(timeout=0.1)
+            return outbox, delivered
+
+        outbox, delivered = run(main())
+    assert delivered == 0 and outbox.delivered == 0 and outbox.dropped == 1
+
+
+def test_udp_refused_by_the_receiver_raises_on_a_send_not_silently():
+    """ICMP port unreachable comes back after a datagram left: the next send raises
+    (the batch is retried); nothing is counted as delivered after that."""
+    port = free_port()
+    sink = open_sink(f"syslog+udp://127.0.0.1:{port}")
+
+    async def main():
+        await sink.send([ALERT])
+        deadline = time.monotonic() + 10
+        with pytest.raises(ConnectionRefusedError):
+            while time.monotonic() < deadline:  # the ICMP error arrives asynchronously
+                await sink.send([ALERT])
+                await asyncio.sleep(0.01)
+        await sink.close()
+
+    run(main())

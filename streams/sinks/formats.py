@@ -30,8 +30,9 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree
     VERSION = "0.0.0"
 
-#: Marks where a value was cut to its limit.
-CUT = "…"
+#: Marks where a value was cut to its limit (ASCII: a cut alone does not make the
+#: syslog MSG UTF-8, which would put a BOM before ``CEF:``).
+CUT = "..."
 
 
 def epoch_ms(stamp: str) -> int:
@@ -106,8 +107,8 @@ class _Cutter:
             limit = max(MIN_SHRUNK, math.floor(limit * self.shrink))
         if len(text) <= limit:
             return text
-        self.cut += len(text) - (limit - 1)
-        return text[:limit - 1] + CUT
+        self.cut += len(text) - (limit - len(CUT))
+        return text[:limit - len(CUT)] + CUT
 
 
 def _source_address(source: dict) -> tuple[str | None, str | None]:
@@ -129,7 +130,7 @@ def cef(alert: dict, *, shrink: float = 1.0) -> str:
 
     Every value is capped at CEF's length for its key; ``shrink`` < 1 caps the
     input-sized values (:data:`SHRINKABLE`) further, to fit a message size. A cut
-    value ends in ``…``, and ``cn2`` (``truncatedChars``) counts what was cut.
+    value ends in ``...``, and ``cn2`` (``truncatedChars``) counts what was cut.
     Control characters never reach the output raw (:func:`cef_value_escape`).
     """
     event, rule, mw = alert["event"], alert["rule"], alert["modelwatch"]

@@ -85,9 +85,8 @@ def syslog_message(alert: dict, *, facility: int = FACILITIES["local0"],
         if max_bytes is None or len(message) <= max_bytes:
             return message
     body = message[len(head):]
-    if not body.startswith(BOM):
-        body = BOM + body  # the cut mark is not ASCII
-    return head + BOM + _cut_bytes(body[len(BOM):], max_bytes - len(head) - len(BOM))
+    bom = BOM if body.startswith(BOM) else b""
+    return head + bom + _cut_bytes(body[len(bom):], max_bytes - len(head) - len(bom))
 
 
 def octet_frame(message: bytes) -> bytes:
@@ -223,7 +222,7 @@ class SyslogTCPSink(SyslogSink):
 
 class SyslogTLSSink(SyslogTCPSink):
     name = "syslog+tls"
-    options = ("facility", "ca", "insecure")
+    options = ("facility", "max_bytes", "ca", "insecure")
     default_port = 6514
 
     @classmethod
