@@ -160,9 +160,10 @@ def techniques_of(doc: dict) -> list[str]:
     techniques that none of them refines (alerts made before sub-techniques had their
     own field list them all in ``technique.id``)."""
     technique = (doc.get("threat") or {}).get("technique") or {}
-    subs = list((technique.get("subtechnique") or {}).get("id") or [])
-    refined = {atlas_parent(t) for t in subs}
-    return subs + [t for t in technique.get("id") or [] if t not in refined and t not in subs]
+    subs = (technique.get("subtechnique") or {}).get("id") or []
+    listed = list(dict.fromkeys([*subs, *(technique.get("id") or [])]))
+    refined = {atlas_parent(t) for t in listed if atlas_parent(t) != t}
+    return [t for t in listed if t not in refined]
 
 
 # --- text for line-based outputs -------------------------------------------------

@@ -785,3 +785,19 @@ def test_udp_refused_by_the_receiver_raises_on_a_send_not_silently():
         await sink.close()
 
     run(main())
+
+
+def test_alerts_of_before_sub_techniques_had_their_field_format_the_same():
+    """Alerts already on the topic list AML.T0024.002 in technique.id (contract v1's
+    example): ``alerts forward`` turns them into the same OCSF attacks and CEF ids."""
+    old = copy.deepcopy(ALERT)
+    old["threat"] = {"framework": "MITRE ATLAS",
+                     "technique": {"id": ["AML.T0024.002"], "name": ["Extract AI Model"]}}
+    old["event"]["type"] = ["indicator"]
+    del old["ecs"]
+    assert ocsf(old)["finding_info"]["attacks"] == ocsf(ALERT)["finding_info"]["attacks"]
+    assert parse_cef(cef(old))[1]["cs1"] == "AML.T0024.002"
+    both = copy.deepcopy(old)
+    both["threat"]["technique"]["id"] = ["AML.T0043", "AML.T0043.001"]
+    [attack] = ocsf(both)["finding_info"]["attacks"]
+    assert attack["sub_technique"]["uid"] == "AML.T0043.001"
