@@ -1,6 +1,7 @@
 """Adversarial-input detection: query-based black-box attacks and evasion inputs.
 
-Rules, each a rate test on the client's recent queries (see :mod:`detectors.monitor`):
+Rules, each a rate test on the client's recent queries (see :mod:`detectors.monitor`)
+against an expected rate calibrated from production (:func:`detectors.monitor.expected_rate`):
 
 ``adversarial.query_crowding``
     Stateful detection after Chen, Carlini & Wagner (2019): decision-based attacks
@@ -14,8 +15,8 @@ Rules, each a rate test on the client's recent queries (see :mod:`detectors.moni
     population's (median over clients).
 ``adversarial.out_of_distribution``
     Queries beyond the profile's calibrated 99th-percentile Mahalanobis distance,
-    far more often than 1 %: transfer attacks (FGSM on a substitute) move every
-    feature at once and leave the data manifold.
+    both as sent and after the client's own calibration is taken out (see
+    :mod:`detectors.features`), far more often than the population's clients are.
 ``adversarial.feature_bounds``
     Feature values beyond the training data's bounds.
 """
@@ -52,18 +53,18 @@ def judge(view, cfg) -> list[Candidate]:
         candidates.append(Candidate("adversarial", (k >= min_flagged) & (s >= surprise), verdict_at))
 
     if view.profile is not None:
-        rate_rule("query_crowding", "crowded", cfg["crowding_p0"], QUERY_BASED,
-                  "queries crowd around each other as in a decision-based black-box attack")
-        rate_rule("out_of_distribution", "ood", cfg["ood_p0"], EVASION,
-                  "queries lie outside the training distribution far more often than honest traffic")
+        rate_rule("query_crowding", "crowded", view.expected["crowded"],
+                  QUERY_BASED,
+                  "queries crowd around each other at the decision boundary as in a "
+                  "decision-based black-box attack")
+        rate_rule("out_of_distribution", "ood", view.expected["ood"], EVASION,
+                  "queries lie outside the training distribution, even after the client's own "
+                  "calibration, far more often than the population's clients")
         rate_rule("feature_bounds", "bounds",
-                  max(cfg["bounds_p0"], view.profile.bounds_rate), EVASION,
+                  view.expected["bounds"], EVASION,
                   "queries carry feature values beyond the training data's bounds")
-    median = view.population.median_low_margin()
-    base = cfg["low_margin_floor"] if median is None else max(median, 0.01)
-    p0 = min(0.5, cfg["low_margin_factor"] * base)
-    rate_rule("low_margin", "low_margin", p0, QUERY_BASED,
-              "answers sit on the decision boundary far more often than the population's")
+    rate_rule("low_margin", "low_margin", view.expected["low_margin"],
+              QUERY_BASED, "answers sit on the decision boundary far more often than the population's")
     return candidates
 
 
@@ -76,12 +77,17 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-query (flagged, eligible) masks for this family's rate tests."""
     out = {}
     margin = view.batch.margin
-    out["low_margin"] = (margin < cfg["low_margin"], ~np.isnan(margin))
+    low = margin < cfg["low_margin"]
+    out["low_margin"] = (low, ~np.isnan(margin))
     if view.profile is not None:
         feats = view.batch.has_features
-        knn = view.neighbours.knn_mean
-        out["crowded"] = (knn < crowding_threshold(view.profile, cfg), ~np.isnan(knn))
-        out["ood"] = (view.batch.ood > view.profile.ood_threshold, feats)
+        nb = view.neighbours
+        knn = nb.knn_mean
+        at_boundary = nb.mixed | low
+        out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary, ~np.isnan(knn))
+        threshold = view.profile.ood_threshold
+        own = view.own_ood
+        out["ood"] = ((view.batch.ood > threshold) & (own > threshold), ~np.isnan(own))
         out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
     return out

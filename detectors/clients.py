@@ -11,7 +11,12 @@ into batches). From it come
   same answer (PRADA's minimum distance);
 * ``knn_mean``: mean distance to the ``k`` nearest earlier distinct queries
   other than the query's own copies (Chen, Carlini & Wagner's query-crowding
-  statistic);
+  statistic), and ``mixed``: whether those neighbours got another answer than
+  the query (a decision-based attack walks the boundary, so its crowded queries
+  straddle it; an honest client re-scoring one entity gets one answer);
+* ``near_repeat``: the nearest earlier distinct query is closer than honest
+  distinct records ever are (the same entity re-measured or re-sent with a
+  small change): PRADA leaves these out like exact repeats;
 * ``sign_step``: the query is its nearest earlier distinct query moved by about
   the same share of each feature's range in most features — the shape of a
   gradient-sign step (Papernot et al.'s Jacobian-based augmentation).
@@ -52,14 +57,17 @@ class Neighbours:
     repeat: np.ndarray          # bool
     nn_same_class: np.ndarray   # NaN where no earlier distinct query of that class
     knn_mean: np.ndarray        # NaN where fewer than k earlier distinct queries
+    mixed: np.ndarray           # bool: the k nearest hold an answer other than the query's
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
 
 
 #: A step changes at least this share of the live features...
 STEP_COVERAGE = 0.6
-#: ...by amounts (as shares of each feature's range) this uniform (std / mean).
+#: ...by amounts (as shares of each feature's range) this uniform (std / mean)...
 STEP_UNIFORMITY = 0.35
+#: ...and on average at least this share of the range: smaller moves are re-measurement noise.
+STEP_MIN_SHARE = 0.02
 
 
 def sign_steps(diff: np.ndarray, unit: np.ndarray) -> np.ndarray:
@@ -74,7 +82,8 @@ def sign_steps(diff: np.ndarray, unit: np.ndarray) -> np.ndarray:
     count = changed.sum(1)
     mean = np.where(changed, share, 0).sum(1) / np.maximum(count, 1)
     spread = np.sqrt(np.where(changed, (share - mean[:, None]) ** 2, 0).sum(1) / np.maximum(count, 1))
-    return (count >= STEP_COVERAGE * live.sum()) & (count >= 2) & (spread <= STEP_UNIFORMITY * mean)
+    return ((count >= STEP_COVERAGE * live.sum()) & (count >= 2) & (spread <= STEP_UNIFORMITY * mean)
+            & (mean >= STEP_MIN_SHARE))
 
 
 @dataclass
@@ -86,6 +95,7 @@ class ClientState:
     size: int
     events: int = 0
     distinct: int = 0
+    featured: int = 0                                 # events with features (own calibration)
     first_ts: float = float("nan")
     last_ts: float = float("nan")
     window: np.ndarray = field(default=None)          # (size, features) float32, oldest first
@@ -97,7 +107,8 @@ class ClientState:
     rates: np.ndarray = field(default=None)           # (RATES, 2) decayed flagged / total counts
     prada: np.ndarray = field(default=None)           # recent PRADA minimum distances, ring
     prada_count: int = 0                              # distances ever recorded
-    margin_bin: int = -1                              # this client's bin in the population histogram
+    rate_bins: np.ndarray = field(default=None)       # its bin per rate in the population histograms
+    z_sum: np.ndarray = field(default=None)           # sum of its scaled features: its own calibration
     pooled_epoch: float = -1.0                        # epoch of pooled_counts
     pooled_counts: np.ndarray = field(default=None)   # own share of its IP's pooled counts, this epoch
     ip: str = ""                                      # the source IP its pooled counts went to
@@ -113,19 +124,25 @@ class ClientState:
             self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
             self.rates = np.zeros((len(RATES), 2))
             self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
+            self.rate_bins = np.full(len(RATES), -1, dtype=np.int16)
+            self.z_sum = np.zeros(self.n_features)
             self.pooled_counts = np.zeros(5)
             self.ip_counts = np.zeros(5)
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
 RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step")
+RATE_BINS = 101  # per-client rates in whole percent
+#: A client's rate joins the population's baseline once this many queries were eligible.
+RATE_MIN_ELIGIBLE = 20
 PRADA_RING = 512
 
 
 def state_bytes(state: ClientState) -> int:
     """Bytes held by one client's arrays (the fixed part of its memory)."""
     arrays = (state.window, state.window_label, state.window_repeat, state.window_hash,
-              state.class_counts, state.rates, state.prada, state.pooled_counts)
+              state.class_counts, state.rates, state.prada, state.pooled_counts, state.rate_bins,
+              state.z_sum)
     return sum(a.nbytes for a in arrays)
 
 
@@ -135,26 +152,29 @@ def _pairwise(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def neighbours(state: ClientState, batch: QueryBatch, k: int,
-               unit: np.ndarray | None = None) -> Neighbours:
+               unit: np.ndarray | None = None, near: float = 0.0) -> Neighbours:
     """Distances of each query to its window, then the window moves on.
 
     Scores first, learns after: a query only ever sees queries before it.
     Rows without features are neither scored nor stored. ``unit`` (feature
-    ranges in scaled units) enables the sign-step check.
+    ranges in scaled units) enables the sign-step check; a query whose nearest
+    earlier distinct query is closer than ``near`` is a near repeat.
     """
     rows = np.flatnonzero(batch.has_features)
     m = len(batch)
     repeat = np.zeros(m, dtype=bool)
     nn_same = np.full(m, np.nan)
     knn = np.full(m, np.nan)
+    mixed = np.zeros(m, dtype=bool)
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, st, hn = _score_block(state, batch.Z[sub].astype(np.float32), batch.label[sub],
-                                         k, unit)
-        repeat[sub], nn_same[sub], knn[sub], step[sub], has_nearest[sub] = r, nn, kn, st, hn
-    return Neighbours(repeat, nn_same, knn, step, has_nearest)
+        r, nn, kn, mx, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
+                                             batch.label[sub], k, unit, near)
+        repeat[sub], nn_same[sub], knn[sub], mixed[sub], step[sub], has_nearest[sub] = (
+            r, nn, kn, mx, st, hn)
+    return Neighbours(repeat, nn_same, knn, mixed, step, has_nearest)
 
 
 @lru_cache(maxsize=256)
@@ -183,7 +203,7 @@ def _multipliers(width: int) -> np.ndarray:
 
 
 def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
-                 unit: np.ndarray | None):
+                 unit: np.ndarray | None, near: float):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
@@ -197,16 +217,20 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     # A column that repeats an earlier query stands for nothing new: drop it.
     col_repeat = np.concatenate([state.window_repeat[:h], repeat])
     D[:, col_repeat] = np.inf
+    nearest = D.argmin(1)
+    nearest_d = D[np.arange(m), nearest]
+    has_nearest = np.isfinite(nearest_d) & ~repeat
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
-    nn_same[~np.isfinite(nn_same) | repeat] = np.nan
+    nn_same[~np.isfinite(nn_same) | repeat | (nearest_d < near)] = np.nan
     kk = min(k, D.shape[1])
     # Repeats keep their distance to the *other* distinct queries: an honest
     # client re-asks far-apart records, an attacker's rounded probes repeat
     # among near-identical ones.
-    knn = np.partition(D, kk - 1, axis=1)[:, :kk].mean(1)
+    idx = np.argpartition(D, kk - 1, axis=1)[:, :kk]
+    near_d = np.take_along_axis(D, idx, 1)
+    knn = near_d.mean(1)
     knn[~np.isfinite(knn)] = np.nan
-    nearest = D.argmin(1)
-    has_nearest = np.isfinite(D[np.arange(m), nearest]) & ~repeat
+    mixed = ((R_label[idx] != labels[:, None]) & np.isfinite(near_d)).any(1)
     step = np.zeros(m, dtype=bool)
     if unit is not None and has_nearest.any():
         step[has_nearest] = sign_steps(Q[has_nearest] - R[nearest[has_nearest]], unit)
@@ -217,7 +241,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
     state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
-    return repeat, nn_same, knn, step, has_nearest
+    return repeat, nn_same, knn, mixed, step, has_nearest
 
 
 @dataclass
@@ -225,14 +249,15 @@ class Population:
     """What the population of one model's clients looks like, for comparisons.
 
     Updated between batches (a detector reads the state as it was before the
-    batch), bounded in size: class answer counts, a histogram of per-client
-    low-margin rates (for a robust median), a histogram of per-client volumes
-    (log2 bins) and, per source IP, a bounded set of client ids.
+    batch), bounded in size: class answer counts, per rate test a histogram of
+    per-client rates (the production baseline each rate rule calibrates from, see
+    :meth:`baseline`), a histogram of per-client volumes (log2 bins) and, per
+    source IP, a bounded set of client ids.
     """
 
     n_classes: int
     class_counts: np.ndarray = field(default=None)
-    margin_hist: np.ndarray = field(default=None)     # clients per low-margin-rate bin (percent)
+    rate_hist: np.ndarray = field(default=None)       # (RATES, 101) clients per rate bin (percent)
     volume_hist: np.ndarray = field(default=None)     # clients per log2(events) bin
     ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "counts": [5 sums]}
     epoch: float = -1.0                               # event-time epoch this snapshot opens
@@ -240,14 +265,26 @@ class Population:
     def __post_init__(self):
         if self.class_counts is None:
             self.class_counts = np.zeros(self.n_classes, dtype=np.float64)
-            self.margin_hist = np.zeros(101, dtype=np.int64)
+            self.rate_hist = np.zeros((len(RATES), RATE_BINS), dtype=np.int64)
             self.volume_hist = np.zeros(40, dtype=np.int64)
 
-    def median_low_margin(self, min_clients: int = 20) -> float | None:
-        total = self.margin_hist.sum()
+    def baseline(self, rate: str, quantile: float, min_clients: int) -> float | None:
+        """The ``quantile`` of per-client rates of ``rate`` over clients with a rate worth
+        the name, or None while fewer than ``min_clients`` have one.
+
+        A quantile over clients, not over queries: one heavy client cannot move it, and
+        attackers move it only once they are more than ``1 - quantile`` of the clients.
+
+        >>> pop = Population(2)
+        >>> pop.rate_hist[RATES.index("ood"), [1, 2, 40]] = [60, 30, 10]
+        >>> pop.baseline("ood", 0.75, 20)
+        0.02
+        """
+        hist = self.rate_hist[RATES.index(rate)]
+        total = int(hist.sum())
         if total < min_clients:
             return None
-        return float(np.searchsorted(np.cumsum(self.margin_hist), total / 2)) / 100.0
+        return float(np.searchsorted(np.cumsum(hist), quantile * total)) / (RATE_BINS - 1)
 
     def volume_quantile(self, q: float) -> float | None:
         total = self.volume_hist.sum()
@@ -264,8 +301,8 @@ class Population:
         self.class_counts += state.class_counts
         if state.events:
             self.volume_hist[volume_bin(state.events)] += 1
-        if state.margin_bin >= 0:
-            self.margin_hist[state.margin_bin] += 1
+        joined = np.flatnonzero(state.rate_bins >= 0)
+        self.rate_hist[joined, state.rate_bins[joined]] += 1
         if state.ip:
             self.pool(state.ip, client_id, state.ip_counts)
 
@@ -276,7 +313,7 @@ class Population:
     def merge(self, other: Population) -> None:
         """Add another shard's population (disjoint clients) into this one."""
         self.class_counts += other.class_counts
-        self.margin_hist += other.margin_hist
+        self.rate_hist += other.rate_hist
         self.volume_hist += other.volume_hist
         for ip, entry in other.ips.items():
             self._pool(ip, entry["ids"], np.asarray(entry["counts"]))

@@ -69,7 +69,7 @@ def judge(view, cfg) -> list[Candidate]:
     if view.profile is not None:
         k, n = view.rate("ood")
         share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
-        s = rate_surprise(k, n, 0.01)
+        s = rate_surprise(k, n, view.expected["ood"])
         candidates.append(_candidate(
             view, "synthetic_queries",
             (events >= cfg["synthetic_min_queries"]) & (share >= cfg["synthetic_min_share"])
@@ -79,7 +79,7 @@ def judge(view, cfg) -> list[Candidate]:
             lambda i: {"off_profile_share": round(float(share[i]), 3)}))
 
         k_step, n_step = view.rate("sign_step")
-        p0 = min(0.5, max(cfg["step_p0"], 2 * view.profile.sign_step_rate))
+        p0 = view.expected["sign_step"]
         s_step = rate_surprise(k_step, n_step, p0, cfg["step_min_flagged"])
         candidates.append(_candidate(
             view, "gradient_steps",
@@ -181,7 +181,7 @@ def _coverage(view, cfg, events) -> Candidate:
                    "distinct_share": round(float(distinct[i]), 3), "population_p95_events": p95})
 
 
-def pooled_hits(n_ids: int, counts: np.ndarray, cfg, step_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pooled_hits(n_ids: int, counts: np.ndarray, cfg, expected: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per event, whether several ids behind one IP look like extraction when pooled.
 
     ``counts`` is (events, 5): off-profile, with features, steps, with a nearest
@@ -195,8 +195,8 @@ def pooled_hits(n_ids: int, counts: np.ndarray, cfg, step_rate: float) -> tuple[
     enough = events >= cfg["synthetic_min_queries"]
     ood_share = np.divide(ood_k, ood_n, out=np.zeros(m), where=ood_n > 0)
     off = enough & (ood_share >= cfg["synthetic_min_share"]) & (
-        rate_surprise(ood_k, ood_n, 0.01) >= cfg["surprise"])
-    p0 = min(0.5, max(cfg["step_p0"], step_rate))
+        rate_surprise(ood_k, ood_n, expected["ood"]) >= cfg["surprise"])
+    p0 = expected["sign_step"]
     step_surprise = rate_surprise(step_k, step_n, p0, cfg["step_min_flagged"])
     steps = enough & (step_k >= cfg["step_min_flagged"]) & (step_surprise >= cfg["surprise"]) & (
         step_k >= cfg["collusion_min_step_share"] * step_n)

@@ -17,6 +17,8 @@ from detectors import adversarial, extraction
 from detectors.base import Candidate, Verdict, decayed_counts, select
 from detectors.clients import (
     MAX_IDS_PER_IP,
+    RATE_BINS,
+    RATE_MIN_ELIGIBLE,
     RATES,
     ClientState,
     Neighbours,
@@ -26,6 +28,7 @@ from detectors.clients import (
     volume_bin,
 )
 from detectors.config import Thresholds
+from detectors.features import own_calibrated_ood
 from detectors.profile import Profile
 
 
@@ -40,6 +43,9 @@ class ClientView:
     profile: Profile | None
     population: Population
     series: dict
+    own_ood: np.ndarray | None = None
+    flags: dict | None = None        # rate -> (flagged, eligible) per event
+    expected: dict | None = None     # rate -> the share an honest client flags (expected_rate)
 
     def rate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.series[name]
@@ -62,6 +68,33 @@ class ClientView:
         return out
 
 
+def expected_rate(population: Population, rate: str, cfg, floor: float,
+                  minimum: float | None = None) -> float:
+    """The share of queries an honest client flags for ``rate``, calibrated from production.
+
+    Until ``min_clients`` of the model's clients have a rate worth the name it is
+    ``floor`` (the profile's calibrated value, or a configured one); from then on
+    ``factor`` times the ``quantile`` of their per-client rates, never below
+    ``minimum`` (default ``floor``). A shift that all honest traffic shares moves
+    the baseline; attackers move it only once they are more than ``1 - quantile``
+    of the clients (README, *Calibration*).
+
+    >>> from detectors.config import load_thresholds
+    >>> cfg = load_thresholds().section("population")
+    >>> pop = Population(2)
+    >>> expected_rate(pop, "ood", cfg, 0.01)
+    0.01
+    >>> pop.rate_hist[RATES.index("ood"), 5] = 100      # every client flags 5 %
+    >>> expected_rate(pop, "ood", cfg, 0.01)
+    0.1
+    """
+    baseline = population.baseline(rate, cfg["quantile"], cfg["min_clients"])
+    if baseline is None:
+        return floor
+    lowest = floor if minimum is None else minimum
+    return min(cfg["max_expected"], max(lowest, cfg["factor"] * baseline))
+
+
 class QueryMonitor:
     """Extraction and adversarial rules over per-client state."""
 
@@ -70,6 +103,7 @@ class QueryMonitor:
         self.ext = thresholds.section("extraction")
         self.adv = thresholds.section("adversarial")
         self.cooldown = thresholds.section("alerts")["cooldown_s"]
+        self.calibration = thresholds.section("population")
 
     def new_state(self, n_classes: int, n_features: int) -> ClientState:
         return ClientState(n_classes=n_classes, n_features=n_features, size=self.history["size"])
@@ -81,10 +115,15 @@ class QueryMonitor:
         the batch's epoch); the batch's own contribution is added to ``pending``
         (the next snapshot), or to ``population`` if none is given."""
         pending = population if pending is None else pending
-        nb = neighbours(state, batch, self.adv["knn_k"],
-                        profile.step_unit if profile is not None else None)
-        view = ClientView(key, state, batch, nb, profile, population, {})
-        series = adversarial.flags(view, self.adv)
+        if profile is not None:
+            nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
+                            near=NEAR_REPEAT * profile.knn_quantiles["0.001"])
+            own = own_calibrated_ood(state, batch, profile)
+        else:
+            nb, own = neighbours(state, batch, self.adv["knn_k"]), None
+        view = ClientView(key, state, batch, nb, profile, population, {}, own)
+        series = view.flags = adversarial.flags(view, self.adv)
+        view.expected = self._expected(population, profile)
         if series:
             rows = [RATES.index(name) for name in series]
             columns = np.column_stack([a for pair in series.values() for a in
@@ -100,6 +139,20 @@ class QueryMonitor:
         self._learn(view, pending)
         return verdicts
 
+    def _expected(self, population: Population, profile: Profile | None) -> dict[str, float]:
+        """Expected honest share per rate: the profile's (or configured) floor, then production's."""
+        adv, cal = self.adv, self.calibration
+        floors = {"low_margin": (adv["low_margin_floor"], adv["low_margin_min"])}
+        if profile is not None:
+            floors |= {
+                "crowded": (adv["crowding_p0"], None),
+                "ood": (adv["ood_p0"], None),
+                "bounds": (max(adv["bounds_p0"], profile.bounds_rate), None),
+                "sign_step": (max(self.ext["step_p0"], 2 * profile.sign_step_rate), None),
+            }
+        return {rate: expected_rate(population, rate, cal, floor, minimum)
+                for rate, (floor, minimum) in floors.items()}
+
     def _pooled_by_ip(self, view: ClientView, pending: Population) -> list[Candidate]:
         """Several ids behind one IP: the snapshot's pooled counts plus this batch's.
 
@@ -113,11 +166,10 @@ class QueryMonitor:
             return []
         ip = ips[-1][:MAX_IP_LENGTH]
         client = view.key.split("/", 1)[-1]
-        nb = view.neighbours
-        per_event = np.column_stack([
-            (view.batch.ood > view.profile.ood_threshold) & view.batch.has_features,
-            view.batch.has_features, nb.sign_step & nb.has_nearest, nb.has_nearest,
-            np.ones(len(view.batch), bool)]).astype(np.float64)
+        ood, ood_eligible = view.flags["ood"]
+        step, step_eligible = view.flags["sign_step"]
+        per_event = np.column_stack([ood & ood_eligible, ood_eligible, step & step_eligible,
+                                     step_eligible, np.ones(len(view.batch), bool)]).astype(np.float64)
         seen = view.population.ips.get(ip, {"ids": [], "counts": [0.0] * 5})
         ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
         # The snapshot, plus this client's own events of the epoch so far: other
@@ -132,8 +184,7 @@ class QueryMonitor:
             state.ip, state.ip_counts = ip, np.zeros(5)
         state.ip_counts = state.ip_counts + batch_counts
         pending.pool(state.ip, client, batch_counts)
-        mask, score, kind = extraction.pooled_hits(len(ids), counts, self.ext,
-                                                   2 * view.profile.sign_step_rate)
+        mask, score, kind = extraction.pooled_hits(len(ids), counts, self.ext, view.expected)
 
         def verdict_at(hit: int) -> Verdict:
             ood_k, ood_n, step_k, step_n, pooled = counts[hit]
@@ -168,14 +219,19 @@ class QueryMonitor:
         if np.isnan(state.first_ts):
             state.first_ts = float(batch.ts[0])
         state.last_ts = float(batch.ts[-1])
-        row = RATES.index("low_margin")
-        seen = state.rates[row, 1]
-        if seen >= 20:  # a client joins the margin baseline once it has a rate worth the name
-            new_bin = int(round(100 * state.rates[row, 0] / seen))
-            if state.margin_bin >= 0:
-                population.margin_hist[state.margin_bin] -= 1
-            population.margin_hist[new_bin] += 1
-            state.margin_bin = new_bin
+        # A client joins each rate's baseline once it has a rate worth the name.
+        seen = state.rates[:, 1]
+        rows = np.flatnonzero(seen >= RATE_MIN_ELIGIBLE)
+        if len(rows):
+            new_bins = np.rint((RATE_BINS - 1) * state.rates[rows, 0] / seen[rows]).astype(np.int16)
+            old = state.rate_bins[rows]
+            moved = old >= 0
+            population.rate_hist[rows[moved], old[moved]] -= 1
+            population.rate_hist[rows, new_bins] += 1
+            state.rate_bins[rows] = new_bins
 
 
 MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded
+#: A query nearer its nearest earlier one than this share of the distance at which honest
+#: distinct records crowd (profile's 0.1 % k-NN quantile) re-sends one entity: PRADA skips it.
+NEAR_REPEAT = 0.5

@@ -87,8 +87,12 @@ class PoisoningDetector:
         return SourceState()
 
     def update(self, key: str, state: SourceState, batch: BatchStats,
-               profile: Profile) -> list[Verdict]:
+               profile: Profile, dataset_batches: int | None = None) -> list[Verdict]:
+        """Judge one batch of ``key`` (a dataset and source). ``dataset_batches`` is the
+        dataset's batch count with this one (all sources), reported as ``events_seen``;
+        without it, this source's count is."""
         cfg = self.cfg
+        self._seen = state.batches + 1 if dataset_batches is None else dataset_batches
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
@@ -109,7 +113,7 @@ class PoisoningDetector:
     def _verdict(self, key, state, rule, score, threshold, description, evidence) -> Verdict:
         return Verdict(
             detector="poisoning", rule=f"poisoning.{rule}", key=key, score=float(score),
-            threshold=float(threshold), events_seen=state.batches + 1, trigger=0,
+            threshold=float(threshold), events_seen=self._seen, trigger=0,
             techniques=POISON, description=description, evidence=evidence,
         )
 

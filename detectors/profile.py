@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from sklearn.covariance import LedoitWolf
 
 PROFILE_VERSION = 1
@@ -30,6 +31,11 @@ EDGE_LEVELS = np.array(
      0.95, 0.975, 0.99, 0.999, 1.0]
 )
 MAX_DISCRETE_VALUES = 32
+#: Re-measurement noise the off-distribution distance allows: this many steps of the data's
+#: precision, as a standard deviation.
+NOISE_STEPS = 1.0
+#: Small training sets: an unestimable crowding quantile is this share of the lowest estimable one.
+SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
 OOD_LEVEL = 0.99
 
@@ -50,6 +56,7 @@ class Profile:
     mean: np.ndarray
     std: np.ndarray
     scale: np.ndarray            # std with a floor: the unit of every distance
+    step: np.ndarray             # the data's precision: smallest gap between distinct values
     edges: list[np.ndarray]      # histogram edges per feature
     hist: list[np.ndarray]       # reference counts per feature (same bins)
     class_counts: np.ndarray     # rows per class, in ``classes`` order
@@ -65,6 +72,7 @@ class Profile:
     sign_step_rate: float        # held-out rows whose nearest fit row is a sign-shaped step
     duplicate_rate: float        # share of training rows that repeat an earlier row
     label_column: str = "y"      # the label's column in training CSVs
+    notes: tuple[str, ...] = ()  # rules the training set was too small to calibrate, and their fallback
 
     @property
     def n_features(self) -> int:
@@ -103,7 +111,7 @@ class Profile:
                 name: {
                     "min": float(self.lower[j]), "max": float(self.upper[j]),
                     "mean": float(self.mean[j]), "std": float(self.std[j]),
-                    "scale": float(self.scale[j]),
+                    "scale": float(self.scale[j]), "step": float(self.step[j]),
                     "hist": {"edges": self.edges[j].tolist(), "counts": self.hist[j].tolist()},
                 }
                 for j, name in enumerate(self.feature_names)
@@ -125,6 +133,7 @@ class Profile:
                 "prada_w": self.prada_w,
                 "sign_step_rate": self.sign_step_rate,
                 "duplicate_rate": self.duplicate_rate,
+                "notes": list(self.notes),
             },
         }
 
@@ -148,6 +157,7 @@ class Profile:
                 n_rows=int(doc["n_rows"]),
                 lower=col("min"), upper=col("max"), mean=col("mean"), std=col("std"),
                 scale=col("scale"),
+                step=np.array([f.get("step", 0.0) for f in feats], dtype=np.float64),
                 edges=[np.asarray(f["hist"]["edges"], dtype=np.float64) for f in feats],
                 hist=[np.asarray(f["hist"]["counts"], dtype=np.float64) for f in feats],
                 class_counts=np.array([doc["labels"][c] for c in classes], dtype=np.float64),
@@ -163,6 +173,7 @@ class Profile:
                 sign_step_rate=float(cal["sign_step_rate"]),
                 duplicate_rate=float(cal["duplicate_rate"]),
                 label_column=str(doc.get("label_column", "y")),
+                notes=tuple(str(n) for n in cal.get("notes", ())),
             )
         except KeyError as exc:
             raise ProfileError(f"missing field {exc.args[0]!r}") from None
@@ -211,6 +222,21 @@ def knn_mean_distance(Q: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.partition(dist, k - 1, axis=1)[:, :k], axis=1).mean(1)
 
 
+def precision_step(values: np.ndarray) -> float:
+    """The smallest gap between distinct values of one feature (0 if constant).
+
+    >>> precision_step(np.array([0.0, 0.5, 2.0, 2.0]))
+    0.5
+    """
+    distinct = np.unique(values)
+    return float(np.diff(distinct).min()) if len(distinct) > 1 else 0.0
+
+
+def _rows_for(level: float) -> int:
+    """Held-out rows a quantile needs before it is estimated from the data: one beyond it."""
+    return int(np.ceil(1 / min(level, 1 - level)))
+
+
 def _scale_of(std: np.ndarray) -> np.ndarray:
     # Constant features (std 0) still need a unit; take a share of the typical one.
     positive = std[std > 0]
@@ -218,8 +244,15 @@ def _scale_of(std: np.ndarray) -> np.ndarray:
     return np.maximum(std, floor)
 
 
-def _whitener(Z: np.ndarray) -> np.ndarray:
-    precision = LedoitWolf().fit(Z).precision_
+def _whitener(Z: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Cholesky factor of the precision of the data's covariance plus re-measurement noise.
+
+    ``noise`` is each feature's noise variance in scaled units: honest inputs are
+    re-measured, and a feature that never varied in training (a blank pixel)
+    would otherwise make one unit of noise look like an attack.
+    """
+    covariance = LedoitWolf().fit(Z).covariance_ + np.diag(noise)
+    precision = np.linalg.inv(covariance)
     return np.linalg.cholesky((precision + precision.T) / 2)
 
 
@@ -303,15 +336,46 @@ def build_profile(
     held, fit = order[: len(X) // 5], order[len(X) // 5:]
     Z_fit = (X[fit] - mean) / scale
     Z_held = (X[held] - mean) / scale
-    W_fit = _whitener(Z_fit - Z_fit.mean(0))
+    step = np.array([precision_step(X[:, j]) for j in range(X.shape[1])])
+    known = step[step > 0]
+    step[step <= 0] = float(np.median(known)) if len(known) else 0.0  # constant: a typical step
+    noise = (NOISE_STEPS * step / scale) ** 2
+    W_fit = _whitener(Z_fit - Z_fit.mean(0), noise)
     held_ood = np.linalg.norm((Z_held - Z_fit.mean(0)) @ W_fit, axis=1)
     beyond = (X[held] < X[fit].min(0)) | (X[held] > X[fit].max(0))
     held_sample = Z_held[:2000]
     fit_sample = Z_fit[rng.permutation(len(Z_fit))[:20000]]
     knn = knn_mean_distance(held_sample, fit_sample, KNN_K)
     knn_levels = (0.001, 0.01, 0.05, 0.5)
+    notes = []
+    ood_threshold = float(np.quantile(held_ood, OOD_LEVEL))
+    if len(held) < _rows_for(OOD_LEVEL):
+        # Too few held-out rows for a 99th percentile: take the Gaussian one if larger.
+        gaussian = float(np.sqrt(stats.chi2.ppf(OOD_LEVEL, X.shape[1])))
+        ood_threshold = max(ood_threshold, gaussian, float(held_ood.max()))
+        notes.append(f"adversarial.out_of_distribution: {len(held)} held-out rows are too few to "
+                     f"calibrate the {OOD_LEVEL:.0%} distance (needs {_rows_for(OOD_LEVEL)}); it uses "
+                     "the larger of the held-out maximum and the Gaussian quantile")
+    knn_quantiles = {str(q): float(np.quantile(knn, q)) for q in knn_levels}
+    too_few = [q for q in knn_levels if len(knn) < _rows_for(q)]
+    if too_few:
+        # An unestimable low quantile is replaced by a share of the smallest one that can be
+        # estimated (or of the held-out minimum): crowding then means closer than honest
+        # records were ever seen, by a margin.
+        known = [q for q in knn_levels if q not in too_few]
+        anchor = knn_quantiles[str(known[0])] if known else float(knn.min())
+        for q in too_few:
+            knn_quantiles[str(q)] = min(knn_quantiles[str(q)], anchor * SMALL_SET_KNN_SHARE)
+        notes.append(f"adversarial.query_crowding: {len(knn)} held-out rows are too few for the "
+                     f"{min(too_few):g} distance quantile (needs {_rows_for(min(too_few))}); it uses "
+                     f"{SMALL_SET_KNN_SHARE:g} x the {known[0] if known else 'smallest'} one, and the "
+                     "population's crowding rate once enough clients were seen")
 
     Z = (X - mean) / scale
+    prada_w = honest_prada_w(Z, label_idx, len(classes), rng)
+    if prada_w["0.001"] <= 0:
+        notes.append(f"extraction.prada: {len(X)} rows are too few to simulate honest query "
+                     "streams of 100 distances; PRADA is off for this model")
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(
@@ -327,13 +391,15 @@ def build_profile(
         class_mean=class_mean,
         class_std=class_std,
         within_cov=np.cov((Z - (class_mean / scale - mean / scale)[label_idx]).T, bias=True),
-        whitener=_whitener(Z - Z.mean(0)),
-        ood_threshold=float(np.quantile(held_ood, OOD_LEVEL)),
-        knn_quantiles={str(q): float(np.quantile(knn, q)) for q in knn_levels},
+        whitener=_whitener(Z - Z.mean(0), noise),
+        ood_threshold=ood_threshold,
+        knn_quantiles=knn_quantiles,
         bounds_rate=float(beyond.any(1).mean()),
         bounds_value_rate=float(beyond.mean()),
-        prada_w=honest_prada_w(Z, label_idx, len(classes), rng),
+        prada_w=prada_w,
         sign_step_rate=_sign_step_rate(held_sample, fit_sample, (X.max(0) - X.min(0)) / scale),
         duplicate_rate=duplicate_share(X),
         label_column=label_column,
+        step=step,
+        notes=tuple(notes),
     )

@@ -3,8 +3,9 @@
 Takes decoded, validated records; keeps detector state in mappings (plain dicts
 offline, tables in the worker); returns alerts. Events of one batch are grouped
 by model, turned into columns once (one vectorized pass computes scaled
-features, out-of-distribution scores, margins and bound checks for every event),
-then split by client and handed to the detectors in event-time order.
+features, out-of-distribution scores, margins and bound checks for every event,
+see :mod:`detectors.features`), then split by client and handed to the detectors
+in event-time order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from detectors.base import Verdict
 from detectors.clients import ClientState, Population, QueryBatch
 from detectors.config import Thresholds
+from detectors.features import Z_LIMIT, Featurizer
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
@@ -33,7 +35,9 @@ from streams.records import (
 )
 
 UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
-Z_LIMIT = 1e6  # scaled feature values are clipped here: far beyond any honest value
+#: Key of a dataset's own batch count among the (dataset, source) states: no source key
+#: ("dataset/source") ends in a NUL.
+DATASET_TOTAL = "\x00"
 
 
 @dataclass
@@ -66,9 +70,8 @@ class Pipeline:
         self.populations: dict[str, Population] = {}  # the merged snapshot rules read
         self.epoch_s = thresholds.section("population")["epoch_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
-        bounds = thresholds.section("adversarial")["bounds_tolerance"]
-        self._bounds = {m: (p.lower - bounds * (p.upper - p.lower),
-                            p.upper + bounds * (p.upper - p.lower)) for m, p in self.profiles.items()}
+        self._tolerance = thresholds.section("adversarial")["bounds_tolerance"]
+        self._featurizers = {m: Featurizer(p, self._tolerance) for m, p in self.profiles.items()}
         self.counters = Counters()
         self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
         self._unprofiled_width: dict[str, int] = {}
@@ -180,9 +183,10 @@ class Pipeline:
             client = events[rows[0]].client_id
             key = f"{model}/{client}"
             state = self.clients.get(key)
-            if state is None:
-                n_features = columns.Z.shape[1]
-                state = self.query.new_state(n_classes, n_features)
+            if state is None or state.n_features != columns.Z.shape[1]:
+                # New, or an unprofiled model whose width was unknown when the client
+                # started (its first events had no features): start from its width now.
+                state = self.query.new_state(n_classes, columns.Z.shape[1])
             batch = QueryBatch(
                 ts=columns.ts[rows], Z=columns.Z[rows], has_features=columns.has_features[rows],
                 label=columns.label[rows], margin=columns.margin[rows], ood=columns.ood[rows],
@@ -202,10 +206,11 @@ class Pipeline:
     def _columns(self, model, events, ts, profile: Profile | None) -> QueryBatch:
         m = len(events)
         has_features = np.fromiter((e.features is not None for e in events), dtype=bool, count=m)
-        width = profile.n_features if profile else next(
-            (len(e.features) for e in events if e.features is not None), 0)
-        if has_features.all():
-            X = np.array([e.features for e in events], dtype=np.float64)
+        width = profile.n_features if profile else (
+            self._unprofiled_width.get(model)
+            or next((len(e.features) for e in events if e.features is not None), 0))
+        if has_features.all() and all(len(e.features) == width for e in events):
+            X = np.array([e.features for e in events], dtype=np.float64).reshape(m, width)
         else:
             X = np.full((m, width), np.nan)
             for i in np.flatnonzero(has_features):
@@ -213,34 +218,16 @@ class Pipeline:
                     X[i] = events[i].features
                 else:  # an unprofiled model whose width changed: treat as featureless
                     has_features[i] = False
-        if X.shape[1] != width:
-            X = np.full((m, width), np.nan)
-            has_features[:] = False
-        if profile is not None:
-            # Absurd values (1e300) must not overflow float32 windows or reach alerts as inf.
-            Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
-            ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
-            low, high = self._bounds[model]
-            out_of_bounds = ((low > X) | (high < X)).any(1) & has_features
-            lookup = profile._class_lookup
-            label = np.fromiter((lookup.get(str(e.prediction), -1) for e in events),
-                                dtype=np.int64, count=m)
-        else:
-            Z, ood = np.clip(X, -Z_LIMIT, Z_LIMIT), np.full(m, np.nan)
-            out_of_bounds = np.zeros(m, dtype=bool)
+        labels = None
+        if profile is None:
             seen = self.labels.setdefault(model, {})
-            label = np.fromiter((self._label_code(seen, e.prediction) for e in events),
-                                dtype=np.int64, count=m)
-        margin = np.full(m, np.nan)
-        with_p = [i for i, e in enumerate(events) if e.probabilities and len(e.probabilities) >= 2]
-        if with_p:
-            width_p = len(events[with_p[0]].probabilities)
-            same = [i for i in with_p if len(events[i].probabilities) == width_p]
-            P = np.array([events[i].probabilities for i in same])
-            top2 = -np.partition(-P, 1, axis=1)[:, :2]
-            margin[same] = top2[:, 0] - top2[:, 1]
-        return QueryBatch(ts=ts, Z=Z, has_features=has_features, label=label, margin=margin,
-                          ood=ood, out_of_bounds=out_of_bounds, source_ip=[])
+            labels = np.fromiter((self._label_code(seen, e.prediction) for e in events),
+                                 dtype=np.int64, count=m)
+        featurizer = self._featurizers.get(model)
+        if featurizer is None:
+            featurizer = Featurizer(None, self._tolerance)
+        return featurizer.columns(X, (e.prediction for e in events),
+                                  [e.probabilities for e in events], has_features, ts, labels)
 
     @staticmethod
     def _label_code(seen: dict, prediction) -> int:
@@ -296,7 +283,13 @@ class Pipeline:
         state = self.sources.get(key)
         if state is None:
             state = self.poisoning.new_state()
-        verdicts = self.poisoning.update(key, state, batch_stats(event, profile), profile)
+        # The contract's events_seen: batches of the dataset (all sources), this one counted.
+        total_key = event.dataset + DATASET_TOTAL
+        total = self.sources.get(total_key) or self.poisoning.new_state()
+        total.batches += 1
+        self.sources[total_key] = total
+        verdicts = self.poisoning.update(key, state, batch_stats(event, profile), profile,
+                                         dataset_batches=total.batches)
         alerts = [
             build_alert(v, trigger_ts=ts, dataset=event.dataset, batch_id=event.batch_id,
                         source=event.source)

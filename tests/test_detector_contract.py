@@ -36,11 +36,19 @@ def sliced(batch: QueryBatch, a: int, b: int) -> QueryBatch:
 
 
 def walk(digits, n, seed=0):
-    """Honest-looking start, then a crowded walk (a decision-based attack's shape)."""
+    """Honest-looking start, then a crowded walk along the decision boundary between two
+    rows of different classes (a decision-based attack's shape)."""
     rng = np.random.default_rng(seed)
     honest = digits.X_pool[rng.permutation(len(digits.X_pool))[:n // 2]]
-    start = digits.X_pool[0]
-    steps = np.clip(start + np.cumsum(rng.normal(0, 0.05, size=(n - n // 2, 64)), 0), 0, 16)
+    labels = digits.model.predict(digits.X_pool)
+    a, b = digits.X_pool[0], digits.X_pool[np.flatnonzero(labels != labels[0])[0]]
+    low, high = 0.0, 1.0  # bisect to where the answer changes
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if digits.model.predict([a + mid * (b - a)])[0] == labels[0] else (
+            low, mid)
+    t = high + rng.normal(0, 0.01, size=(n - n // 2, 1))
+    steps = np.clip(a + t * (b - a) + rng.normal(0, 0.05, size=(n - n // 2, 64)), 0, 16)
     return np.vstack([honest, steps])
 
 
