@@ -53,17 +53,13 @@ def _msg(text: str) -> bytes:
 
 def _cut_bytes(data: bytes, size: int) -> bytes:
     """The first ``size`` bytes of UTF-8 text, at a character boundary and not inside
-    a CEF escape, then the cut mark."""
+    a CEF escape, with the cut mark."""
     mark = CUT.encode()
-    data = data[:max(0, size - len(mark))]
-    while data and (data[-1] & 0xC0) == 0x80:  # a continuation byte: back to the start
-        data = data[:-1]
-    if data and data[-1] >= 0xC0:  # the lead byte of the character that did not fit
-        data = data[:-1]
-    backslashes = len(data) - len(data.rstrip(b"\\"))
+    text = data[:max(0, size - len(mark))].decode("utf-8", errors="ignore")  # a split char
+    backslashes = len(text) - len(text.rstrip("\\"))
     if backslashes % 2:
-        data = data[:-1]
-    return data + mark
+        text = text[:-1]  # half an escape would escape the mark
+    return text.encode() + mark
 
 
 def syslog_message(alert: dict, *, facility: int = FACILITIES["local0"],
