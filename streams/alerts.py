@@ -133,7 +133,9 @@ def atlas_parent(technique: str) -> str:
 
 
 def technique_name(technique: str) -> str:
-    return ATLAS.get(technique) or PARENT_TECHNIQUES[technique]
+    """ATLAS's name for an id; an id no table here knows stands for itself (an alert
+    must never fail to be made or sent for want of a name)."""
+    return ATLAS.get(technique) or PARENT_TECHNIQUES.get(technique) or technique
 
 
 def threat(techniques: tuple[str, ...] | list[str]) -> Threat:

@@ -188,12 +188,17 @@ def cef(alert: dict, *, shrink: float = 1.0) -> str:
 
 def _attacks(alert: dict) -> list[dict]:
     """One OCSF attack per (most precise technique, tactic of its parent)."""
+    technique = alert["threat"]["technique"]
+    named = {}  # the alert's own names first: it may come from an older release
+    for ref in (technique, technique.get("subtechnique") or {}):
+        named.update(zip(ref.get("id") or [], ref.get("name") or [], strict=False))
     attacks = []
     for uid in techniques_of(alert):
         parent = atlas_parent(uid)
-        attack: dict = {"technique": {"uid": parent, "name": technique_name(parent)}}
+        attack: dict = {"technique": {"uid": parent,
+                                      "name": named.get(parent) or technique_name(parent)}}
         if parent != uid:
-            attack["sub_technique"] = {"uid": uid, "name": technique_name(uid)}
+            attack["sub_technique"] = {"uid": uid, "name": named.get(uid) or technique_name(uid)}
         for tactic_uid, tactic_name in ATLAS_TACTICS.get(parent, ((None, None),)):
             entry = dict(attack)
             if tactic_uid is not None:
