@@ -185,3 +185,191 @@ def test_dead_letters_keep_the_original_bytes(files, digits, tmp_path):
     assert done.returncode == 0, done.stderr
     [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
     assert letter["line"] == 4 and letter["record"] == odd
+
+
+# --- help: each command lists its own flags ------------------------------------------------
+
+def _subparser(*path):
+    from streams.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"
+                      ).choices[name]
+    return parser
+
+
+def _flags(parser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+WORKER_ONLY = {"--profiles", "--thresholds", "--metrics-port", "--sinks", "--log-level"}
+
+
+@pytest.mark.parametrize(("path", "has", "lacks"), [
+    (("stats",), {"--broker", "--topic-stats", "--tls-ca", "--sasl-password", "--kafka"},
+     WORKER_ONLY | {"--state-dir", "--topic-alerts", "--topic-inference", "--topic-deadletter"}),
+    (("tail",), {"--broker", "--state-dir", "--topic-inference", "--topic-deadletter"},
+     WORKER_ONLY | {"--topic-alerts", "--topic-stats"}),
+    (("alerts", "forward"), {"--sink", "--broker", "--topic-alerts", "--from-time"},
+     WORKER_ONLY | {"--state-dir", "--topic-inference", "--topic-stats", "--topic-deadletter"}),
+    (("worker",), WORKER_ONLY | {"--state-dir", "--topic-alerts", "--broker"}, set()),
+    (("run",), WORKER_ONLY - {"--log-level"} | {"--log", "--demo"}, {"--log-level"}),
+])
+def test_each_command_help_lists_only_its_own_flags(path, has, lacks):
+    flags = _flags(_subparser(*path))
+    assert has <= flags, has - flags
+    assert not flags & lacks, flags & lacks
+
+
+def test_alerts_forward_has_one_sink_flag():
+    flags = _flags(_subparser("alerts", "forward"))
+    assert "--sink" in flags and "--sinks" not in flags
+
+
+@pytest.mark.parametrize("path", [("profile",), ("stats",), ("replay",), ("tail",), ("run",),
+                                  ("worker",)])
+def test_every_flag_has_help(path):
+    parser = _subparser(*path)
+    missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert not missing, missing
+
+
+def test_tail_and_stats_help_in_a_terminal_lists_no_worker_settings():
+    for command in ("stats", "tail"):
+        done = run_cli(command, "--help")
+        assert done.returncode == 0
+        assert "MODELWATCH_PROFILES" not in done.stdout and "--sinks" not in done.stdout
+
+
+# --- stats --dataset -----------------------------------------------------------------------
+
+def test_stats_dataset_defaults_to_the_profiles(files, digits, tmp_path):
+    _, _, profile = files
+    batch = write_csv(tmp_path / "batch.csv", digits.names, digits.X_pool[:50],
+                      np.zeros(50, dtype=int))
+    done = run_cli("stats", "--profile", profile, "--source", "s1", "--batch-id", "b1", batch)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dataset"] == "digits-train"
+
+
+def test_stats_dataset_that_disagrees_with_the_profile_is_one_error(files, digits, tmp_path):
+    _, _, profile = files
+    batch = write_csv(tmp_path / "batch.csv", digits.names, digits.X_pool[:50],
+                      np.zeros(50, dtype=int))
+    line = one_line_error(run_cli("stats", "--profile", profile, "--dataset", "digits",
+                                  "--source", "s1", "--batch-id", "b1", batch))
+    assert str(profile) in line and "'dataset'" in line and "'digits-train'" in line
+    assert "--dataset" in line
+
+
+# --- replay: models and datasets that match no profile -------------------------------------
+
+def test_replay_warns_once_per_model_and_dataset_without_a_profile(files, digits, tmp_path):
+    _, _, profile = files
+    good = digits.events("alice", digits.X_pool[:20])
+    stranger = [{**e, "model": "fraud-v4", "features": e["features"][:3]} for e in good]
+    log = write_jsonl(tmp_path / "log.jsonl", good + stranger)
+    stats = json.loads(stats_via_cli(profile, digits, tmp_path).stdout)
+    stats_file = write_jsonl(tmp_path / "stats.jsonl",
+                             [stats, {**stats, "dataset": "other-train", "batch_id": "b2"},
+                              {**stats, "dataset": "other-train", "batch_id": "b3"}])
+    done = run_cli("replay", "--profile", profile, "--inference-log", log,
+                   "--training-stats", stats_file, "--alerts-out", tmp_path / "a.jsonl")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2, done.stderr
+    assert warnings[0].startswith("replay: warning: model 'fraud-v4' matches no profile")
+    assert "PRADA" in warnings[0]
+    assert warnings[1].startswith("replay: warning: dataset 'other-train' matches no profile")
+
+
+def test_replay_names_a_bounded_number_of_unknown_models(files, digits, tmp_path):
+    from streams.run import MAX_UNKNOWN_NAMES
+
+    _, _, profile = files
+    [event] = digits.events("alice", digits.X_pool[:1])
+    log = write_jsonl(tmp_path / "log.jsonl", [{**event, "model": f"m{i:02d}"}
+                                                for i in range(MAX_UNKNOWN_NAMES + 5)])
+    done = run_cli("replay", "--profile", profile, "--inference-log", log,
+                   "--alerts-out", tmp_path / "a.jsonl")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == MAX_UNKNOWN_NAMES + 1
+    assert warnings[-1] == "replay: warning: 5 more models or datasets match no profile"
+
+
+def test_replay_of_profiled_models_says_nothing_about_profiles(files, digits, tmp_path):
+    _, _, profile = files
+    log = write_jsonl(tmp_path / "log.jsonl", digits.events("alice", digits.X_pool[:5]))
+    done = run_cli("replay", "--profile", profile, "--inference-log", log,
+                   "--alerts-out", tmp_path / "a.jsonl")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+
+
+# --- the contract in the repository, and what run time needs --------------------------------
+
+def test_docs_contract_has_an_example_event_that_decodes():
+    import re
+
+    from streams.records import InferenceEvent, decode_inference
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "contract.md").read_text()
+    assert "mirrors the project's fixed wire contract" in text
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+    profile = next(b for b in blocks if "feature_names" in b)
+    events = [b for b in blocks if "client_id" in b and "modelwatch" not in b]
+    assert len(events) == 2  # the contract's own, and the worked example
+    example = events[-1]
+    [decoded] = decode_inference(json.dumps(example).encode())
+    assert isinstance(decoded, InferenceEvent)
+    assert example["model"] == profile["model"]
+    assert len(example["features"]) == len(profile["feature_names"])
+    assert len(example["probabilities"]) == len(profile["classes"])
+    assert str(example["prediction"]) in profile["classes"]
+
+
+def test_docs_contract_mirrors_the_shared_contract():
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    shared = Path("/work/shared/spec/contract.md")
+    if not shared.exists():
+        pytest.skip("the shared contract is not on this machine")
+    text = (ROOT / "docs" / "contract.md").read_text().split("\n## A worked example")[0]
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(">"))
+    assert text.split() == shared.read_text().split()  # word for word
+
+
+def test_every_library_the_package_imports_is_a_run_time_dependency():
+    """``make run`` installs only these (``python -m streams.dashboards build`` needs yaml)."""
+    import ast
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from tests.conftest import ROOT
+
+    optional = {"pyarrow"}  # Parquet input, if installed
+    declared = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-") for d in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    distributions = packages_distributions()
+    for path in [*(ROOT / "streams").rglob("*.py"), *(ROOT / "detectors").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("streams", "detectors") or \
+                        top in optional:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                assert dists & declared, f"{path.relative_to(ROOT)} imports {top}: not in " \
+                                         "[project] dependencies"
