@@ -149,3 +149,44 @@ def test_array_lines_ship_their_events_one_by_one(broker, tmp_path):
     assert "4 events shipped" in tail_once(broker, log, tmp_path / "cp.json").stderr
     shipped = [e for r in read_topic(broker, "inference-logs", want=4) for e in json.loads(r.value)]
     assert sorted(e["request_id"] for e in shipped) == ["r0", "r1", "r2", "r3"]
+
+
+def test_waits_for_a_log_that_is_not_there_yet(broker, tmp_path):
+    """As in the compose stack, where tail may start before the serving app's first line."""
+    log = tmp_path / "later.jsonl"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "tail", str(log), "--broker", broker.url,
+         "--checkpoint", str(tmp_path / "cp.json"), "--linger-ms", "50"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = [follower.stderr.readline() for _ in range(1)]  # it says so, and keeps running
+        while "waiting" not in said[-1] and said[-1] and len(said) < 20:
+            said.append(follower.stderr.readline())
+        assert "no such file yet; waiting" in said[-1] and str(log) in said[-1], said
+        assert follower.poll() is None
+        write(log, events(15))
+        ids = {e["request_id"] for r in read_topic(broker, "inference-logs", want=15, timeout_s=60)
+               for e in json.loads(r.value)}
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+    assert ids == {f"r{i}" for i in range(15)}
+
+
+def test_once_on_a_missing_log_is_one_clear_error(tmp_path):
+    done = run_cli("tail", tmp_path / "nope.jsonl", "--once", "--broker", "kafka://127.0.0.1:9",
+                   "--checkpoint", tmp_path / "cp.json")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "nope.jsonl" in line and "no such file" in line
+
+
+def test_default_checkpoint_is_in_the_state_dir_named_after_the_log(tmp_path):
+    import argparse
+
+    from streams.cli import tail_checkpoint
+    from streams.settings import resolve
+
+    settings = resolve(argparse.Namespace(state_dir=str(tmp_path)), environ={})
+    a, b = tail_checkpoint(settings, "/logs/a.jsonl"), tail_checkpoint(settings, "/other/a.jsonl")
+    assert a.parent == tmp_path and a.name.startswith("tail-a.jsonl-") and a != b
