@@ -52,7 +52,7 @@ from detectors.profile import Profile
 from detectors.state import dumps, loads
 from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
-from streams.records import screen
+from streams.records import dead_letter_id, screen
 from streams.settings import Settings
 from streams.sinks.base import Outbox
 from streams.transport import faust_broker_urls
@@ -71,6 +71,11 @@ TICK_S = 1.0
 WRITE_SLICE = 64         # changelog writes in flight at most (~1.3 MB)
 WRITE_PAUSE_S = 0.02
 SEND_TIMEOUT_S = 30.0
+# A dead letter must fit in one produce request (Faust's producer: 1,000,000 bytes): a
+# longer record is forwarded cut to this size, with its size in the headers.
+DEAD_LETTER_VALUE_MAX = 512 << 10
+DEAD_LETTER_KEY_MAX = 4 << 10
+REASON_MAX = 1000  # characters of a reason in a header (a reason may quote the record)
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 
 
@@ -246,6 +251,31 @@ class _PartitionEvent:
         self.message = _PartitionMessage(partition)
 
 
+def dead_letter_record(topic: str, partition: int, offset: int, element: int | None,
+                       key: bytes | None, value: bytes | None, reason: str):
+    """(key, value, headers) of the dead letter for a record, or one element of it.
+
+    Headers: ``reason``; ``id``, the same for the same record after any restart
+    (:func:`streams.records.dead_letter_id`), to drop repeats by; ``source``,
+    "topic/partition/offset"; ``element``, the index in an array record; and, for
+    a key or value cut to fit, ``original-key-size`` / ``original-size``.
+    """
+    if len(reason) > REASON_MAX:
+        reason = reason[:REASON_MAX] + "…"
+    headers = [("reason", reason.encode("utf-8", "replace")),
+               ("id", dead_letter_id(topic, partition, offset, element).encode()),
+               ("source", f"{topic}/{partition}/{offset}".encode())]
+    if element is not None:
+        headers.append(("element", str(element).encode()))
+    if key is not None and len(key) > DEAD_LETTER_KEY_MAX:
+        headers.append(("original-key-size", str(len(key)).encode()))
+        key = bytes(key[:DEAD_LETTER_KEY_MAX])
+    if value is not None and len(value) > DEAD_LETTER_VALUE_MAX:
+        headers.append(("original-size", str(len(value)).encode()))
+        value = bytes(value[:DEAD_LETTER_VALUE_MAX])
+    return key, value, headers
+
+
 def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
               partitions: dict[str, int], metrics: WorkerMetrics | None = None,
               outboxes: list[Outbox] = ()) -> faust.App:
@@ -287,11 +317,26 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
 
     sends: list = []  # alerts and dead letters not yet known to be on the broker
+    failed: list[BaseException] = []  # an agent failed: nothing is acknowledged any more
 
-    async def dead_letter(topic: str, key, raw_value: bytes, reason: str) -> None:
+    async def dead_letter(topic: str, partition: int, offset: int, element: int | None,
+                          key, raw_value: bytes | None, reason: str) -> None:
         metrics.invalid(topic, reason)
-        sends.append(await dead_topic.send(key=key, value=raw_value,
-                                           headers={"reason": reason.encode()}))
+        key, value, headers = dead_letter_record(topic, partition, offset, element, key,
+                                                 raw_value, reason)
+        sends.append(await dead_topic.send(key=key, value=value, headers=headers))
+
+    async def fail(agent: str, exc: BaseException) -> None:
+        """An agent could not judge a batch: stop the worker, acknowledging nothing
+        more (the records from the last commit on are read again at the next start).
+        Called under the batch lock, so no checkpoint cut holds the failed batch."""
+        if not failed:
+            print(f"worker: {agent} failed ({type(exc).__name__}: {exc}); stopping without "
+                  "committing what it did not judge", file=sys.stderr, flush=True)
+        failed.append(exc)
+        held.clear()
+        sends.clear()
+        await app.crash(exc)
 
     async def publish(alerts) -> None:
         for alert in alerts:
@@ -338,7 +383,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         # late could otherwise land after the next owner's.
         async with checkpointing:
             async with lock:  # a consistent cut between batches; judging goes on after it
-                if not held:
+                if not held or failed:
                     return
                 checkpoint_due = time.monotonic() + CHECKPOINT_S
                 alert_sends, sends[:] = sends[:], []
@@ -406,17 +451,24 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
             started = time.perf_counter()
             async with lock:
-                by_partition: dict[int, list] = {}
-                for event in hold(batch):
-                    by_partition.setdefault(event.message.partition, []).append(event)
-                # The detectors run in a thread, so the event loop keeps fetching and
-                # the next batch grows while this one is judged (bigger batches cost
-                # less per event).
-                rejected, alerts = await loop.run_in_executor(
-                    None, judge_partitions, by_partition)
-                for key, reason, raw_value in rejected:
-                    await dead_letter(settings.topic_inference, key, raw_value, reason)
-                await publish(alerts)
+                if failed:
+                    return
+                try:
+                    by_partition: dict[int, list] = {}
+                    for event in hold(batch):
+                        by_partition.setdefault(event.message.partition, []).append(event)
+                    # The detectors run in a thread, so the event loop keeps fetching and
+                    # the next batch grows while this one is judged (bigger batches cost
+                    # less per event).
+                    rejected, alerts = await loop.run_in_executor(
+                        None, judge_partitions, by_partition)
+                    for partition, offset, element, key, reason, raw_value in rejected:
+                        await dead_letter(settings.topic_inference, partition, offset, element,
+                                          key, raw_value, reason)
+                    await publish(alerts)
+                except Exception as exc:
+                    await fail("judge_inference", exc)
+                    return
             observe(settings.topic_inference, batch, started)
 
     def judge_partitions(by_partition: dict[int, list]) -> tuple[list, list]:
@@ -427,7 +479,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                 restored.add(partition)
             result = screen(((e.value, (e.key, e.message.offset)) for e in events),
                             pipeline.reject_reason)
-            rejected += [(key, reason, raw) for (key, _), reason, raw in result.rejected]
+            rejected += [(partition, offset, element, key, reason, raw)
+                         for ((key, offset), reason, raw), element
+                         in zip(result.rejected, result.elements, strict=True)]
             if not result.events:
                 continue
             metrics.event_lag(settings.topic_inference, time.time() - result.ts)
@@ -450,18 +504,25 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
             started = time.perf_counter()
             async with lock:
-                for event in hold(batch):
-                    record, ts, reason = pipeline.screen_stats(event.value)
-                    if reason is not None:
-                        await dead_letter(settings.topic_stats, event.key, event.value, reason)
-                        continue
-                    metrics.consumed(settings.topic_stats, record.dataset, 1)
-                    metrics.event_lag(settings.topic_stats, np.array([time.time() - ts]))
-                    partition, offset = event.message.partition, event.message.offset
-                    if sources.holds(f"{record.dataset}/{record.source}", partition, offset):
-                        continue
-                    sources.position = (partition, offset)
-                    await publish(pipeline.process_stats(record, ts))
+                if failed:
+                    return
+                try:
+                    for event in hold(batch):
+                        partition, offset = event.message.partition, event.message.offset
+                        record, ts, reason = pipeline.screen_stats(event.value)
+                        if reason is not None:
+                            await dead_letter(settings.topic_stats, partition, offset, None,
+                                              event.key, event.value, reason)
+                            continue
+                        metrics.consumed(settings.topic_stats, record.dataset, 1)
+                        metrics.event_lag(settings.topic_stats, np.array([time.time() - ts]))
+                        if sources.holds(f"{record.dataset}/{record.source}", partition, offset):
+                            continue
+                        sources.position = (partition, offset)
+                        await publish(pipeline.process_stats(record, ts))
+                except Exception as exc:
+                    await fail("judge_stats", exc)
+                    return
             observe(settings.topic_stats, batch, started)
 
     @app.timer(TICK_S)

@@ -17,6 +17,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
+import msgspec
+
 from streams.records import MAX_NESTING, MAX_RECORD_BYTES
 
 FUZZ_MODEL = "fuzzed-model"
@@ -61,22 +63,28 @@ def renamed(event: dict) -> dict:
 
 
 def _with(event: dict, name: str, value_json: str) -> bytes:
-    text = json.dumps({k: v for k, v in event.items() if k != name})
-    return (text[:-1] + f', "{name}": {value_json}}}').encode()
+    text = msgspec.json.encode({k: v for k, v in event.items() if k != name})
+    return text[:-1] + f', "{name}": {value_json}}}'.encode()
 
 
-def mutate(event: dict, rng: random.Random, *, oversize: bool = False) -> Mutant:
-    """One mutant of a (renamed) event."""
-    raw = json.dumps(event).encode()
-    if oversize:
+def mutate(event: dict, rng: random.Random, *, rare: bool = False,
+           raw: bytes | None = None) -> Mutant:
+    """One mutant of a (renamed) event (``raw``: its JSON, if at hand); ``rare``: a
+    big one (over 1 MiB, or nested 100,000 levels deep)."""
+    raw = raw if raw is not None else msgspec.json.encode(event)
+    if rare and rng.random() < 0.5:
         pad = MAX_RECORD_BYTES + rng.randrange(1, 4096)
         return Mutant(_with(event, "pad", json.dumps("x" * pad)), "oversize", True)
+    if rare:
+        return Mutant(_with(event, "x", "[" * 100_000 + "]" * 100_000), "deep", True)
     kind = rng.choice(("flip", "flip", "flip", "truncate", "utf8", "huge", "null",
                        "wrong_type", "deep", "top_level", "huge_finite", "optional_null"))
     if kind == "flip":
         i = rng.randrange(len(raw))
-        return Mutant(raw[:i] + bytes([raw[i] ^ (1 << rng.randrange(8))]) + raw[i + 1:],
-                      kind, False)
+        flipped = raw[i] ^ (1 << rng.randrange(8))
+        if flipped == 0x0A:  # a new line would split the record in a file
+            flipped = raw[i] ^ 0x80
+        return Mutant(raw[:i] + bytes([flipped]) + raw[i + 1:], kind, False)
     if kind == "truncate":
         return Mutant(raw[:rng.randrange(1, len(raw))], kind, True)
     if kind == "utf8":
@@ -86,7 +94,7 @@ def mutate(event: dict, rng: random.Random, *, oversize: bool = False) -> Mutant
         number = rng.choice(HUGE)
         where = rng.choice(("features", "prediction", "ts", "latency_ms", "probabilities"))
         if where == "features" and event.get("features"):
-            features = [json.dumps(v) for v in event["features"]]
+            features = [repr(v) for v in event["features"]]
             features[rng.randrange(len(features))] = number
             return Mutant(_with(event, "features", "[" + ", ".join(features) + "]"), kind, True)
         if where == "prediction" and not number.lstrip("-").isdigit():
@@ -102,7 +110,7 @@ def mutate(event: dict, rng: random.Random, *, oversize: bool = False) -> Mutant
         name = rng.choice(sorted(WRONG))
         return Mutant(_with(event, name, rng.choice(WRONG[name])), kind, True)
     if kind == "deep":
-        depth = rng.choice((MAX_NESTING + 1, 1_000, 5_000, 100_000))
+        depth = rng.choice((MAX_NESTING + 1, 300, 1_000, 3_000))
         opener, closer = rng.choice((("[", "]"), ('{"a":', "}")))
         nested = opener * depth + "1" + closer * depth
         return Mutant(_with(event, rng.choice(("x", "features", "extra")), nested), kind, True)
@@ -110,7 +118,7 @@ def mutate(event: dict, rng: random.Random, *, oversize: bool = False) -> Mutant
         return Mutant(rng.choice(TOP_LEVEL), kind, True)
     # huge but finite: valid by the contract (the pipeline clips it)
     features = event.get("features") or [0.0]
-    features = [json.dumps(v) for v in features]
+    features = [repr(v) for v in features]
     features[rng.randrange(len(features))] = rng.choice(("1e308", "-1.7976931348623157e308"))
     return Mutant(_with(event, "features", "[" + ", ".join(features) + "]"), "huge_finite", False)
 
@@ -122,7 +130,7 @@ def array_of(events: list[dict], rng: random.Random) -> Line:
     elements = []
     for event in events:
         if rng.random() < 0.5:
-            elements.append(Mutant(json.dumps(event).encode(), "valid", False))
+            elements.append(Mutant(msgspec.json.encode(event), "valid", False))
             continue
         m = mutate(event, rng)
         while m.kind == "top_level" and m.raw in (b"{", b"]", b"not json", b"\x00"):
@@ -137,19 +145,64 @@ def array_of(events: list[dict], rng: random.Random) -> Line:
     return Line(b"[" + b", ".join(m.raw for m in elements) + b"]", elements=elements)
 
 
-def records(events: list[dict], n: int, seed: int = 0, *, oversize_every: int = 50_000,
+def records(events: list[dict], n: int, seed: int = 0, *, rare_every: int = 20_000,
             array_every: int = 20):
     """``n`` records made from ``events`` (renamed to the fuzz model), each a
     :class:`Line`; yields (index of the base event, Line)."""
     rng = random.Random(seed)
+    bases = [renamed(e) for e in events]
+    raws = [msgspec.json.encode(e) for e in bases]
     for i in range(n):
         base = rng.randrange(len(events))
-        event = renamed(events[base])
+        event = bases[base]
         if array_every and i % array_every == array_every - 1:
             group = [renamed(events[(base + k) % len(events)])
                      for k in range(rng.randrange(2, 6))]
             group = [{**e, "client_id": event["client_id"], "ts": event["ts"]} for e in group]
             yield base, array_of(group, rng)
             continue
-        m = mutate(event, rng, oversize=bool(oversize_every) and i % oversize_every == 7)
+        m = mutate(event, rng, rare=bool(rare_every) and i % rare_every == 7, raw=raws[base])
         yield base, Line(m.raw, single=m)
+
+
+# --- training stats -----------------------------------------------------------------
+
+STATS_WRONG = {
+    "ts": ("[]", "null", '"later"'), "dataset": ("5", '""', "null"), "batch_id": ("[]",),
+    "source": ("{}",), "n": ("-1", '"many"', "1.5", "1" + "0" * 400, "1e400"),
+    "features": ("[]", '{"a": 5}', '{"a": {"count": -1}}', '{"a": {"count": 1e400}}',
+                 '{"a": {"count": 1, "mean": 1e400}}'),
+    "labels": ('{"0": -5}', '{"0": 1' + "0" * 400 + "}", "[]"),
+}
+
+
+def renamed_stats(event: dict) -> dict:
+    return {**event, "dataset": FUZZ_DATASET}
+
+
+def mutate_stats(event: dict, rng: random.Random) -> Mutant:
+    """One mutant of a (renamed) training-stats event."""
+    raw = msgspec.json.encode(event)
+    kind = rng.choice(("flip", "flip", "truncate", "utf8", "wrong_type", "null", "deep",
+                       "utf8_key"))
+    if kind == "flip":
+        i = rng.randrange(len(raw))
+        flipped = raw[i] ^ (1 << rng.randrange(8))
+        if flipped == 0x0A:
+            flipped = raw[i] ^ 0x80
+        return Mutant(raw[:i] + bytes([flipped]) + raw[i + 1:], kind, False)
+    if kind == "truncate":
+        return Mutant(raw[:rng.randrange(1, len(raw))], kind, True)
+    if kind == "utf8":
+        i = rng.randrange(len(raw) + 1)
+        return Mutant(raw[:i] + rng.choice(INVALID_UTF8) + raw[i:], kind, True)
+    if kind == "utf8_key":
+        return Mutant(raw[:-1] + b', "x\xff": 1}', kind, True)
+    if kind == "wrong_type":
+        name = rng.choice(sorted(STATS_WRONG))
+        return Mutant(_with(event, name, rng.choice(STATS_WRONG[name])), kind, True)
+    if kind == "null":
+        return Mutant(_with(event, rng.choice(("ts", "dataset", "n", "features", "labels")),
+                            "null"), kind, True)
+    depth = rng.choice((MAX_NESTING + 1, 2_000))
+    return Mutant(_with(event, "x", "[" * depth + "]" * depth), "deep", True)
