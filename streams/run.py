@@ -184,6 +184,9 @@ def run(settings: Settings, log: Path | None, checked: Checked | None = None) ->
         else:
             print(f"run: {checked.profiles} profiles in {settings.profiles} "
                   f"(models: {', '.join(sorted(checked.models)) or 'none'})", file=sys.stderr)
+        if not settings.metrics_port:
+            print("run: --metrics-port 0: models and datasets without a profile go unreported",
+                  file=sys.stderr)
         print(f"run: messages of the worker and tail go to {log_path}", file=sys.stderr,
               flush=True)
         children_log = stack.enter_context(open(log_path, "ab"))

@@ -92,9 +92,10 @@ def _environment(service: dict) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
-def _mounts(service: dict) -> list[tuple[str, str]]:
-    """(source, target) of each volume entry (short syntax)."""
-    return [tuple(v.split(":")[:2]) for v in service.get("volumes", [])]
+def _mounts(service: dict) -> list[tuple[str | None, str]]:
+    """(source, target) of each volume entry (short syntax); source None: anonymous."""
+    return [tuple(v.split(":")[:2]) if ":" in v else (None, v)
+            for v in service.get("volumes", [])]
 
 
 def _mount_target(service: str, source: str) -> str:
@@ -155,6 +156,8 @@ def test_every_bind_mount_exists_in_the_repository():
     named = set(COMPOSE.get("volumes", {}))
     for name, service in SERVICES.items():
         for source, _ in _mounts(service):
+            if source is None:
+                continue  # an anonymous volume
             if source.startswith((".", "/")):
                 assert source.startswith("./"), (name, source)  # no host-specific paths
                 assert (ROOT / source).exists(), (name, source)
@@ -239,6 +242,12 @@ def test_the_worker_scales_no_fixed_host_port():
     assert _published("worker") == {port: None}  # each replica on a free host port
     for name in MODELWATCH:  # no fixed host port on anything that may scale
         assert all(host is None for host in _published(name).values()), name
+
+
+def test_worker_replicas_share_no_state():
+    state = _environment(SERVICES["worker"])["MODELWATCH_STATE_DIR"]
+    (source,) = [s for s, target in _mounts(SERVICES["worker"]) if target == state]
+    assert source is None  # anonymous: one volume per replica, never one for all
 
 
 def test_prometheus_finds_every_worker_replica_by_dns():
