@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits, make_classification
+from sklearn.datasets import load_breast_cancer, load_digits, load_wine, make_classification
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -28,14 +28,24 @@ from sklearn.preprocessing import StandardScaler
 
 from streams.records import format_ts
 
-DATASETS = ("digits", "cancer", "synth")
+# ``wine`` is the small-training-set victim: 106 training rows.
+DATASETS = ("digits", "cancer", "synth", "wine")
 # 2026-11-21T08:00:00Z: every timeline starts here unless told otherwise.
 DEFAULT_T0 = 1795248000.0
 BATCH_ROWS = (200, 500)
 POISON_KINDS = ("label_flip", "backdoor", "outliers", "duplicates")
-BATCH_KINDS = ("clean", "benign_drift", *POISON_KINDS)
+# Harder poisoning, reported on its own: 2-6 % of a class flipped; a trigger inside the
+# training range on 1-3 % of rows.
+SUBTLE_KINDS = ("label_flip_subtle", "backdoor_subtle")
+BATCH_KINDS = ("clean", "benign_drift", *POISON_KINDS, *SUBTLE_KINDS)
 # Split of each data set: the rest after these goes to the training-batch pool.
 _SPLIT = {"train": 0.40, "benign": 0.25, "attacker": 0.20}
+# The small data set trains on more of its 178 rows (106), still far below 200.
+_SPLITS = {"wine": {"train": 0.60, "benign": 0.25, "attacker": 0.15}}
+# What a measurement can physically be (digits: 4-bit counts; cancer and wine:
+# non-negative quantities). Distorted honest inputs are clipped to these, never to the
+# training range.
+_PHYSICAL = {"digits": (0.0, 16.0), "cancer": (0.0, np.inf), "wine": (0.0, np.inf)}
 
 
 # --------------------------------------------------------------------------- victims
@@ -59,6 +69,7 @@ class Victim:
     X_batches: np.ndarray
     y_batches: np.ndarray
     decimals: np.ndarray  # per-feature precision of the data (all 0 for digits)
+    physical: tuple[float, float] = (-np.inf, np.inf)  # what a measurement can be
     lo: np.ndarray = field(init=False)  # per-feature training bounds: the attacker's clip range
     hi: np.ndarray = field(init=False)
 
@@ -78,6 +89,15 @@ class Victim:
     def clip(self, X: np.ndarray) -> np.ndarray:
         """Clip rows to the training data's per-feature range."""
         return np.clip(X, self.lo, self.hi)
+
+    def measure(self, X: np.ndarray) -> np.ndarray:
+        """What an instrument reports: clipped to the physical range, at the data's precision."""
+        return self.round(np.clip(X, *self.physical))
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-feature spread of the training data (one precision step where it is 0)."""
+        return np.maximum(self.X_train.std(axis=0), 10.0 ** -self.decimals)
 
 
 def _precision(X: np.ndarray, max_decimals: int = 6) -> np.ndarray:
@@ -103,6 +123,9 @@ def _load_data(name: str, seed: int):
         )
         # Served data has a fixed precision; without it every query would look unique.
         return np.round(X, 3), y, [f"f{i:02d}" for i in range(20)]
+    if name == "wine":
+        bunch = load_wine()
+        return bunch.data, bunch.target, [str(f) for f in bunch.feature_names]
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 
 
@@ -111,7 +134,7 @@ def load_victim(name: str, seed: int = 0) -> Victim:
 
     Parameters
     ----------
-    name : {"digits", "cancer", "synth"}
+    name : {"digits", "cancer", "synth", "wine"}
         The data set; the model is called ``<name>-mlp``.
     seed : int
         Seeds the split and the model.
@@ -125,11 +148,12 @@ def load_victim(name: str, seed: int = 0) -> Victim:
         row outside the training split, like labelled inference data fed back.
     """
     X, y, feature_names = _load_data(name, seed)
+    split = _SPLITS.get(name, _SPLIT)
     X_train, X_rest, y_train, y_rest = train_test_split(
-        X, y, train_size=_SPLIT["train"], stratify=y, random_state=seed
+        X, y, train_size=split["train"], stratify=y, random_state=seed
     )
     n = len(X)
-    n_benign, n_attacker = int(_SPLIT["benign"] * n), int(_SPLIT["attacker"] * n)
+    n_benign, n_attacker = int(split["benign"] * n), int(split["attacker"] * n)
     X_benign, y_benign = X_rest[:n_benign], y_rest[:n_benign]
     X_attacker = X_rest[n_benign : n_benign + n_attacker]
     y_attacker = y_rest[n_benign : n_benign + n_attacker]
@@ -148,7 +172,7 @@ def load_victim(name: str, seed: int = 0) -> Victim:
         classes=[int(c) for c in model.classes_], model=model,
         X_train=X_train, y_train=y_train, X_benign=X_benign, y_benign=y_benign,
         X_attacker=X_attacker, y_attacker=y_attacker, X_batches=X_batches, y_batches=y_batches,
-        decimals=_precision(X),
+        decimals=_precision(X), physical=_PHYSICAL.get(name, (-np.inf, np.inf)),
     )
 
 
@@ -238,8 +262,12 @@ def _csv_number(value: float) -> str:
 class Identities:
     """Unique, meaningless client ids and source IPs: names must not give attackers away."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, block: int | None = None):
+        """``block`` (0-3), if given, keeps these ids and addresses apart from other
+        blocks' (ids start with the block's hex digit, addresses take a quarter of
+        10.0.0.0/8), for allocators that run in separate processes."""
         self._rng = rng
+        self._block = block
         self._used: set[str] = set()
 
     def _fresh(self, make) -> str:
@@ -249,11 +277,15 @@ class Identities:
         return name
 
     def client_id(self) -> str:
+        if self._block is not None:
+            return self._fresh(lambda: f"key-{self._block:x}{int(self._rng.integers(16**7)):07x}")
         return self._fresh(lambda: f"key-{int(self._rng.integers(16**8)):08x}")
 
     def ip(self) -> str:
         def make():
             a, b, c = self._rng.integers(0, 256, size=3)
+            if self._block is not None:
+                a = 64 * self._block + a % 64
             return f"10.{a}.{b}.{max(int(c), 1)}"
         return self._fresh(make)
 
@@ -371,6 +403,302 @@ def benign_clients(
                                 victim.X_benign[rows], rng)
         if behaviours is not None:
             behaviours[client_id] = f"{behaviour}_nat" if behind_nat else behaviour
+    return events
+
+
+# --------------------------------------------------------------------------- production-like honest traffic
+#
+# Honest traffic as a production model sees it, not as the training set looks: inputs
+# re-measured with noise, whole sites with another calibration, service back-ends
+# fanning one request out, batch jobs and backfills at machine speed, probes and QA
+# suites repeating themselves all day, entities re-scored with small changes, label-only
+# keys, many light users. Every row comes from the benign pool (never the training
+# split); on a small pool (< 200 rows, wine) every drawn row is a new measurement of a
+# pool row (noise of 5 % of the feature's spread), as new samples of the same population.
+
+# Nominal share of a data set's honest clients per kind; ``light`` takes the rest.
+HONEST_SHARES = {
+    "medium": 0.15, "heavy": 0.013, "office_nat": 0.05, "sensor_noise": 0.10, "site": 0.10,
+    "service_backend": 0.04, "batch_rescore": 0.04, "backfill": 0.04, "probe": 0.04,
+    "qa_suite": 0.04, "entity_rescore": 0.05, "label_only": 0.05,
+}
+HONEST_KINDS = ("light", *HONEST_SHARES)
+_SMALL_POOL = 200
+
+
+def honest_mix(rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Shares of the honest kinds: nominal, or each scaled by a factor in [0.6, 1.6] drawn
+    from ``rng`` (a differently seeded bench gets a different mix)."""
+    if rng is None:
+        return dict(HONEST_SHARES)
+    shares = {kind: share * float(rng.uniform(0.6, 1.6)) for kind, share in HONEST_SHARES.items()}
+    total = sum(shares.values())  # light users stay at least a fifth of the population
+    return {k: v * min(1.0, 0.8 / total) for k, v in shares.items()}
+
+
+class _Honest:
+    """Row and time plans of honest clients of one victim (offsets in seconds from t0)."""
+
+    def __init__(self, victim: Victim, rng: np.random.Generator, duration_s: float):
+        self.victim, self.rng, self.duration = victim, rng, duration_s
+
+    # ---------------------------------------------------------------- rows
+
+    def records(self, n: int, weights: np.ndarray, distinct: bool = False) -> np.ndarray:
+        """``n`` benign-pool rows under a class preference; ``distinct`` ones as far as the
+        pool allows (beyond it, re-measured copies)."""
+        v, rng = self.victim, self.rng
+        pool = len(v.X_benign)
+        if distinct and n > pool:
+            index = np.concatenate([rng.permutation(pool), rng.choice(pool, n - pool, p=weights)])
+            X = v.X_benign[index].astype(float)
+            X[pool:] = self.remeasure(X[pool:], 0.05)
+        else:
+            X = v.X_benign[rng.choice(pool, n, replace=not distinct, p=weights)].astype(float)
+        if pool < _SMALL_POOL:
+            X = self.remeasure(X, 0.05)
+        return v.measure(X)
+
+    def remeasure(self, X: np.ndarray, relative: float | np.ndarray) -> np.ndarray:
+        """Rows measured again: Gaussian noise of ``relative`` x the feature's spread."""
+        noise = self.rng.normal(size=np.shape(X)) * relative * self.victim.std
+        return self.victim.measure(X + noise)
+
+    def steps(self, X: np.ndarray, max_features: int) -> np.ndarray:
+        """Each row with 0..``max_features`` features moved by one precision step."""
+        v, X = self.victim, np.array(X, dtype=float)
+        for row in X:
+            features = self.rng.choice(v.n_features, int(self.rng.integers(0, max_features + 1)),
+                                       replace=False)
+            row[features] += self.rng.choice([-1.0, 1.0], len(features)) * 10.0 ** -v.decimals[features]
+        return v.measure(X)
+
+    # ---------------------------------------------------------------- times
+
+    def spread(self, n: int, mean_gap: float) -> np.ndarray:
+        """Offsets of ``n`` queries with exponential gaps, placed at a random start."""
+        return _fit_in(self.rng.exponential(mean_gap, size=n), self.duration, self.rng)
+
+    def burst(self, start: float, n: int, gap_s: float) -> np.ndarray:
+        """``n`` queries from ``start`` at machine speed (``gap_s`` mean apart)."""
+        return start + np.cumsum(self.rng.exponential(gap_s, size=n))
+
+    def every(self, interval_s: float) -> np.ndarray:
+        """Start times of a job that runs every ``interval_s`` (10 % jitter) all day."""
+        first = self.rng.uniform(0, interval_s)
+        n = max(1, int((self.duration - first) // interval_s))
+        jitter = self.rng.normal(0, 0.1 * interval_s, size=n)
+        return np.clip(first + np.arange(n) * interval_s + jitter, 0, self.duration - 60)
+
+    # ---------------------------------------------------------------- kinds
+    # Each returns (offsets, rows, detail).
+
+    def light(self, w):
+        n = int(self.rng.integers(1, 21))
+        return self.spread(n, self.rng.uniform(10, 600)), self.records(n, w), {}
+
+    def medium(self, w):
+        n = int(self.rng.integers(50, 301))
+        return self.spread(n, self.rng.uniform(2, 30)), self.records(n, w), {}
+
+    def heavy(self, w):
+        n = int(self.rng.integers(2000, 5001))
+        gap = self.rng.uniform(0.6, 0.95) * self.duration / n
+        return self.spread(n, gap), self.records(n, w), {}
+
+    def sensor_noise(self, w):
+        n = int(self.rng.integers(20, 301))
+        relative = self.rng.uniform(0.03, 0.15)
+        per_feature = relative * self.rng.uniform(0.5, 1.5, size=self.victim.n_features)
+        X = self.remeasure(self.records(n, w), per_feature)
+        return self.spread(n, self.rng.uniform(2, 60)), X, {"noise": round(relative, 3)}
+
+    def site_member(self, w, distortion):
+        n = int(self.rng.integers(5, 301))
+        X = self.records(n, w)
+        X = self.victim.measure(distortion["mean"] + distortion["scale"] * (X - distortion["mean"])
+                                + distortion["shift"])
+        return self.spread(n, self.rng.uniform(2, 120)), X, {}
+
+    def site_distortion(self) -> dict:
+        """Another scanner or unit: on 20-60 % of features, a gain of 0.8-1.25 around the
+        mean and/or a shift of 0.2-0.5 standard deviations."""
+        v, rng = self.victim, self.rng
+        chosen = rng.random(v.n_features) < rng.uniform(0.2, 0.6)
+        chosen[rng.integers(v.n_features)] = True
+        mode = rng.integers(1, 4, size=v.n_features)  # 1 shift, 2 scale, 3 both
+        shift = np.where(chosen & (mode != 2),
+                         rng.choice([-1.0, 1.0], v.n_features) * rng.uniform(0.2, 0.5, v.n_features),
+                         0.0) * v.std
+        scale = np.where(chosen & (mode != 1),
+                         np.exp(rng.uniform(np.log(0.8), np.log(1.25), v.n_features)), 1.0)
+        return {"mean": v.X_train.mean(axis=0), "shift": shift, "scale": scale,
+                "features": int(chosen.sum())}
+
+    def service_backend(self, w):
+        """One upstream request fans out into 2-6 predictions within milliseconds: the same
+        row, the row with a step of jitter, or the entity with 1-3 features varied."""
+        rng = self.rng
+        n_requests = int(rng.integers(80, 401))
+        starts = self.spread(n_requests, self.duration * rng.uniform(0.5, 0.95) / n_requests)
+        entities = self.records(n_requests, w)
+        mix = rng.dirichlet([1.0, 1.0, 1.0])
+        times, rows = [], []
+        for start, entity in zip(starts, entities, strict=True):
+            k = int(rng.integers(2, 7))
+            mode = rng.choice(3, p=mix)
+            X = np.repeat(entity[None], k, axis=0)
+            if mode == 1:
+                X = self.steps(X, 2)
+            elif mode == 2:
+                for row in X[1:]:
+                    features = rng.choice(self.victim.n_features, int(rng.integers(1, 4)),
+                                          replace=False)
+                    row[features] = self.victim.X_benign[rng.integers(len(self.victim.X_benign)),
+                                                         features]
+            times.append(self.burst(start, k, 0.002))
+            rows.append(self.victim.measure(X))
+        return np.concatenate(times), np.vstack(rows), {"requests": n_requests}
+
+    def batch_rescore(self, w):
+        """A stored set of records re-scored every 10-40 minutes at machine speed: most of
+        the set again each run, a few new records added."""
+        rng = self.rng
+        stored = self.records(int(rng.integers(100, 601)), w, distinct=True)
+        interval = rng.uniform(600, 2400)
+        times, rows = [], []
+        for start in self.every(interval)[: int(rng.integers(2, 7))]:
+            keep = stored[rng.random(len(stored)) < rng.uniform(0.7, 1.0)]
+            new = self.records(int(rng.integers(0, max(2, len(stored) // 10))), w)
+            stored = np.vstack([stored, new])
+            run = np.vstack([keep, new])[rng.permutation(len(keep) + len(new))]
+            times.append(self.burst(start, len(run), rng.uniform(0.002, 0.02)))
+            rows.append(run)
+        return np.concatenate(times), np.vstack(rows), {"runs": len(rows)}
+
+    def backfill(self, w):
+        """One burst of 200-1,500 stored records at machine speed, at any time."""
+        n = int(self.rng.integers(200, 1501))
+        start = self.rng.uniform(0, self.duration - 120)
+        return (self.burst(start, n, self.rng.uniform(0.001, 0.01)),
+                self.records(n, w, distinct=True), {})
+
+    def probe(self, w):
+        """A health check: the same 1-5 rows every 1-10 minutes, all day, maybe jittered."""
+        rng = self.rng
+        fixed = self.records(int(rng.integers(1, 6)), w, distinct=True)
+        jitter = rng.random() < 0.5
+        times, rows = [], []
+        for start in self.every(rng.uniform(60, 600)):
+            times.append(self.burst(start, len(fixed), 0.003))
+            rows.append(self.steps(fixed, 2) if jitter else fixed)
+        return np.concatenate(times), np.vstack(rows), {"rows": len(fixed), "jitter": jitter}
+
+    def qa_suite(self, w):
+        """A QA suite: the same 10-60 rows in the same order every 10-30 minutes, fast."""
+        rng = self.rng
+        fixed = self.records(int(rng.integers(10, 61)), w, distinct=True)
+        jitter = rng.random() < 0.3
+        times, rows = [], []
+        for start in self.every(rng.uniform(600, 1800)):
+            times.append(self.burst(start, len(fixed), rng.uniform(0.005, 0.05)))
+            rows.append(self.steps(fixed, 1) if jitter else fixed)
+        return np.concatenate(times), np.vstack(rows), {"rows": len(fixed), "jitter": jitter}
+
+    def entity_rescore(self, w):
+        """2-15 records re-scored 10-60 times each, 1-3 features nudged every time."""
+        rng, v = self.rng, self.victim
+        entities = self.records(int(rng.integers(2, 16)), w, distinct=True)
+        times, rows = [], []
+        for entity in entities:
+            n = int(rng.integers(10, 61))
+            nudge = rng.uniform(0.02, 0.15)
+            state, X = entity.astype(float), []
+            for _ in range(n):
+                features = rng.choice(v.n_features, int(rng.integers(1, 4)), replace=False)
+                state[features] += rng.normal(size=len(features)) * nudge * v.std[features]
+                state = v.measure(state[None])[0]
+                X.append(state.copy())
+            times.append(np.sort(rng.uniform(0, self.duration, size=n)))
+            rows.append(np.array(X))
+        return np.concatenate(times), np.vstack(rows), {"entities": len(entities)}
+
+
+def production_clients(
+    victim: Victim, n_clients: int, rng: np.random.Generator, t0: float, duration_s: float,
+    identities: Identities | None = None, truth: dict[str, dict] | None = None,
+    shares: dict[str, float] | None = None,
+) -> list[dict]:
+    """Honest traffic that looks like production (see ``HONEST_KINDS``).
+
+    Parameters
+    ----------
+    victim : Victim
+    n_clients : int
+        Honest client ids; every kind gets at least one when ``n_clients`` allows.
+    rng : numpy.random.Generator
+    t0, duration_s : float
+        The timeline, epoch seconds.
+    identities : Identities, optional
+    truth : dict, optional
+        Filled with ``client_id -> {"behaviour": kind, ...}`` (site, label-only, detail).
+    shares : dict, optional
+        Share per kind (``honest_mix``); ``light`` takes the rest.
+
+    Returns
+    -------
+    list of dict
+        Inference events, per client in time order (not merged across clients).
+    """
+    identities = identities or Identities(rng)
+    shares = shares or honest_mix()
+    counts = {k: round(s * n_clients) for k, s in shares.items()}
+    if n_clients >= 2 * len(HONEST_KINDS):
+        counts = {k: max(c, 1) for k, c in counts.items()}
+    counts["light"] = max(0, n_clients - sum(counts.values()))
+    plan = _Honest(victim, rng, duration_s)
+    nat_ip = identities.ip()
+    events: list[dict] = []
+
+    def emit(kind, offsets, X, source_ip, label_only=False, **detail):
+        client_id = identities.client_id()
+        order = np.argsort(offsets, kind="stable")
+        mine = client_events(victim, client_id, source_ip, t0 + offsets[order], X[order], rng)
+        if label_only:
+            for event in mine:
+                del event["probabilities"]
+        events.extend(mine)
+        if truth is not None:
+            truth[client_id] = {"behaviour": kind, "label_only": label_only, **detail}
+
+    for kind, count in counts.items():
+        if kind == "site":
+            remaining, site = count, 0
+            while remaining > 0:
+                members = min(remaining, int(rng.integers(3, 9)))
+                distortion = plan.site_distortion()
+                ips = [identities.ip() for _ in range(int(rng.integers(1, 3)))]
+                name = f"{victim.dataset}/site-{site}"
+                for _ in range(members):
+                    offsets, X, _ = plan.site_member(_class_preference(victim, rng), distortion)
+                    emit(kind, offsets, X, str(rng.choice(ips)), site=name,
+                         distorted_features=distortion["features"])
+                remaining -= members
+                site += 1
+            continue
+        for _ in range(count):
+            weights = _class_preference(victim, rng)
+            if kind == "office_nat":
+                offsets, X, detail = plan.light(weights) if rng.random() < 0.6 else \
+                    plan.medium(weights)
+                emit(kind, offsets, X, nat_ip, **detail)
+            elif kind == "label_only":
+                n = int(rng.integers(20, 301))
+                emit(kind, plan.spread(n, rng.uniform(2, 60)), plan.records(n, weights),
+                     identities.ip(), label_only=True)
+            else:
+                offsets, X, detail = getattr(plan, kind)(weights)
+                emit(kind, offsets, X, identities.ip(), **detail)
     return events
 
 
@@ -575,10 +903,12 @@ def training_batches(
 
     Kinds: ``clean``; ``benign_drift`` (a legitimate new sub-population: rows above the
     70th percentile of an informative feature, mixed with ordinary rows, true labels);
-    ``label_flip`` (``flip_rate`` of one class relabelled as another); ``backdoor`` (5-10 % of
+    ``label_flip`` (``flip_rate`` of one class relabelled as another; ``label_flip_subtle``:
+    2-6 %); ``backdoor`` (5-10 % of
     rows stamped with a trigger and labelled as a target class); ``outliers`` (3-5 % of
     rows pushed far outside the data range); ``duplicates`` (20-40 % of rows are copies
-    of a handful of rows).
+    of a handful of rows); ``backdoor_subtle`` (1-3 % of rows, a trigger inside the
+    training range).
 
     Returns
     -------
@@ -605,10 +935,10 @@ def training_batches(
     X, y = victim.round(pool_X[rows]), pool_y[rows].copy()
     if kind == "clean":
         return X, y, {}
-    if kind == "label_flip":
+    if kind in ("label_flip", "label_flip_subtle"):
         source, flipped_to = rng.choice(victim.classes, size=2, replace=False)
         members = np.flatnonzero(y == source)
-        rate = rng.uniform(*flip_rate)
+        rate = rng.uniform(*(flip_rate if kind == "label_flip" else (0.02, 0.06)))
         flipped = rng.choice(members, size=max(1, round(rate * len(members))), replace=False)
         y[flipped] = flipped_to
         return X, y, {"from": int(source), "to": int(flipped_to), "rate": rate,
@@ -623,6 +953,19 @@ def training_batches(
         X = victim.round(X)
         return X, y, {"target": target_class, "rate": rate, "n_poisoned": len(poisoned),
                       "trigger_features": [victim.feature_names[f] for f in features]}
+    if kind == "backdoor_subtle":
+        # The trigger stays inside the training range: two uninformative features at their
+        # training maximum, on 1-3 % of rows.
+        varying = [f for f in _informative_features(victim)[::-1] if victim.hi[f] > victim.lo[f]]
+        features = np.array(varying[:2])
+        target_class = int(rng.choice(victim.classes))
+        rate = rng.uniform(0.01, 0.03)
+        poisoned = rng.choice(n_rows, size=max(1, round(rate * n_rows)), replace=False)
+        X[np.ix_(poisoned, features)] = victim.hi[features]
+        y[poisoned] = target_class
+        return victim.round(X), y, {
+            "target": target_class, "rate": rate, "n_poisoned": len(poisoned),
+            "trigger_features": [victim.feature_names[f] for f in features]}
     if kind == "outliers":
         rate = rng.uniform(0.03, 0.05)
         poisoned = rng.choice(n_rows, size=max(1, round(rate * n_rows)), replace=False)
@@ -712,7 +1055,8 @@ def write_batches(
         records.append({
             "dataset": victim.dataset, "batch_id": batch.batch_id, "source": batch.source,
             "ts": format_ts(batch.ts), "path": str(path.relative_to(relative_to)),
-            "kind": batch.kind, "poisoned": batch.kind in POISON_KINDS, "detail": batch.extra,
+            "kind": batch.kind, "poisoned": batch.kind in POISON_KINDS + SUBTLE_KINDS,
+            "subtle": batch.kind in SUBTLE_KINDS, "detail": batch.extra,
         })
     return records
 

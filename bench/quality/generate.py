@@ -1,11 +1,15 @@
-"""Quality-benchmark traffic: benign clients, real attack code (ART), training batches.
+"""Quality-benchmark traffic: production-like honest clients, real attack code (ART),
+training batches.
 
     python bench/quality/generate.py --out bench/quality/data [--seed 0] [--scale 1.0]
 
-Three victims (digits, cancer, synth) on one two-hour timeline. Benign traffic, the
-numpy attackers and the training batches come from ``streams.scenario``; the attacks
-that exist in the Adversarial Robustness Toolbox are run through it, and every row ART
-asks the victim about becomes one inference event of the attacking client.
+Four victims (digits, cancer, synth, and wine trained on 106 rows) on one two-hour
+timeline. Honest traffic (``streams.scenario.production_clients``), the numpy attackers
+and the training batches come from ``streams.scenario``; the attacks that exist in the
+Adversarial Robustness Toolbox are run through it, and every row ART asks the victim
+about becomes one inference event of the attacking client. ``--seed`` draws everything:
+victims' splits, the honest mix, distortions, attack parameters; a second seed is a
+held-out set.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +41,14 @@ from streams.scenario import (  # noqa: E402
     Identities,
     QueryRecorder,
     Victim,
-    benign_clients,
+    client_events,
     client_truth,
+    honest_mix,
     jacobian_extraction,
     load_victim,
     paced_times,
     poisoned_batches,
-    recorded_events,
+    production_clients,
     sort_events,
     uniform_extraction,
     write_batches,
@@ -66,10 +72,12 @@ from art.estimators.classification.scikitlearn import ScikitlearnClassifier  # n
 TIMELINE_S = 2 * 3600.0
 BENIGN_CLIENTS = 300
 ATTACKERS_PER_VARIANT = 10
-SYBIL_IDS = 5
+# Attacks spread over several client ids: (ids, source IPs); None = one IP per id.
+SPREAD = {"ext_slow_sybil": (5, 1), "ext_sybil_5x5": (5, 5), "ext_sybil_10x10": (10, 10)}
 # Batches per dataset at scale 1; the first WARMUP_PER_SOURCE of every source are clean.
 BATCH_COUNTS = {"clean": 40, "benign_drift": 20, "label_flip": 20, "backdoor": 20,
-                "outliers": 20, "duplicates": 20}
+                "outliers": 20, "duplicates": 20, "label_flip_subtle": 10,
+                "backdoor_subtle": 10}
 BATCH_SOURCES = ["vendor-feed-a", "vendor-feed-b", "etl-nightly"]
 WARMUP_PER_SOURCE = 10
 
@@ -216,11 +224,15 @@ def attack_ext_sybil_jacobian(victim, recorder, rng):
     return {"query_kind": "jacobian", **attack_ext_jacobian(victim, recorder, rng)}
 
 
+def attack_ext_sybil_knockoff(victim, recorder, rng):
+    return {"query_kind": "knockoff", **_knockoff("random")(victim, recorder, rng)}
+
+
 def _starting_points(victim, recorder, rng, targets):
     """What a decision-based attacker starts from: for each target, the nearest of 30 of
     its own rows that the victim labels differently (found by asking the victim)."""
-    candidates = victim.round(victim.X_attacker[rng.choice(len(victim.X_attacker), 30,
-                                                           replace=False)])
+    candidates = victim.round(victim.X_attacker[rng.choice(
+        len(victim.X_attacker), min(30, len(victim.X_attacker)), replace=False)])
     candidate_labels = recorder.labels(candidates)
     target_labels = recorder.labels(targets)
     span = UnitSpace(victim).span
@@ -232,11 +244,34 @@ def _starting_points(victim, recorder, rng, targets):
     return np.array(starts)
 
 
-def _evasion(victim, recorder, rng, make_attack, with_start: bool):
-    """Run an ART evasion attack on 1-3 benign-pool rows; report how far it got."""
+class Blinded:
+    """Query blinding (after the OARS attacks on stateful defenses, Feng et al. 2023):
+    every row the attack asks about is sent with a small random transform, Gaussian noise
+    of ``noise`` plus a random per-feature shift of up to ``noise`` per request, in unit
+    space; the attack is told the victim's answer about what was sent."""
+
+    def __init__(self, recorder: QueryRecorder, space: UnitSpace, rng: np.random.Generator,
+                 noise: float):
+        self.recorder, self.space, self.rng, self.noise = recorder, space, rng, noise
+
+    def __call__(self, U: np.ndarray) -> np.ndarray:
+        U = np.asarray(U, dtype=float)
+        shift = self.rng.uniform(-self.noise, self.noise, size=U.shape[1])
+        sent = np.clip(U + shift + self.rng.normal(0, self.noise, size=U.shape), 0.0, 1.0)
+        return self.recorder(self.space.to_raw(sent))
+
+
+def _evasion(victim, recorder, rng, make_attack, with_start: bool, n_targets=(1, 4),
+             blinding: float | None = None):
+    """Run an ART evasion attack on benign-pool rows; report how far it got."""
     targets = victim.round(victim.X_benign[rng.choice(len(victim.X_benign),
-                                                      int(rng.integers(1, 4)), replace=False)])
+                                                      int(rng.integers(*n_targets)),
+                                                      replace=False)])
     classifier, space = black_box(victim, recorder)
+    if blinding is not None:
+        classifier = BlackBoxClassifier(
+            Blinded(recorder, space, rng, blinding), input_shape=(victim.n_features,),
+            nb_classes=len(victim.classes), clip_values=(0.0, 1.0))
     kwargs = {}
     if with_start:
         kwargs["x_adv_init"] = space.to_unit(_starting_points(victim, recorder, rng, targets))
@@ -244,8 +279,11 @@ def _evasion(victim, recorder, rng, make_attack, with_start: bool):
         make_attack(classifier).generate(space.to_unit(targets), **kwargs)))
     fooled = victim.model.predict(adversarial) != victim.model.predict(targets)
     perturbation = np.sqrt((((adversarial - targets) / space.span) ** 2).mean(axis=1))
-    return {"targets": len(targets), "fooled": int(fooled.sum()),
-            "rms_perturbation": [round(float(p), 4) for p in perturbation]}
+    outcome = {"targets": len(targets), "fooled": int(fooled.sum()),
+               "rms_perturbation": [round(float(p), 4) for p in perturbation]}
+    if blinding is not None:
+        outcome["blinding_noise"] = round(blinding, 4)
+    return outcome
 
 
 def attack_adv_hopskipjump(victim, recorder, rng):
@@ -274,6 +312,38 @@ def attack_adv_zoo(victim, recorder, rng):
         use_importance=False, abort_early=False, verbose=False), with_start=False)
 
 
+def _blinding(victim: Victim, rng: np.random.Generator) -> float:
+    """Blinding noise in unit space: 0.5-2 % of the range, plus half a precision step so
+    that rounding to the data's precision does not undo it (digits)."""
+    step = float(np.median(10.0 ** -victim.decimals / UnitSpace(victim).span))
+    return float(rng.uniform(0.005, 0.02)) + 0.5 * step
+
+
+def attack_adv_blinded_hopskipjump(victim, recorder, rng):
+    return {"attack": "hopskipjump", **_evasion(victim, recorder, rng, lambda c: HopSkipJump(
+        c, max_iter=int(rng.integers(8, 15)), max_eval=200, init_eval=20, verbose=False),
+        with_start=True, blinding=_blinding(victim, rng))}
+
+
+def attack_adv_blinded_boundary(victim, recorder, rng):
+    return {"attack": "boundary", **_evasion(victim, recorder, rng, lambda c: BoundaryAttack(
+        c, targeted=False, max_iter=int(rng.integers(50, 101)), num_trial=5, sample_size=10,
+        verbose=False), with_start=True, blinding=_blinding(victim, rng))}
+
+
+def attack_adv_human_hopskipjump(victim, recorder, rng):
+    """A person working one row by hand: a short HopSkipJump, one query at a time."""
+    return {"attack": "hopskipjump", **_evasion(victim, recorder, rng, lambda c: HopSkipJump(
+        c, max_iter=int(rng.integers(2, 5)), max_eval=int(rng.integers(30, 61)), init_eval=10,
+        verbose=False), with_start=True, n_targets=(1, 2))}
+
+
+def attack_adv_human_boundary(victim, recorder, rng):
+    return {"attack": "boundary", **_evasion(victim, recorder, rng, lambda c: BoundaryAttack(
+        c, targeted=False, max_iter=int(rng.integers(15, 41)), num_trial=5, sample_size=5,
+        verbose=False), with_start=True, n_targets=(1, 2))}
+
+
 def attack_adv_transfer(victim, recorder, rng):
     """FGSM on the attacker's own substitute, then one-shot queries to the victim."""
     X, y = victim.round(victim.X_attacker), victim.y_attacker
@@ -283,7 +353,7 @@ def attack_adv_transfer(victim, recorder, rng):
     art_substitute = SklearnClassifier(  # picks the wrapper that has loss gradients
         substitute, clip_values=(victim.lo, victim.lo + space.span), preprocessing=(mean, std))
     eps = rng.uniform(0.5, 1.0) * std
-    chosen = rng.choice(len(X), size=int(rng.integers(10, 41)), replace=False)
+    chosen = rng.choice(len(X), size=min(len(X), int(rng.integers(10, 41))), replace=False)
     adversarial = FastGradientMethod(art_substitute, eps=eps, eps_step=0.1 * std).generate(
         X[chosen].astype(np.float32))
     for row in victim.round(victim.clip(adversarial)):  # one request per query
@@ -297,20 +367,38 @@ class Variant:
     family: str
     attacks: tuple  # (victim, recorder, rng) -> dict; attacker k runs attacks[k % len]
     think_s: tuple[float, float]  # range of the attacker's mean pause between requests
+    pacing: str = "burst"  # burst: requests think_s apart; spread: over the whole timeline;
+    # human: one query at a time, seconds to minutes apart, over most of the timeline
+    rows_per_request: tuple[int, int] = (64, 65)  # range of the largest request
+    ids: tuple[int, int] = (1, 2)  # range of client ids the attacker rotates over
+    ips: str = "one"  # one: one source IP; per_id: one per id; mixed: attacker k odd: one
 
 
 def variants_for(victim: Victim) -> dict[str, Variant]:
     """The attack variants run against ``victim``."""
+    sybil = (attack_ext_sybil_uniform, attack_ext_sybil_jacobian, attack_ext_sybil_knockoff)
     variants = {
         "ext_uniform": Variant("extraction", (attack_ext_uniform,), (0.2, 3.0)),
         "ext_jacobian": Variant("extraction", (attack_ext_jacobian,), (0.2, 3.0)),
         "ext_knockoff": Variant("extraction", (_knockoff("random"), _knockoff("adaptive")),
                                 (0.05, 0.5)),
-        # Its timing is its own: a few requests a minute over the whole timeline.
+        # A few requests a minute over the whole timeline, dealt out over several ids.
         "ext_slow_sybil": Variant("extraction",
-                                  (attack_ext_sybil_uniform, attack_ext_sybil_jacobian), (0, 0)),
+                                  (attack_ext_sybil_uniform, attack_ext_sybil_jacobian), (0, 0),
+                                  "spread", (1, 11), (5, 6), "one"),
+        "ext_sybil_5x5": Variant("extraction", sybil, (0, 0), "spread", (1, 11), (5, 6),
+                                 "per_id"),
+        "ext_sybil_10x10": Variant("extraction", sybil, (0, 0), "spread", (1, 11), (10, 11),
+                                   "per_id"),
         "adv_hopskipjump": Variant("adversarial", (attack_adv_hopskipjump,), (0.02, 0.3)),
         "adv_boundary": Variant("adversarial", (attack_adv_boundary,), (0.02, 0.3)),
+        # Blinded queries rotated over 3-8 keys, a few rows per request.
+        "adv_blinded": Variant("adversarial",
+                               (attack_adv_blinded_hopskipjump, attack_adv_blinded_boundary),
+                               (0.05, 2.0), "burst", (1, 9), (3, 9), "mixed"),
+        "adv_human_pace": Variant("adversarial",
+                                  (attack_adv_human_hopskipjump, attack_adv_human_boundary),
+                                  (0, 0), "human", (1, 2)),
         "adv_transfer": Variant("adversarial", (attack_adv_transfer,), (2.0, 30.0)),
     }
     # SignOPT refuses binary models; ZooAttack runs on all but rarely fools the digits model.
@@ -330,33 +418,40 @@ def dataset_traffic(
 ) -> tuple[list[dict], dict, list[dict], dict]:
     """Events, client truth, batch truth and per-attacker results of one victim."""
     t0 = DEFAULT_T0
-    behaviours: dict[str, str] = {}
-    events = benign_clients(victim, max(1, round(BENIGN_CLIENTS * scale)), rng, t0, TIMELINE_S,
-                            identities, behaviours)
-    truth = {cid: client_truth(victim, "benign", None, cid, behaviour=behaviour)
-             for cid, behaviour in behaviours.items()}
+    honest: dict[str, dict] = {}
+    shares = honest_mix(rng)
+    events = production_clients(victim, max(1, round(BENIGN_CLIENTS * scale)), rng, t0,
+                                TIMELINE_S, identities, honest, shares)
+    truth = {cid: client_truth(victim, "benign", None, cid, **detail)
+             for cid, detail in honest.items()}
 
     results: dict[str, list[dict]] = defaultdict(list)
     n_attackers = max(1, round(ATTACKERS_PER_VARIANT * scale))
     for name, variant in variants_for(victim).items():
         for k in range(n_attackers):
-            # A sybil keeps each key's requests small; others send up to 64 rows at once.
-            recorder = QueryRecorder(victim, int(rng.integers(1, 11))
-                                     if name == "ext_slow_sybil" else 64)
+            recorder = QueryRecorder(victim, int(rng.integers(*variant.rows_per_request)))
             np.random.seed(int(rng.integers(2**31)))  # ART draws from the global RNG
             started = time.perf_counter()
             outcome = variant.attacks[k % len(variant.attacks)](victim, recorder, rng)
             seconds = time.perf_counter() - started
             group = f"{victim.dataset}/{name}/{k}"
-            n_ids = SYBIL_IDS if name == "ext_slow_sybil" else 1
+            n_ids = int(rng.integers(*variant.ids))
             client_ids = [identities.client_id() for _ in range(n_ids)]
+            one_ip = variant.ips == "one" or (variant.ips == "mixed" and k % 2 == 1)
+            ips = [identities.ip()] * n_ids if one_ip else [identities.ip() for _ in client_ids]
+            label_only = variant.pacing == "human" and k % 4 >= 2
             sizes = [len(rows) for rows, _ in recorder.requests]
-            times = _attack_times(name, variant, sizes, t0, rng)
-            events += recorded_events(recorder, client_ids, identities.ip(), times, rng)
+            times = _attack_times(variant, sizes, t0, rng)
+            # Rotating keys deal requests in turn; sybils deal them at random.
+            rotate = variant.pacing == "burst"
+            events += attack_events(recorder, client_ids, ips, times, rng, rotate, label_only)
             for cid in client_ids:
-                truth[cid] = client_truth(victim, name, variant.family, group)
+                truth[cid] = client_truth(victim, name, variant.family, group,
+                                          ids=n_ids, ips=len(set(ips)), label_only=label_only)
             results[name].append({"group": group, "queries": recorder.n_queries,
-                                  "seconds": round(seconds, 2), **outcome})
+                                  "ids": n_ids, "ips": len(set(ips)),
+                                  "seconds": round(seconds, 2),
+                                  "span_s": round(float(times[-1] - times[0]), 1), **outcome})
 
     batches = poisoned_batches(
         victim, rng, t0, TIMELINE_S,
@@ -365,16 +460,47 @@ def dataset_traffic(
     )
     batch_truth = write_batches(batches, victim, out / victim.dataset / "batches", out)
     write_csv(out / victim.dataset / "train.csv", victim, victim.X_train, victim.y_train)
-    return events, truth, batch_truth, dict(results)
+    return events, truth, batch_truth, {"honest_shares": {k: round(v, 4) for k, v in
+                                                          shares.items()}, **results}
 
 
-def _attack_times(name: str, variant: Variant, sizes: list[int], t0: float,
+def attack_events(
+    recorder: QueryRecorder, client_ids: list[str], ips: list[str], times: np.ndarray,
+    rng: np.random.Generator, rotate: bool, label_only: bool,
+) -> list[dict]:
+    """Events for everything the recorder saw; requests dealt over the ids in turn
+    (``rotate``) or at random, evenly."""
+    victim = recorder.victim
+    n = len(recorder.requests)
+    turns = np.arange(n) % len(client_ids)
+    owner = turns if rotate else rng.permutation(turns)
+    sent = dict.fromkeys(client_ids, 0)
+    events, row = [], 0
+    for (X, proba), who in zip(recorder.requests, owner, strict=True):
+        client_id = client_ids[who]
+        events += client_events(victim, client_id, ips[who], times[row : row + len(X)], X,
+                                rng, proba=proba, first_index=sent[client_id])
+        sent[client_id] += len(X)
+        row += len(X)
+    if label_only:
+        for event in events:
+            del event["probabilities"]
+    return events
+
+
+def _attack_times(variant: Variant, sizes: list[int], t0: float,
                   rng: np.random.Generator) -> np.ndarray:
     """Send times of an attacker's rows on the timeline."""
-    if name == "ext_slow_sybil":  # a few requests a minute, spread over the whole timeline
+    if variant.pacing == "spread":  # a few requests a minute over the whole timeline
         starts = np.sort(rng.uniform(0, TIMELINE_S, size=len(sizes)))
         gaps = [rng.exponential(0.004, size=size) for size in sizes]
         return t0 + np.concatenate([s + np.cumsum(g) for s, g in zip(starts, gaps, strict=True)])
+    if variant.pacing == "human":  # seconds to minutes apart, over 60-95 % of the timeline
+        n = sum(sizes)
+        gaps = rng.lognormal(0.0, 1.0, size=n)
+        gaps *= rng.uniform(0.6, 0.95) * TIMELINE_S / gaps.sum()
+        offsets = np.cumsum(gaps)
+        return t0 + rng.uniform(0, TIMELINE_S - offsets[-1]) + offsets
     think = rng.uniform(*variant.think_s)
     times = paced_times(sizes, 0.0, rng, think_s=think)
     start = rng.uniform(0, max(TIMELINE_S - times[-1], 0.0))
@@ -384,31 +510,53 @@ def _attack_times(name: str, variant: Variant, sizes: list[int], t0: float,
 # --------------------------------------------------------------------------- main
 
 
-def generate(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
+def _one_dataset(job: tuple[Path, int, float, int, str]):
+    """Everything of one victim (run in a worker process)."""
+    out, seed, scale, index, dataset = job
+    logging.getLogger("art").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    started = time.perf_counter()
+    victim = load_victim(dataset, seed)
+    rng = np.random.default_rng([seed, 100 + index])
+    identities = Identities(np.random.default_rng([seed, 1, index]), block=index)
+    events, truth, batch_truth, results = dataset_traffic(victim, rng, identities, scale, out)
+    print(f"  {dataset}: {len(events)} events, {len(batch_truth)} batches "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return events, truth, batch_truth, results
+
+
+def generate(out: Path, seed: int = 0, scale: float = 1.0, jobs: int = 2) -> dict:
     """Write the benchmark data into ``out``; return a summary."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    identities = Identities(np.random.default_rng([seed, 1]))
+    work = [(out, seed, scale, index, dataset) for index, dataset in enumerate(DATASETS)]
+    if jobs > 1:
+        with ProcessPoolExecutor(min(jobs, len(work))) as pool:
+            parts = list(pool.map(_one_dataset, work))
+    else:
+        parts = [_one_dataset(job) for job in work]
     all_events, clients, batches, attacks = [], {}, [], {}
-    for index, dataset in enumerate(DATASETS):
-        victim = load_victim(dataset, seed)
-        rng = np.random.default_rng([seed, 100 + index])
-        events, truth, batch_truth, results = dataset_traffic(victim, rng, identities, scale, out)
+    for (_, _, _, _, dataset), (events, truth, batch_truth, results) in zip(work, parts,
+                                                                              strict=True):
         all_events += events
+        if clients.keys() & truth.keys():
+            raise RuntimeError("client ids collide across data sets")
         clients.update(truth)
         batches += batch_truth
         attacks[dataset] = results
-        print(f"  {dataset}: {len(events)} events, {len(batch_truth)} batches "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
     write_jsonl(out / "inference.jsonl", sort_events(all_events))
-    (out / "truth.json").write_text(json.dumps({"clients": clients, "batches": batches}, indent=1))
+    (out / "truth.json").write_text(json.dumps(
+        {"seed": seed, "scale": scale, "clients": clients, "batches": batches}, indent=1))
     summary = _summary(all_events, clients, batches, attacks, time.perf_counter() - started)
+    summary.update(seed=seed, scale=scale)
     (out / "generation.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _summary(events, clients, batches, attacks, seconds) -> dict:
     per_variant = Counter(clients[e["client_id"]]["variant"] for e in events)
+    per_behaviour = Counter(clients[e["client_id"]].get("behaviour") for e in events
+                            if clients[e["client_id"]]["kind"] == "benign")
     attackers = {
         f"{dataset}/{variant}": {
             "attackers": len(runs),
@@ -418,10 +566,12 @@ def _summary(events, clients, batches, attacks, seconds) -> dict:
             **_success(runs),
         }
         for dataset, results in attacks.items() for variant, runs in results.items()
+        if variant != "honest_shares"
     }
     return {
         "seconds": round(seconds, 1), "events": len(events),
         "events_per_variant": dict(sorted(per_variant.items())),
+        "benign_events_per_behaviour": dict(sorted(per_behaviour.items())),
         "batches_per_kind": {k: sum(b["kind"] == k for b in batches) for k in BATCH_KINDS},
         "attackers": attackers, "runs": attacks,
     }
@@ -444,14 +594,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiplies the numbers of clients, attackers and batches")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="worker processes (one data set each); 1 runs in this process")
     args = parser.parse_args(argv)
     logging.getLogger("art").setLevel(logging.ERROR)
     warnings.simplefilter("ignore", ConvergenceWarning)
     print(f"generating into {args.out} (seed {args.seed}, scale {args.scale})", flush=True)
-    summary = generate(args.out, args.seed, args.scale)
+    summary = generate(args.out, args.seed, args.scale, args.jobs)
     print(f"{summary['events']} events in {summary['seconds']} s")
     for variant, count in summary["events_per_variant"].items():
         print(f"  {variant:18s} {count:8d} events")
+    for behaviour, count in summary["benign_events_per_behaviour"].items():
+        print(f"    benign {behaviour:18s} {count:8d} events")
     print(f"  batches: {summary['batches_per_kind']}")
     for name, row in summary["attackers"].items():
         detail = ", ".join(f"{k}={v}" for k, v in row.items() if k != "attackers")

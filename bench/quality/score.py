@@ -26,15 +26,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+# Per data set and pooled (issue 10).
 TARGETS = {
-    "attack_detection_rate": 0.95,  # per variant, any alert on any of the attacker's ids
-    "adversarial_median_queries": 50,  # query-based adversarial attacks
-    "poisoned_batch_detection_rate": 0.95,
-    "benign_client_fp_rate": 0.005,
-    "clean_batch_fp_rate": 0.01,  # and the same for benign_drift batches
+    "honest_rate": 0.005,  # honest clients with any alert, all kinds together
+    "honest_kind_rate": 0.02,  # within every honest kind
+    "attack_detection_rate": 0.95,  # per attack kind, any alert on any of the actor's ids
+    "evasion_median_queries": 20,  # query-based evasion
+    "extraction_median_queries": 150,
+    "poisoned_batch_rate": 0.95,  # per poisoning kind; subtle kinds are reported only
+    "quiet_batch_rate": 0.01,  # clean and benign_drift batches
 }
-# One-shot transfer queries are not a query-based attack: no queries-to-detection target.
+# One-shot transfer queries are not a query-based attack: reported, no target.
 ONE_SHOT_VARIANTS = {"adv_transfer"}
+BATCH_ORDER = ("clean", "benign_drift", "label_flip", "backdoor", "outliers", "duplicates",
+               "label_flip_subtle", "backdoor_subtle")
 
 
 # --------------------------------------------------------------------------- running modelwatch
@@ -120,8 +125,8 @@ class _Request(msgspec.Struct):
 
 
 def group_order(inference_log: Path, truth: dict) -> dict[str, int]:
-    """request_id -> 1-based position among all requests of its attacker (sybil ids
-    counted together), in time order. Benign clients are left out."""
+    """request_id -> 1-based position among all requests of its attacker (ids of one
+    attacker counted together), in time order. Honest clients are left out."""
     group_of = {cid: c["group"] for cid, c in truth["clients"].items() if c["kind"] == "attack"}
     decoder = msgspec.json.Decoder(_Request)
     counts: Counter = Counter()
@@ -147,10 +152,23 @@ def _rate(hits: int, total: int) -> float | None:
     return round(hits / total, 4) if total else None
 
 
-def _quantiles(values: list[int]) -> dict:
+def _quantiles(values: list[float]) -> dict:
+    """Median and p90 over every attacker; one never detected counts as infinitely many
+    queries, so a quantile that falls on one is None ("never")."""
     if not values:
         return {"median": None, "p90": None}
-    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+    out = {}
+    for name, q in (("median", 50), ("p90", 90)):
+        value = float(np.percentile(values, q, method="higher"))
+        out[name] = None if np.isinf(value) else value
+    return out
+
+
+def query_kind(variant: str, family: str) -> str:
+    """Which queries-to-detection target applies: extraction, evasion or none (one-shot)."""
+    if variant in ONE_SHOT_VARIANTS:
+        return "one_shot"
+    return "extraction" if family == "extraction" else "evasion"
 
 
 def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
@@ -164,6 +182,12 @@ def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
         ECS alerts as ``modelwatch replay`` writes them.
     position : dict
         request_id -> 1-based index among its attacker's requests (see ``group_order``).
+
+    Returns
+    -------
+    dict
+        ``datasets``: per data set and ``all`` pooled, the honest kinds, attack kinds and
+        batch kinds; ``attackers``, ``honest_alerted`` and ``batches``: one record each.
     """
     clients = truth["clients"]
     client_alerts: dict[str, list[dict]] = defaultdict(list)
@@ -179,52 +203,53 @@ def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
         else:
             unmatched += 1
 
-    # Attackers: one record per group (the five ids of a sybil are one attacker).
+    # Attackers: one record per group (the ids of one actor are one attacker).
     groups: dict[str, dict] = {}
     for cid, c in clients.items():
         if c["kind"] != "attack":
             continue
-        group = groups.setdefault(c["group"], {**c, "alerts": []})
+        group = groups.setdefault(c["group"], {**c, "alerts": [], "ids": 0})
         group["alerts"] += client_alerts.get(cid, [])
+        group["ids"] += 1
     attackers = []
     for name, g in groups.items():
         right = [a for a in g["alerts"] if a["modelwatch"].get("detector") == g["family"]]
         attackers.append({
             "group": name, "dataset": g["dataset"], "variant": g["variant"],
-            "family": g["family"], "detected": bool(g["alerts"]), "right_family": bool(right),
+            "family": g["family"], "ids": g["ids"], "detected": bool(g["alerts"]),
+            "right_family": bool(right),
             "queries_to_detection": _first_query(g["alerts"], position),
             "queries_to_right_family": _first_query(right, position),
             "rules": sorted({a["rule"]["name"] for a in g["alerts"]}),
         })
 
-    benign = [cid for cid, c in clients.items() if c["kind"] == "benign"]
-    flagged = [cid for cid in benign if client_alerts.get(cid)]
-    benign_rules = Counter(rule for cid in flagged
-                           for rule in {a["rule"]["name"] for a in client_alerts[cid]})
-    by_behaviour: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for cid in benign:
-        counts = by_behaviour[clients[cid].get("behaviour", "benign")]
-        counts[0] += bool(client_alerts.get(cid))
-        counts[1] += 1
+    honest = []
+    for cid, c in clients.items():
+        if c["kind"] == "benign":
+            mine = client_alerts.get(cid, [])
+            honest.append({"client_id": cid, "dataset": c["dataset"],
+                           "behaviour": c.get("behaviour", "benign"), "site": c.get("site"),
+                           "alerted": bool(mine),
+                           "rules": sorted({a["rule"]["name"] for a in mine})})
 
     batches = [{**b, "alerted": bool(batch_alerts.get(b["batch_id"])),
                 "rules": sorted({a["rule"]["name"] for a in batch_alerts.get(b["batch_id"], [])})}
                for b in truth["batches"]]
+
+    datasets = {}
+    for dataset in [*sorted({c["dataset"] for c in clients.values()}), "all"]:
+        def mine(rows, dataset=dataset):
+            return [r for r in rows if dataset == "all" or r["dataset"] == dataset]
+        datasets[dataset] = {"honest": _honest(mine(honest)),
+                             "attacks": _by_variant(mine(attackers)),
+                             "batches": _by_kind(mine(batches))}
     return {
-        "variants": _by_variant(attackers, key=lambda a: a["variant"]),
-        "dataset_variants": _by_variant(attackers, key=lambda a: f"{a['dataset']}/{a['variant']}"),
-        "benign": {
-            "clients": len(benign), "alerted": len(flagged),
-            "fp_rate": _rate(len(flagged), len(benign)),
-            "rules": dict(benign_rules.most_common()),
-            "by_behaviour": {b: {"alerted": a, "clients": n, "fp_rate": _rate(a, n)}
-                             for b, (a, n) in sorted(by_behaviour.items())},
-        },
-        "batches": _by_kind(batches),
-        "dataset_batches": {d: _by_kind([b for b in batches if b["dataset"] == d])
-                            for d in sorted({b["dataset"] for b in batches})},
+        "datasets": datasets,
         "unmatched_alerts": unmatched,
         "attackers": attackers,
+        "honest_alerted": [h for h in honest if h["alerted"]],
+        "batches": [{k: b[k] for k in ("dataset", "batch_id", "kind", "alerted", "rules")}
+                    for b in batches],
     }
 
 
@@ -235,63 +260,90 @@ def _first_query(alerts: list[dict], position: dict[str, int]) -> int | None:
     return min(found) if found else None
 
 
-def _by_variant(attackers: list[dict], key) -> dict:
+def _honest(rows: list[dict]) -> dict:
+    def summary(group):
+        alerted = [r for r in group if r["alerted"]]
+        rules = Counter(rule for r in alerted for rule in r["rules"])
+        return {"clients": len(group), "alerted": len(alerted),
+                "rate": _rate(len(alerted), len(group)), "rules": dict(rules.most_common())}
+
+    kinds: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        kinds[r["behaviour"]].append(r)
+    return {**summary(rows), "kinds": {k: summary(g) for k, g in sorted(kinds.items())}}
+
+
+def _by_variant(attackers: list[dict]) -> dict:
     rows: dict[str, list[dict]] = defaultdict(list)
     for a in attackers:
-        rows[key(a)].append(a)
-    return {
-        name: {
-            "family": group[0]["family"], "attackers": len(group),
+        rows[a["variant"]].append(a)
+    out = {}
+    for name, group in sorted(rows.items()):
+        def queries(key, group=group):
+            return [a[key] if a[key] else np.inf for a in group]
+        out[name] = {
+            "family": group[0]["family"], "query_kind": query_kind(name, group[0]["family"]),
+            "attackers": len(group), "ids_per_attacker": group[0]["ids"],
+            "detected": sum(a["detected"] for a in group),
             "detection_rate": _rate(sum(a["detected"] for a in group), len(group)),
             "right_family_rate": _rate(sum(a["right_family"] for a in group), len(group)),
-            "queries_to_detection": _quantiles(
-                [a["queries_to_detection"] for a in group if a["queries_to_detection"]]),
-            "queries_to_right_family": _quantiles(
-                [a["queries_to_right_family"] for a in group if a["queries_to_right_family"]]),
+            "queries_to_detection": _quantiles(queries("queries_to_detection")),
+            "queries_to_right_family": _quantiles(queries("queries_to_right_family")),
+            "rules": dict(Counter(r for a in group for r in a["rules"]).most_common()),
         }
-        for name, group in sorted(rows.items())
-    }
+    return out
 
 
 def _by_kind(batches: list[dict]) -> dict:
     kinds: dict[str, list[dict]] = defaultdict(list)
     for b in batches:
         kinds[b["kind"]].append(b)
-    out = {kind: {"batches": len(group), "poisoned": group[0]["poisoned"],
-                  "alerted_rate": _rate(sum(b["alerted"] for b in group), len(group))}
-           for kind, group in sorted(kinds.items())}
-    poisoned = [b for b in batches if b["poisoned"]]
-    out["all_poisoned"] = {"batches": len(poisoned), "poisoned": True,
-                           "alerted_rate": _rate(sum(b["alerted"] for b in poisoned),
-                                                 len(poisoned))}
-    return out
+    order = {k: i for i, k in enumerate(BATCH_ORDER)}
+    return {
+        kind: {"batches": len(group), "poisoned": group[0]["poisoned"],
+               "subtle": group[0].get("subtle", False),
+               "alerted": sum(b["alerted"] for b in group),
+               "alerted_rate": _rate(sum(b["alerted"] for b in group), len(group)),
+               "rules": dict(Counter(r for b in group for r in b["rules"]).most_common())}
+        for kind, group in sorted(kinds.items(), key=lambda kv: order.get(kv[0], 99))
+    }
 
 
 def check_targets(result: dict) -> list[dict]:
-    """Each target with its measured value and whether it is met."""
+    """Each target per data set (and pooled as ``all``) with its value and whether it is
+    met; report-only rows have ``met`` None."""
     checks = []
 
-    def check(name, value, limit, at_least):
-        met = value is not None and (value >= limit if at_least else value <= limit)
-        checks.append({"target": name, "value": value,
-                       "limit": f"{'>=' if at_least else '<='} {limit}", "met": met})
+    def check(dataset, name, value, limit, at_least, report_only=False):
+        if report_only:
+            met, text = None, "report"
+        else:
+            met = value is not None and (value >= limit if at_least else value <= limit)
+            shown = f"{limit:g}" if name.endswith("median queries") else f"{100 * limit:g}%"
+            text = f"{'>=' if at_least else '<='} {shown}"
+        checks.append({"dataset": dataset, "target": name, "value": value, "limit": text,
+                       "met": met})
 
-    for variant, row in result["variants"].items():
-        check(f"{variant}: detection rate", row["detection_rate"],
-              TARGETS["attack_detection_rate"], True)
-        if row["family"] == "adversarial" and variant not in ONE_SHOT_VARIANTS:
-            check(f"{variant}: median queries to detection",
-                  row["queries_to_detection"]["median"],
-                  TARGETS["adversarial_median_queries"], False)
-    batches = result["batches"]
-    check("poisoned batches: detection rate", batches["all_poisoned"]["alerted_rate"],
-          TARGETS["poisoned_batch_detection_rate"], True)
-    check("benign clients: false-positive rate", result["benign"]["fp_rate"],
-          TARGETS["benign_client_fp_rate"], False)
-    for kind in ("clean", "benign_drift"):
-        if kind in batches:
-            check(f"{kind} batches: false-positive rate", batches[kind]["alerted_rate"],
-                  TARGETS["clean_batch_fp_rate"], False)
+    for dataset, table in result["datasets"].items():
+        honest = table["honest"]
+        check(dataset, "honest: all kinds", honest["rate"], TARGETS["honest_rate"], False)
+        for kind, row in honest["kinds"].items():
+            check(dataset, f"honest: {kind}", row["rate"], TARGETS["honest_kind_rate"], False)
+        for variant, row in table["attacks"].items():
+            one_shot = row["query_kind"] == "one_shot"
+            check(dataset, f"{variant}: detected", row["detection_rate"],
+                  TARGETS["attack_detection_rate"], True, report_only=one_shot)
+            if not one_shot:
+                limit = TARGETS[f"{row['query_kind']}_median_queries"]
+                check(dataset, f"{variant}: median queries",
+                      row["queries_to_detection"]["median"], limit, False)
+        for kind, row in table["batches"].items():
+            if row["poisoned"]:
+                check(dataset, f"batches {kind}: alerted", row["alerted_rate"],
+                      TARGETS["poisoned_batch_rate"], True, report_only=row["subtle"])
+            else:
+                check(dataset, f"batches {kind}: alerted", row["alerted_rate"],
+                      TARGETS["quiet_batch_rate"], False)
     return checks
 
 
@@ -303,7 +355,12 @@ def _pct(value) -> str:
 
 
 def _num(value) -> str:
-    return "-" if value is None else f"{value:g}"
+    return "never" if value is None else f"{value:g}"
+
+
+def _rules(rules: dict, top: int = 3) -> str:
+    shown = [f"{r} {n}" for r, n in list(rules.items())[:top]]
+    return ", ".join(shown) + (" …" if len(rules) > top else "") if shown else ""
 
 
 def render(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -318,43 +375,69 @@ def render(title: str, columns: list[str], rows: list[list[str]]) -> None:
             table.add_column(column, justify="right")
         for row in rows:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=200).print(table)
         return
     widths = [max(len(str(x)) for x in [c, *(r[i] for r in rows)]) for i, c in enumerate(columns)]
     print(f"\n{title}")
     for line in [columns, *rows]:
-        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                        for i, (x, w) in enumerate(zip(line, widths, strict=True))))
+        cells = [str(x).ljust(w) if i in (0, len(line) - 1) else str(x).rjust(w)
+                 for i, (x, w) in enumerate(zip(line, widths, strict=True))]
+        print("  ".join(cells).rstrip())
 
 
 def print_report(result: dict) -> None:
-    columns = ["variant", "family", "attackers", "detected", "right family",
-               "median q", "p90 q"]
+    for dataset, table in result["datasets"].items():
+        name = "all data sets pooled" if dataset == "all" else dataset
+        honest = table["honest"]
+        render(f"[{name}] honest clients by kind (target <= 2 % per kind, <= 0.5 % overall)",
+               ["kind", "clients", "alerted", "rate", "rules fired (clients)"],
+               [[kind, str(r["clients"]), str(r["alerted"]), _pct(r["rate"]), _rules(r["rules"])]
+                for kind, r in honest["kinds"].items()]
+               + [["ALL", str(honest["clients"]), str(honest["alerted"]), _pct(honest["rate"]),
+                   _rules(honest["rules"])]])
+        render(f"[{name}] attackers by kind (queries: 1-based over all the actor's ids; "
+               "median/p90 over every attacker, 'never' = not reached)",
+               ["kind", "family", "n", "ids", "detected", "right fam", "median q", "p90 q",
+                "median q right", "rules fired (attackers)"],
+               [[v, r["family"], str(r["attackers"]), str(r["ids_per_attacker"]),
+                 _pct(r["detection_rate"]), _pct(r["right_family_rate"]),
+                 _num(r["queries_to_detection"]["median"]), _num(r["queries_to_detection"]["p90"]),
+                 _num(r["queries_to_right_family"]["median"]), _rules(r["rules"])]
+                for v, r in table["attacks"].items()])
+        render(f"[{name}] training batches (poisoned: detection rate; clean, drift: alert rate)",
+               ["kind", "batches", "poisoned", "alerted", "rate", "rules fired (batches)"],
+               [[k, str(r["batches"]),
+                 ("subtle" if r["subtle"] else "yes") if r["poisoned"] else "no",
+                 str(r["alerted"]), _pct(r["alerted_rate"]), _rules(r["rules"])]
+                for k, r in table["batches"].items()])
+    datasets = list(result["datasets"])
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    limits = {}
+    for c in result["targets"]:
+        cells[c["target"]][c["dataset"]] = c
+        limits[c["target"]] = c["limit"]
 
-    def variant_rows(table):
-        return [[name, row["family"], str(row["attackers"]), _pct(row["detection_rate"]),
-                 _pct(row["right_family_rate"]), _num(row["queries_to_detection"]["median"]),
-                 _num(row["queries_to_detection"]["p90"])] for name, row in table.items()]
+    def cell(c):
+        if c is None:
+            return ""
+        queries = c["target"].endswith("median queries")
+        value = _num(c["value"]) if queries else _pct(c["value"])
+        return value + ("" if c["met"] in (True, None) else " ✗")
 
-    benign = result["benign"]
-    rules = ", ".join(f"{r} ({n})" for r, n in benign["rules"].items()) or "none"
-    render("Attackers by variant (queries to detection: 1-based, sybil ids counted together)",
-           columns, variant_rows(result["variants"]))
-    render("Attackers by dataset and variant", columns, variant_rows(result["dataset_variants"]))
-    render("Benign clients", ["clients", "alerted", "false-positive rate", "rules fired"],
-           [[str(benign["clients"]), str(benign["alerted"]), _pct(benign["fp_rate"]), rules]])
-    render("Benign clients by behaviour", ["behaviour", "clients", "alerted", "rate"],
-           [[b, str(r["clients"]), str(r["alerted"]), _pct(r["fp_rate"])]
-            for b, r in benign["by_behaviour"].items()])
-    render("Training batches (poisoned kinds: detection rate; others: false-positive rate)",
-           ["kind", "batches", "poisoned", "alerted"],
-           [[kind, str(r["batches"]), "yes" if r["poisoned"] else "no", _pct(r["alerted_rate"])]
-            for kind, r in result["batches"].items()])
-    render("Targets", ["target", "value", "limit", "met"],
-           [[c["target"], _num(c["value"]), c["limit"], "yes" if c["met"] else "NO"]
-            for c in result["targets"]])
+    def order(target):
+        section = 0 if target.startswith("honest") else 2 if target.startswith("batches") else 1
+        kind = target.split(":")[0].removeprefix("batches ")
+        return (section, BATCH_ORDER.index(kind) if kind in BATCH_ORDER else 0, target)
+
+    render("Targets per data set (✗ = missed; 'report' = no target)",
+           ["target", "limit", *datasets],
+           [[t, limits[t], *(cell(cells[t].get(d)) for d in datasets)]
+            for t in sorted(cells, key=order)])
+    missed = [c for c in result["targets"] if c["met"] is False]
+    scored = [c for c in result["targets"] if c["met"] is not None]
+    print(f"\n{len(scored) - len(missed)} of {len(scored)} targets met")
     if result.get("unmatched_alerts"):
-        print(f"\n{result['unmatched_alerts']} alerts named no known client or batch")
+        print(f"{result['unmatched_alerts']} alerts named no known client or batch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = json.loads((args.data / "truth.json").read_text())
     ran = run_modelwatch(args.data, args.work, truth)
     alerts = read_alerts(ran["alerts"])
-    result = score(truth, alerts, group_order(args.data / "inference.jsonl", truth))
+    result = {"data": str(args.data), "seed": truth.get("seed"), "scale": truth.get("scale")}
+    result.update(score(truth, alerts, group_order(args.data / "inference.jsonl", truth)))
     result["targets"] = check_targets(result)
     result["alerts"] = len(alerts)
     result["deadletter"] = len(read_alerts(ran["deadletter"]))
