@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from streams.scenario import (  # noqa: E402
     BATCH_KINDS,
+    BATCH_ROWS,
     DATASETS,
     DEFAULT_T0,
     Identities,
@@ -453,10 +454,14 @@ def dataset_traffic(
                                   "seconds": round(seconds, 2),
                                   "span_s": round(float(times[-1] - times[0]), 1), **outcome})
 
+    # A small data set has small batches: a third to two thirds of its batch pool, so
+    # that batches differ (wine: 24-48 of 72 rows); the others take 200-500 rows.
+    pool = len(victim.X_batches)
+    rows = (pool // 3, 2 * pool // 3) if pool < BATCH_ROWS[0] else BATCH_ROWS
     batches = poisoned_batches(
         victim, rng, t0, TIMELINE_S,
         {kind: max(1, round(count * scale)) for kind, count in BATCH_COUNTS.items()},
-        BATCH_SOURCES, warmup_per_source=max(1, round(WARMUP_PER_SOURCE * scale)),
+        BATCH_SOURCES, warmup_per_source=max(1, round(WARMUP_PER_SOURCE * scale)), n_rows=rows,
     )
     batch_truth = write_batches(batches, victim, out / victim.dataset / "batches", out)
     write_csv(out / victim.dataset / "train.csv", victim, victim.X_train, victim.y_train)
@@ -525,11 +530,14 @@ def _one_dataset(job: tuple[Path, int, float, int, str]):
     return events, truth, batch_truth, results
 
 
-def generate(out: Path, seed: int = 0, scale: float = 1.0, jobs: int = 2) -> dict:
-    """Write the benchmark data into ``out``; return a summary."""
+def generate(out: Path, seed: int = 0, scale: float = 1.0, jobs: int = 2,
+             datasets: tuple[str, ...] = DATASETS) -> dict:
+    """Write the benchmark data into ``out``; return a summary. A data set's traffic does
+    not depend on which others are generated with it."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    work = [(out, seed, scale, index, dataset) for index, dataset in enumerate(DATASETS)]
+    work = [(out, seed, scale, index, dataset) for index, dataset in enumerate(DATASETS)
+            if dataset in datasets]
     if jobs > 1:
         with ProcessPoolExecutor(min(jobs, len(work))) as pool:
             parts = list(pool.map(_one_dataset, work))
@@ -596,11 +604,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiplies the numbers of clients, attackers and batches")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes (one data set each); 1 runs in this process")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
+                        help="only these data sets (for a quick look)")
     args = parser.parse_args(argv)
     logging.getLogger("art").setLevel(logging.ERROR)
     warnings.simplefilter("ignore", ConvergenceWarning)
     print(f"generating into {args.out} (seed {args.seed}, scale {args.scale})", flush=True)
-    summary = generate(args.out, args.seed, args.scale, args.jobs)
+    summary = generate(args.out, args.seed, args.scale, args.jobs, tuple(args.datasets))
     print(f"{summary['events']} events in {summary['seconds']} s")
     for variant, count in summary["events_per_variant"].items():
         print(f"  {variant:18s} {count:8d} events")
