@@ -92,6 +92,7 @@ class Sent:
     value: bytes | None
     bad: list  # (element index or None, what it is) of each expected dead letter
     offset: int = -1
+    fuzzed: bool = False  # a mutant (maybe valid), not a record of the clean traffic
 
 
 def good_records(paths, rng: random.Random) -> list[Sent]:

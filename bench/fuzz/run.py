@@ -57,7 +57,8 @@ class Report:
     dead_letters: int = 0
     events: int = 0           # valid events judged
     alerts: int = 0
-    seconds: float = 0.0      # the fuzzed replay alone
+    seconds: float = 0.0      # the fuzzed replay alone, wall clock
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per phase
     problems: list[str] = field(default_factory=list)
     kinds: dict[str, int] = field(default_factory=dict)
 
@@ -112,9 +113,10 @@ def write_inputs(clean_log: Path, clean_stats: Path, folder: Path, n: int, seed:
 def read_dead(path: Path) -> dict[tuple[str, int], list[tuple[int | None, str]]]:
     """(file name, line) → [(array element or None, reason)]."""
     out: dict[tuple[str, int], list] = {}
+    decode = msgspec.json.Decoder(dict).decode
     with open(path, "rb") as handle:
         for raw in handle:
-            letter = json.loads(raw)
+            letter = decode(raw)
             match = _ELEMENT.match(letter["reason"])
             element = int(match.group(1)) if match else None
             out.setdefault((Path(letter["file"]).name, letter["line"]), []).append(
@@ -153,11 +155,20 @@ def clean_copy(path: Path, lines: list, dead: dict, target: Path) -> tuple[int, 
 def fuzz_replay(profile_path: Path, clean_log: Path, clean_stats: Path, folder: Path, *,
                 n: int, seed: int = 0, rare_every: int = 20_000) -> Report:
     folder.mkdir(parents=True, exist_ok=True)
+    clock = time.process_time()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.process_time()
+        report.cpu[phase] = round(now - clock, 1)
+        clock = now
+
+    report = Report(records=n)
     thresholds = load_thresholds()
     profiles = fuzz_profiles(profile_path, folder)
     log, stats, log_lines, stats_lines = write_inputs(clean_log, clean_stats, folder, n, seed,
                                                       rare_every)
-    report = Report(records=n)
+    lap("generate")
     for line in log_lines + stats_lines:
         if line is not None:
             for m in ([line.single] if line.single else line.elements):
@@ -171,6 +182,7 @@ def fuzz_replay(profile_path: Path, clean_log: Path, clean_stats: Path, folder: 
         report.problems.append(f"replay crashed: {exc!r}")
         return report
     report.seconds = time.perf_counter() - started
+    lap("fuzzed replay")
     report.events, report.alerts = fuzzed.events + fuzzed.batches, len(fuzzed.alerts)
     dead = read_dead(dead_path)
     report.dead_letters = sum(len(v) for v in dead.values())
@@ -183,8 +195,10 @@ def fuzz_replay(profile_path: Path, clean_log: Path, clean_stats: Path, folder: 
     report.bad = bad_i + bad_s
     if missed_i or missed_s:
         report.problems.append(f"{missed_i + missed_s} bad records not dead-lettered")
+    lap("check dead letters")
     again = replay(profiles, thresholds, inference_log=clean_log_copy,
                    training_stats=clean_stats_copy, deadletter=None)
+    lap("clean replay")
     if again.rejected:
         report.problems.append(f"the clean run dead-lettered {again.rejected} records")
     if (again.events, again.batches) != (fuzzed.events, fuzzed.batches):
@@ -195,6 +209,7 @@ def fuzz_replay(profile_path: Path, clean_log: Path, clean_stats: Path, folder: 
                                f"against {len(again.alerts)}")
     demo = replay(profiles[:1], thresholds, inference_log=clean_log, training_stats=clean_stats,
                   deadletter=None)
+    lap("demo replay")
     real = [a for a in fuzzed.alerts if a.modelwatch.model != FUZZ_MODEL
             and a.modelwatch.dataset != FUZZ_DATASET]
     if _alert_docs(real) != _alert_docs(demo.alerts):
