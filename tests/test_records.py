@@ -225,3 +225,14 @@ def test_dead_letter_ids_are_deterministic():
            dead_letter_id("t", 1, 6, None), dead_letter_id("t", 2, 5, None),
            dead_letter_id("u", 1, 5, None)}
     assert len(ids) == 5
+
+
+def test_an_array_too_deep_to_decode_is_split_by_hand_around_strings():
+    """Past the decoder's own depth limit the elements are found by hand: commas and
+    brackets inside strings (escaped quotes too) do not cut an element."""
+    tricky = json.dumps({**GOOD, "request_id": 'a,"]}[{\\', "client_id": "x,y"}).encode()
+    deep = _with(b'"x": ' + b"[" * 5000 + b"]" * 5000)
+    first, bad, last = decode_inference(b"[ " + tricky + b" ,\n" + deep + b", " + EVENT + b" ]")
+    assert first.request_id == 'a,"]}[{\\' and first.client_id == "x,y"
+    assert isinstance(bad, Rejected) and bad.raw == deep and "nested" in bad.reason
+    assert isinstance(last, InferenceEvent)

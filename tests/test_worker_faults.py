@@ -284,3 +284,21 @@ def test_an_agent_that_fails_stops_the_worker_without_committing(demo, tmp_path)
     lines = [line for line in text.splitlines() if "worker: judge_inference failed" in line]
     assert len(lines) == 1 and "injected failure" in lines[0], text[-3000:]
     assert after.get((INFERENCE, failing.partition), 0) <= failing.offset
+
+
+def test_dead_letter_records_fit_a_produce_request():
+    """In-process: the cut, the headers, the deterministic id."""
+    from streams.app import DEAD_LETTER_KEY_MAX, REASON_MAX, dead_letter_record
+
+    value, key = b"v" * (MAX_RECORD_BYTES + 10), b"k" * 10_000
+    k, v, headers = dead_letter_record(INFERENCE, 3, 42, None, key, value, "r" * 5000)
+    h = dict(headers)
+    assert len(v) == DEAD_LETTER_VALUE_MAX and int(h["original-size"]) == len(value)
+    assert len(k) == DEAD_LETTER_KEY_MAX and int(h["original-key-size"]) == len(key)
+    assert len(h["reason"].decode()) == REASON_MAX + 1
+    assert h["id"] == dead_letter_id(INFERENCE, 3, 42, None).encode()
+    assert h["source"] == f"{INFERENCE}/3/42".encode() and "element" not in h
+    k, v, headers = dead_letter_record(INFERENCE, 3, 42, 5, None, None, "tombstone")
+    h = dict(headers)
+    assert (k, v) == (None, None) and h["element"] == b"5" and "original-size" not in h
+    assert h["id"] != dead_letter_id(INFERENCE, 3, 42, None).encode()
