@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import sys
 
-from streams import pipeline
-from streams.cli import main
-
 FAILING_CLIENT = "fail-here"
-_judge = pipeline.Pipeline.process_inference
 
 
-def _failing(self, events, *args, **kwargs):
-    if any(e.client_id == FAILING_CLIENT for e in events):
-        raise RuntimeError("injected failure")
-    return _judge(self, events, *args, **kwargs)
+def _patch() -> None:
+    from streams import pipeline
+
+    judge = pipeline.Pipeline.process_inference
+
+    def failing(self, events, *args, **kwargs):
+        if any(e.client_id == FAILING_CLIENT for e in events):
+            raise RuntimeError("injected failure")
+        return judge(self, events, *args, **kwargs)
+
+    pipeline.Pipeline.process_inference = failing
 
 
-pipeline.Pipeline.process_inference = _failing
+if __name__ == "__main__":  # imported by pytest's doctest collection too: patch nothing then
+    from streams.cli import main
 
-if __name__ == "__main__":
+    _patch()
     sys.exit(main(sys.argv[1:]))

@@ -20,7 +20,7 @@ from streams.tail import partition_of
 from tests.streaming import PARTITIONS, create_topics, read_topic, start_worker, stop
 from tests.test_worker_faults import STATS, Sent, committed, headers_of, send, wait_until_committed
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 INFERENCE, DEAD = "inference-logs", "modelwatch-deadletter"
 
@@ -80,6 +80,7 @@ def worker_traffic(paths, n: int, seed: int) -> list[Sent]:
     return out + stats_sent
 
 
+@pytest.mark.integration
 def test_20k_mutated_records_through_the_worker(demo, tmp_path):
     folder, paths = demo
     profiles_dir = tmp_path / "profiles"
