@@ -77,13 +77,14 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-query (flagged, eligible) masks for this family's rate tests."""
     out = {}
     margin = view.batch.margin
-    low = margin < cfg["low_margin"]
-    out["low_margin"] = (low, ~np.isnan(margin))
+    nb = view.neighbours
+    # Re-sent records (a probe, a re-scored entity) say nothing new about the boundary.
+    fresh = ~nb.repeat & ~nb.near_repeat
+    out["low_margin"] = (margin < cfg["low_margin"], ~np.isnan(margin) & fresh)
     if view.profile is not None:
         feats = view.batch.has_features
-        nb = view.neighbours
         knn = nb.knn_mean
-        at_boundary = nb.mixed | low
+        at_boundary = nb.mixed
         out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary, ~np.isnan(knn))
         threshold = view.profile.ood_threshold
         own = view.own_ood

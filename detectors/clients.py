@@ -15,8 +15,9 @@ into batches). From it come
   the query (a decision-based attack walks the boundary, so its crowded queries
   straddle it; an honest client re-scoring one entity gets one answer);
 * ``near_repeat``: the nearest earlier distinct query is closer than honest
-  distinct records ever are (the same entity re-measured or re-sent with a
-  small change): PRADA leaves these out like exact repeats;
+  distinct records ever are, or differs from it in a few fields only (the same
+  entity re-measured or re-sent with a change): PRADA and the boundary rates
+  leave these out like exact repeats;
 * ``sign_step``: the query is its nearest earlier distinct query moved by about
   the same share of each feature's range in most features — the shape of a
   gradient-sign step (Papernot et al.'s Jacobian-based augmentation).
@@ -33,6 +34,8 @@ from functools import lru_cache
 import numpy as np
 
 SUB_BATCH = 64  # rows per distance block: each row sees `size` columns, a block adds this many
+#: A query that changes at most this share of its nearest earlier query's features re-sends it.
+NEAR_REPEAT_CHANGED = 0.25
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Neighbours:
     nn_same_class: np.ndarray   # NaN where no earlier distinct query of that class
     knn_mean: np.ndarray        # NaN where fewer than k earlier distinct queries
     mixed: np.ndarray           # bool: the k nearest hold an answer other than the query's
+    near_repeat: np.ndarray     # bool: re-sends an earlier query with a small change
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
 
@@ -166,15 +170,16 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     nn_same = np.full(m, np.nan)
     knn = np.full(m, np.nan)
     mixed = np.zeros(m, dtype=bool)
+    near_repeat = np.zeros(m, dtype=bool)
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
-                                             batch.label[sub], k, unit, near)
-        repeat[sub], nn_same[sub], knn[sub], mixed[sub], step[sub], has_nearest[sub] = (
-            r, nn, kn, mx, st, hn)
-    return Neighbours(repeat, nn_same, knn, mixed, step, has_nearest)
+        r, nn, kn, mx, nr, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
+                                                 batch.label[sub], k, unit, near)
+        (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], step[sub],
+         has_nearest[sub]) = r, nn, kn, mx, nr, st, hn
+    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, step, has_nearest)
 
 
 @lru_cache(maxsize=256)
@@ -220,8 +225,11 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     nearest = D.argmin(1)
     nearest_d = D[np.arange(m), nearest]
     has_nearest = np.isfinite(nearest_d) & ~repeat
+    # A re-sent entity: very close, or the same record with a few fields changed.
+    changed = np.abs(Q - R[nearest]) > 1e-6
+    near_repeat = has_nearest & ((nearest_d < near) | (changed.mean(1) <= NEAR_REPEAT_CHANGED))
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
-    nn_same[~np.isfinite(nn_same) | repeat | (nearest_d < near)] = np.nan
+    nn_same[~np.isfinite(nn_same) | repeat | near_repeat] = np.nan
     kk = min(k, D.shape[1])
     # Repeats keep their distance to the *other* distinct queries: an honest
     # client re-asks far-apart records, an attacker's rounded probes repeat
@@ -241,7 +249,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
     state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, step, has_nearest
+    return repeat, nn_same, knn, mixed, near_repeat, step, has_nearest
 
 
 @dataclass

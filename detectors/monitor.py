@@ -117,7 +117,7 @@ class QueryMonitor:
         pending = population if pending is None else pending
         if profile is not None:
             nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
-                            near=NEAR_REPEAT * profile.knn_quantiles["0.001"])
+                            near=NEAR_REPEAT * profile.knn_quantiles["0.01"])
             own = own_calibrated_ood(state, batch, profile)
         else:
             nb, own = neighbours(state, batch, self.adv["knn_k"]), None
@@ -146,7 +146,7 @@ class QueryMonitor:
         if profile is not None:
             floors |= {
                 "crowded": (adv["crowding_p0"], None),
-                "ood": (adv["ood_p0"], None),
+                "ood": (max(adv["ood_p0"], profile.ood_rate), None),
                 "bounds": (max(adv["bounds_p0"], profile.bounds_rate), None),
                 "sign_step": (max(self.ext["step_p0"], 2 * profile.sign_step_rate), None),
             }
@@ -219,9 +219,15 @@ class QueryMonitor:
         if np.isnan(state.first_ts):
             state.first_ts = float(batch.ts[0])
         state.last_ts = float(batch.ts[-1])
-        # A client joins each rate's baseline once it has a rate worth the name.
+        # A client joins each rate's baseline once it has a rate worth the name, and
+        # leaves it for good once it was alerted on: suspects do not calibrate honesty.
         seen = state.rates[:, 1]
         rows = np.flatnonzero(seen >= RATE_MIN_ELIGIBLE)
+        if state.last_alert:
+            joined = np.flatnonzero(state.rate_bins >= 0)
+            population.rate_hist[joined, state.rate_bins[joined]] -= 1
+            state.rate_bins[joined] = -1
+            rows = rows[:0]
         if len(rows):
             new_bins = np.rint((RATE_BINS - 1) * state.rates[rows, 0] / seen[rows]).astype(np.int16)
             old = state.rate_bins[rows]

@@ -33,7 +33,7 @@ EDGE_LEVELS = np.array(
 MAX_DISCRETE_VALUES = 32
 #: Re-measurement noise the off-distribution distance allows: this many steps of the data's
 #: precision, as a standard deviation.
-NOISE_STEPS = 1.0
+NOISE_STEPS = 1.5
 #: Small training sets: an unestimable crowding quantile is this share of the lowest estimable one.
 SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
@@ -65,6 +65,7 @@ class Profile:
     within_cov: np.ndarray       # pooled within-class covariance of scaled features
     whitener: np.ndarray         # ||(x - mean)/scale @ whitener|| is the Mahalanobis distance
     ood_threshold: float         # OOD_LEVEL quantile of held-out Mahalanobis distances
+    ood_rate: float              # upper bound on the share of honest rows beyond it (held-out)
     knn_quantiles: dict[str, float]  # held-out k-NN mean distances (scaled units)
     bounds_rate: float           # held-out share of rows beyond the fit rows' bounds
     bounds_value_rate: float     # held-out share of single values beyond them
@@ -126,6 +127,7 @@ class Profile:
             "calibration": {
                 "ood_level": OOD_LEVEL,
                 "ood_threshold": self.ood_threshold,
+                "ood_rate": self.ood_rate,
                 "knn_k": KNN_K,
                 "knn_quantiles": self.knn_quantiles,
                 "bounds_rate": self.bounds_rate,
@@ -166,6 +168,7 @@ class Profile:
                 whitener=np.asarray(doc["whitener"], dtype=np.float64),
                 within_cov=np.asarray(doc["within_class_covariance"], dtype=np.float64),
                 ood_threshold=float(cal["ood_threshold"]),
+                ood_rate=float(cal.get("ood_rate", 1 - OOD_LEVEL)),
                 knn_quantiles={str(k): float(v) for k, v in cal["knn_quantiles"].items()},
                 bounds_rate=float(cal["bounds_rate"]),
                 bounds_value_rate=float(cal["bounds_value_rate"]),
@@ -235,6 +238,16 @@ def precision_step(values: np.ndarray) -> float:
 def _rows_for(level: float) -> int:
     """Held-out rows a quantile needs before it is estimated from the data: one beyond it."""
     return int(np.ceil(1 / min(level, 1 - level)))
+
+
+def upper_rate(hits: int, n: int) -> float:
+    """An upper bound (about 95 %) on a rate seen ``hits`` times in ``n`` rows: with few
+    held-out rows the honest rate is not known better than that.
+
+    >>> upper_rate(0, 300)
+    0.01
+    """
+    return min(1.0, (hits + 3) / max(n, 1))
 
 
 def _scale_of(std: np.ndarray) -> np.ndarray:
@@ -393,6 +406,7 @@ def build_profile(
         within_cov=np.cov((Z - (class_mean / scale - mean / scale)[label_idx]).T, bias=True),
         whitener=_whitener(Z - Z.mean(0), noise),
         ood_threshold=ood_threshold,
+        ood_rate=upper_rate(int((held_ood > ood_threshold).sum()), len(held)),
         knn_quantiles=knn_quantiles,
         bounds_rate=float(beyond.any(1).mean()),
         bounds_value_rate=float(beyond.mean()),
