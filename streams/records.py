@@ -381,9 +381,11 @@ def decode_inference(raw: bytes) -> list[InferenceEvent | Rejected]:
 def event_times(values: list) -> np.ndarray:
     """Epoch seconds for a list of ``ts`` values; NaN where a value is not a valid time."""
     out = np.full(len(values), np.nan)
-    # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form.
+    # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form (no offset
+    # before the Z: numpy would apply it, where the slow path rejects it).
     utc = [i for i, v in enumerate(values)
-           if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T" and v[4] == "-"]
+           if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T"
+           and v[4] == "-" and v.rfind("-") == 7 and "+" not in v]
     done: set[int] = set()
     if utc:
         try:  # numpy parses the common "...Z" form some twenty times faster

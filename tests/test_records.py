@@ -236,3 +236,13 @@ def test_an_array_too_deep_to_decode_is_split_by_hand_around_strings():
     assert first.request_id == 'a,"]}[{\\' and first.client_id == "x,y"
     assert isinstance(bad, Rejected) and bad.raw == deep and "nested" in bad.reason
     assert isinstance(last, InferenceEvent)
+
+
+def test_event_times_fast_path_takes_no_offset_before_the_z():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns when it applies an offset itself
+        ts = event_times(["2026-11-21T10:00:00+01Z", "2026-11-21T10:00:00.5-01Z",
+                          "2026-11-21T10:00:00.5Z"])
+    assert np.isnan(ts[0]) and np.isnan(ts[1]) and ts[2] == 1795255200.5
