@@ -26,9 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from detectors.base import Candidate, Verdict, rate_surprise
-
-QUERY_BASED = ("AML.T0043", "AML.T0043.001")
-EVASION = ("AML.T0043",)
+from detectors.rules import RULES
 
 
 def judge(view, cfg) -> list[Candidate]:
@@ -37,34 +35,35 @@ def judge(view, cfg) -> list[Candidate]:
     min_flagged = cfg["min_flagged"]
     surprise = cfg["surprise"]
 
-    def rate_rule(name, rate, p0, techniques, description):
+    def rate_rule(name, rate, p0, description):
+        rule = RULES[f"adversarial.{name}"]
         k, n = view.rate(rate)
         s = rate_surprise(k, n, p0, min_flagged)
 
         def verdict_at(hit: int) -> Verdict:
             return Verdict(
-                detector="adversarial", rule=f"adversarial.{name}", key=view.key,
+                detector="adversarial", rule=rule.name, key=view.key,
                 score=float(s[hit]), threshold=surprise, events_seen=view.events_at(hit),
-                trigger=hit, techniques=techniques, description=description,
+                trigger=hit, techniques=rule.techniques, description=description,
                 evidence={"flagged": round(float(k[hit]), 2), "of_recent": round(float(n[hit]), 2),
                           "expected_share": round(p0, 4), **view.evidence_at(hit)},
             )
 
-        candidates.append(Candidate("adversarial", (k >= min_flagged) & (s >= surprise), verdict_at))
+        candidates.append(Candidate("adversarial", (k >= min_flagged) & (s >= surprise), verdict_at,
+                                    rule.name, s, surprise))
 
     if view.profile is not None:
         rate_rule("query_crowding", "crowded", view.expected["crowded"],
-                  QUERY_BASED,
                   "queries crowd around each other at the decision boundary as in a "
                   "decision-based black-box attack")
-        rate_rule("out_of_distribution", "ood", view.expected["ood"], EVASION,
+        rate_rule("out_of_distribution", "ood", view.expected["ood"],
                   "queries lie outside the training distribution, even after the client's own "
                   "calibration, far more often than the population's clients")
         rate_rule("feature_bounds", "bounds",
-                  view.expected["bounds"], EVASION,
+                  view.expected["bounds"],
                   "queries carry feature values beyond the training data's bounds")
     rate_rule("low_margin", "low_margin", view.expected["low_margin"],
-              QUERY_BASED, "answers sit on the decision boundary far more often than the population's")
+              "answers sit on the decision boundary far more often than the population's")
     return candidates
 
 

@@ -59,12 +59,17 @@ class Candidate:
 
     Rules report every event that satisfies them; :func:`select` then applies
     the family's cooldown in time order, so the alerts of a stream do not depend
-    on how it was cut into batches.
+    on how it was cut into batches. ``score`` (per event) and ``threshold`` are
+    what the rule compares, for ``replay --explain`` and near misses; the mask
+    may hold more conditions than that comparison.
     """
 
     detector: Family
     mask: np.ndarray
     verdict_at: Callable[[int], Verdict]
+    rule: str = ""
+    score: np.ndarray | None = None
+    threshold: float | np.ndarray = float("nan")
 
 
 def select(candidates: list[Candidate], ts: np.ndarray, last_alert: dict,

@@ -41,8 +41,7 @@ import numpy as np
 from detectors.base import Candidate, Verdict, rate_surprise
 from detectors.clients import PRADA_RING, ClientState
 from detectors.normality import shapiro_w_windows
-
-EXTRACT = ("AML.T0024.002",)
+from detectors.rules import RULES
 
 
 def _verdict(view, rule, score, threshold, hit, description, evidence) -> Verdict:
@@ -51,14 +50,16 @@ def _verdict(view, rule, score, threshold, hit, description, evidence) -> Verdic
     return Verdict(
         detector="extraction", rule=f"extraction.{rule}", key=view.key,
         score=float(score), threshold=float(threshold), events_seen=view.events_at(hit),
-        trigger=hit, techniques=EXTRACT, description=description, evidence=evidence,
+        trigger=hit, techniques=RULES[f"extraction.{rule}"].techniques, description=description,
+        evidence=evidence,
     )
 
 
 def _candidate(view, rule, mask, score, threshold, description, evidence_at) -> Candidate:
     """A rule's hits; ``score`` is per event, ``evidence_at(i)`` the evidence at a hit."""
     return Candidate("extraction", mask, lambda hit: _verdict(
-        view, rule, float(score[hit]), threshold, hit, description, evidence_at(hit)))
+        view, rule, float(score[hit]), threshold, hit, description, evidence_at(hit)),
+        f"extraction.{rule}", score, float(threshold))
 
 
 def judge(view, cfg) -> list[Candidate]:

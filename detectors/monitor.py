@@ -30,6 +30,7 @@ from detectors.clients import (
 from detectors.config import Thresholds
 from detectors.features import own_calibrated_ood
 from detectors.profile import Profile
+from detectors.rules import RULES
 
 
 @dataclass
@@ -110,10 +111,11 @@ class QueryMonitor:
 
     def update(self, key: str, state: ClientState, batch: QueryBatch,
                profile: Profile | None, population: Population,
-               pending: Population | None = None) -> list[Verdict]:
+               pending: Population | None = None, trace: list | None = None) -> list[Verdict]:
         """Judge one client's batch against ``population`` (a snapshot taken before
         the batch's epoch); the batch's own contribution is added to ``pending``
-        (the next snapshot), or to ``population`` if none is given."""
+        (the next snapshot), or to ``population`` if none is given. ``trace``, if
+        given, receives each rule's candidate (its score per event and threshold)."""
         pending = population if pending is None else pending
         if profile is not None:
             nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
@@ -135,6 +137,8 @@ class QueryMonitor:
             state.rates[rows] = counts[-1].reshape(-1, 2)
         candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
         candidates += self._pooled_by_ip(view, pending)
+        if trace is not None:
+            trace.extend(c for c in candidates if c.score is not None)
         verdicts = select(candidates, batch.ts, state.last_alert, self.cooldown)
         self._learn(view, pending)
         return verdicts
@@ -197,12 +201,14 @@ class QueryMonitor:
             return Verdict(
                 detector="extraction", rule="extraction.collusion", key=view.key,
                 score=float(score[hit]), threshold=float(threshold),
-                events_seen=view.events_at(hit), trigger=hit, techniques=extraction.EXTRACT,
+                events_seen=view.events_at(hit), trigger=hit,
+                techniques=RULES["extraction.collusion"].techniques,
                 description="several client ids behind one source IP together query like an "
                             "extraction attack",
                 evidence={"ids_behind_ip": len(ids), "pooled_events": int(pooled), **evidence})
 
-        return [Candidate("extraction", mask, verdict_at)]
+        return [Candidate("extraction", mask, verdict_at, "extraction.collusion", score,
+                          np.where(kind == 0, self.ext["synthetic_min_share"], self.ext["surprise"]))]
 
     def _learn(self, view: ClientView, population: Population) -> None:
         state, batch = view.state, view.batch

@@ -32,8 +32,7 @@ import numpy as np
 
 from detectors.base import Verdict, rate_surprise
 from detectors.profile import Profile
-
-POISON = ("AML.T0020",)
+from detectors.rules import RULES
 
 
 @dataclass
@@ -93,6 +92,7 @@ class PoisoningDetector:
         without it, this source's count is."""
         cfg = self.cfg
         self._seen = state.batches + 1 if dataset_batches is None else dataset_batches
+        self.trace: dict[str, tuple[float, float]] = {}  # rule -> (score, threshold), this batch
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
@@ -114,7 +114,8 @@ class PoisoningDetector:
         return Verdict(
             detector="poisoning", rule=f"poisoning.{rule}", key=key, score=float(score),
             threshold=float(threshold), events_seen=self._seen, trigger=0,
-            techniques=POISON, description=description, evidence=evidence,
+            techniques=RULES[f"poisoning.{rule}"].techniques, description=description,
+            evidence=evidence,
         )
 
     def _label_flip(self, key, state, batch, profile) -> tuple[Verdict | None, float]:
@@ -165,6 +166,7 @@ class PoisoningDetector:
                 if widening >= 0.5 * expected:
                     best = (z, f, a, b, widening / expected if expected > 0 else 0.0)
         z, f, a, b, widening = best
+        self.trace["poisoning.label_flip"] = (z, self.cfg["flip_z"])
         if z < self.cfg["flip_z"] or f < 0.03:
             return None, z
         return self._verdict(
@@ -191,6 +193,9 @@ class PoisoningDetector:
         ratio = share / ref_share
         surprise = rate_surprise(counts, totals, np.minimum(ref_share * 3, 0.99))
         hits = (ratio >= cfg["spike_ratio"]) & (share >= cfg["spike_min_share"]) & (surprise >= 7)
+        self.trace["poisoning.trigger_spike"] = (
+            float(np.max(np.where(share >= cfg["spike_min_share"], ratio, 0), initial=0)),
+            cfg["spike_ratio"])
         if not hits.any():
             return None
         worst = int(np.argmax(np.where(hits, ratio, 0)))
@@ -208,6 +213,7 @@ class PoisoningDetector:
         cfg = self.cfg
         far = np.nan_to_num(batch.far)
         far_share = float(far.sum()) / max(batch.n, 1)
+        self.trace["poisoning.out_of_bounds"] = (far_share, cfg["out_of_bounds_share"])
         if far_share >= cfg["out_of_bounds_share"]:
             j = int(np.argmax(far))
             return self._verdict(
@@ -239,6 +245,7 @@ class PoisoningDetector:
         share = batch.duplicates / batch.n
         expected = max(profile.duplicate_rate, state.duplicate_share)
         limit = expected + self.cfg["duplicate_share"]
+        self.trace["poisoning.duplicates"] = (share, limit)
         if share < limit:
             return None
         return self._verdict(

@@ -41,6 +41,8 @@ def _profile(args) -> int:
     write_profile(profile, args.out)
     print(f"profile: {len(X)} rows, {len(names)} features, {len(profile.classes)} classes "
           f"-> {args.out}", file=sys.stderr)
+    for note in profile.notes:  # rules this training set is too small to calibrate
+        print(f"profile: warning: {note}", file=sys.stderr)
     return 0
 
 

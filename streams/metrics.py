@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import HistogramMetricFamily
 
+from detectors.rules import RULES as RULE_REGISTRY
 from streams.alerts import SEVERITY_BANDS, severity_band
 from streams.records import InferenceEvent, TrainingStatsEvent
 
@@ -46,16 +47,9 @@ from streams.records import InferenceEvent, TrainingStatsEvent
 disable_created_metrics()
 
 DETECTORS = ("extraction", "adversarial", "poisoning")
-# The rules the detectors can fire (their module docstrings list them; a test keeps
-# this in step). Anything else is counted as "other" so a bug cannot blow up the labels.
-RULES = (
-    "extraction.prada", "extraction.synthetic_queries", "extraction.gradient_steps",
-    "extraction.query_coverage", "extraction.boundary_probing", "extraction.collusion",
-    "adversarial.query_crowding", "adversarial.low_margin", "adversarial.out_of_distribution",
-    "adversarial.feature_bounds",
-    "poisoning.label_flip", "poisoning.trigger_spike", "poisoning.out_of_bounds",
-    "poisoning.duplicates",
-)
+# The rules the detectors can fire, from their registry. Anything else is counted as
+# "other" so a bug cannot blow up the labels.
+RULES = tuple(RULE_REGISTRY)
 SEVERITIES = tuple(band.name for band in SEVERITY_BANDS)
 TRACKED_KINDS = ("client", "source")
 # Event fields of the contract: an invalid-record reason is labelled by its field.

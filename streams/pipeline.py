@@ -25,6 +25,7 @@ from detectors.monitor import QueryMonitor
 from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
 from streams.alerts import build_alert
+from streams.explain import Scores
 from streams.records import (
     Alert,
     InferenceEvent,
@@ -52,7 +53,7 @@ class Counters:
 class Pipeline:
     def __init__(self, profiles: list[Profile], thresholds: Thresholds,
                  clients: MutableMapping | None = None, sources: MutableMapping | None = None,
-                 shared: MutableMapping | None = None):
+                 shared: MutableMapping | None = None, scores: Scores | None = None):
         self.profiles = {p.model: p for p in profiles}
         self.dataset_profiles = {p.dataset or p.model: p for p in profiles}
         self.thresholds = thresholds
@@ -73,6 +74,7 @@ class Pipeline:
         self._tolerance = thresholds.section("adversarial")["bounds_tolerance"]
         self._featurizers = {m: Featurizer(p, self._tolerance) for m, p in self.profiles.items()}
         self.counters = Counters()
+        self.scores = scores  # rule scores per key, for replay --explain and near misses
         self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
         self._unprofiled_width: dict[str, int] = {}
 
@@ -193,7 +195,11 @@ class Pipeline:
                 out_of_bounds=columns.out_of_bounds[rows],
                 source_ip=[events[i].source_ip for i in rows],
             )
-            verdicts = self.query.update(key, state, batch, profile, population, pending)
+            trace = [] if self.scores is not None else None
+            verdicts = self.query.update(key, state, batch, profile, population, pending, trace)
+            if trace:
+                self.scores.query(model, client, trace,
+                                  [events[i].request_id or str(i) for i in rows], batch.ts)
             self.counters.alerts += len(verdicts)
             for verdict in verdicts:
                 e = events[rows[verdict.trigger]]
@@ -290,6 +296,8 @@ class Pipeline:
         self.sources[total_key] = total
         verdicts = self.poisoning.update(key, state, batch_stats(event, profile), profile,
                                          dataset_batches=total.batches)
+        if self.scores is not None:
+            self.scores.batch(event.dataset, event.source, event.batch_id, self.poisoning.trace, ts)
         alerts = [
             build_alert(v, trigger_ts=ts, dataset=event.dataset, batch_id=event.batch_id,
                         source=event.source)

@@ -373,3 +373,15 @@ def test_every_library_the_package_imports_is_a_run_time_dependency():
                 dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
                 assert dists & declared, f"{path.relative_to(ROOT)} imports {top}: not in " \
                                          "[project] dependencies"
+
+
+def test_profile_of_a_small_training_set_says_what_it_cannot_calibrate(digits, tmp_path):
+    small = write_csv(tmp_path / "small.csv", digits.names, digits.X_train[:150],
+                      digits.y_train[:150])
+    done = run_cli("profile", "--model", "m", "--data", small, "--label-column", "y",
+                   "--out", tmp_path / "p.json")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert any("adversarial.query_crowding" in w and "too few" in w for w in warnings), done.stderr
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["calibration"]["notes"]

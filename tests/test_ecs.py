@@ -19,10 +19,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from detectors.adversarial import EVASION, QUERY_BASED
 from detectors.base import ATLAS, Verdict
-from detectors.extraction import EXTRACT
-from detectors.poisoning import POISON
+from detectors.rules import EVASION, EXTRACT, POISON, QUERY_BASED
 from streams.alerts import ECS_VERSION, SEVERITY_BANDS, atlas_parent, build_alert
 from streams.metrics import RULES
 from streams.sinks.formats import OCSF_VERSION, ocsf

@@ -1,0 +1,148 @@
+"""Every rule the detectors can fire, in one registry.
+
+The rule code (``adversarial.py``, ``extraction.py``, ``monitor.py``,
+``poisoning.py``) takes each rule's ATLAS techniques from here; the metrics label
+their series by these names, the README's rule table and the thresholds file are
+checked against it (``tests/test_rules.py``). A rule's ``reads`` are the keys of
+``thresholds.toml`` it uses, ``calibration`` says where its expected honest value
+comes from, and ``score`` what is compared with the threshold (always "higher is
+more suspicious").
+
+>>> RULES["adversarial.query_crowding"].techniques
+('AML.T0043', 'AML.T0043.001')
+>>> sorted({r.family for r in RULES.values()})
+['adversarial', 'extraction', 'poisoning']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from detectors.base import ATLAS, Family
+
+QUERY_BASED = ("AML.T0043", "AML.T0043.001")
+EVASION = ("AML.T0043",)
+EXTRACT = ("AML.T0024.002",)
+POISON = ("AML.T0020",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    family: Family
+    techniques: tuple[str, ...]
+    summary: str
+    score: str
+    calibration: str
+    reads: tuple[str, ...]
+
+    def __post_init__(self):
+        assert self.name.startswith(self.family + "."), self.name
+        assert all(t in ATLAS for t in self.techniques), self.techniques
+
+
+PRODUCTION = ("population.quantile", "population.factor", "population.min_clients",
+              "population.max_expected")
+RATE = ("adversarial.min_flagged", "adversarial.surprise", "history.decay")
+
+_RULES = (
+    Rule("adversarial.query_crowding", "adversarial", QUERY_BASED,
+         "queries crowd around each other at the decision boundary (Chen et al.): "
+         "decision-based black-box attacks",
+         "-log10 binomial tail of the client's crowded share",
+         "crowded = k-NN distance below the profile's quantile and a neighbour answered "
+         "otherwise; expected share from production (floor crowding_p0)",
+         ("adversarial.knn_k", "adversarial.crowding_quantile", "adversarial.crowding_p0",
+          *RATE, *PRODUCTION)),
+    Rule("adversarial.low_margin", "adversarial", QUERY_BASED,
+         "fresh queries answered at the decision boundary far more often than the population's",
+         "-log10 binomial tail of the client's low-margin share",
+         "expected share from production (low_margin_floor until calibrated, low_margin_min after)",
+         ("adversarial.low_margin", "adversarial.low_margin_floor", "adversarial.low_margin_min",
+          *RATE, *PRODUCTION)),
+    Rule("adversarial.out_of_distribution", "adversarial", EVASION,
+         "queries off the training distribution, even after the client's own calibration",
+         "-log10 binomial tail of the client's off-distribution share",
+         "distance threshold: profile's 99th percentile (with re-measurement noise); expected "
+         "share: the held-out upper bound, then production",
+         ("adversarial.ood_p0", *RATE, *PRODUCTION)),
+    Rule("adversarial.feature_bounds", "adversarial", EVASION,
+         "feature values far beyond the training data's bounds",
+         "-log10 binomial tail of the client's out-of-bounds share",
+         "bounds slack bounds_tolerance x range (or two precision steps); expected share: "
+         "the profile's held-out rate, then production",
+         ("adversarial.bounds_tolerance", "adversarial.bounds_p0", *RATE, *PRODUCTION)),
+    Rule("extraction.prada", "extraction", EXTRACT,
+         "distances between a client's successive distinct queries far from normal (PRADA)",
+         "1 - Shapiro-Wilk W (fires when W < delta)",
+         "delta: the W that simulated honest streams of the profile's data reach at "
+         "prada_quantile, minus prada_margin",
+         ("extraction.prada_delta", "extraction.prada_quantile", "extraction.prada_margin",
+          "extraction.prada_min_distances", "extraction.prada_every", "extraction.prada_window")),
+    Rule("extraction.synthetic_queries", "extraction", EXTRACT,
+         "most of a client's queries lie off the training distribution",
+         "off-distribution share of recent queries",
+         "share threshold configured; its rate test uses the production-calibrated expected share",
+         ("extraction.synthetic_min_queries", "extraction.synthetic_min_share",
+          "extraction.surprise", *PRODUCTION)),
+    Rule("extraction.gradient_steps", "extraction", EXTRACT,
+         "queries step from earlier ones by a gradient sign in nearly every feature (JbDA)",
+         "-log10 binomial tail of the client's step share",
+         "expected share: twice the profile's held-out rate (floor step_p0), then production",
+         ("extraction.step_p0", "extraction.step_min_flagged", "extraction.surprise",
+          *PRODUCTION)),
+    Rule("extraction.query_coverage", "extraction", EXTRACT,
+         "a high-volume client sweeps every class evenly with almost no repeated records",
+         "class entropy relative to the population's",
+         "volume against the population's 95th percentile of per-client volumes",
+         ("extraction.coverage_min_queries", "extraction.coverage_min_entropy",
+          "extraction.coverage_min_distinct", "extraction.coverage_volume_factor")),
+    Rule("extraction.boundary_probing", "extraction", EXTRACT,
+         "a large share of a client's fresh queries are answered with a low margin",
+         "low-margin share of recent fresh queries",
+         "share threshold configured",
+         ("extraction.boundary_min_queries", "extraction.boundary_min_share",
+          "extraction.surprise")),
+    Rule("extraction.collusion", "extraction", EXTRACT,
+         "several client ids behind one source IP together query like an extraction attack",
+         "pooled off-distribution share, or -log10 tail of pooled gradient steps",
+         "pooled by source IP per population epoch; expected shares as for the single-client rules",
+         ("extraction.collusion_min_ids", "extraction.collusion_min_step_share",
+          "population.epoch_s", *PRODUCTION)),
+    Rule("poisoning.label_flip", "poisoning", POISON,
+         "rows of one class look like another class's: labels flipped",
+         "z of the class-mean shift along the Fisher direction between two classes",
+         "against recent clean batches of the source, else the profile",
+         ("poisoning.flip_z", "poisoning.min_rows", "poisoning.recent_batches")),
+    Rule("poisoning.trigger_spike", "poisoning", POISON,
+         "a feature piles up in a value range rare in clean data (a backdoor trigger)",
+         "bin share over its reference share",
+         "reference: the profile's histogram and recent clean batches",
+         ("poisoning.spike_ratio", "poisoning.spike_min_share", "poisoning.min_rows")),
+    Rule("poisoning.out_of_bounds", "poisoning", POISON,
+         "values far beyond the training range, or piled just beyond one feature's edge",
+         "share of values beyond",
+         "reference: the profile's bounds and recent clean batches",
+         ("poisoning.out_of_bounds_share", "poisoning.spike_min_share", "poisoning.min_rows")),
+    Rule("poisoning.duplicates", "poisoning", POISON,
+         "duplicated rows far above the reference's share",
+         "duplicate share of the batch",
+         "the profile's duplicate rate and recent clean batches, plus duplicate_share",
+         ("poisoning.duplicate_share", "poisoning.min_rows")),
+)
+
+RULES: dict[str, Rule] = {rule.name: rule for rule in _RULES}
+
+
+def markdown_table() -> str:
+    """The README's rule table (``tests/test_rules.py`` keeps the README in step)."""
+    rows = ["| rule | family | ATLAS | signal | score against threshold | expected honest value from |",
+            "|---|---|---|---|---|---|"]
+    for r in RULES.values():
+        rows.append(f"| `{r.name}` | {r.family} | {', '.join(r.techniques)} | {r.summary} | "
+                    f"{r.score} | {r.calibration} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
