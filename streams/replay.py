@@ -107,24 +107,30 @@ def _judge_in_time_order(chunks, pipeline: Pipeline) -> tuple[list[Alert], int]:
     Logs are nearly sorted; an event is judged in exact time order unless it
     turns up more than a chunk's worth of events after its place. Such events
     are judged with the next chunk and counted as late.
+
+    The buffer is cut every ``2 * CHUNK`` valid events, whatever the lines around
+    them: the same valid events in the same order give the same alerts, however
+    many bad lines sit between them (and however the file was read in chunks).
     """
     alerts: list[Alert] = []
     held: list = []
     held_ts = np.empty(0)
     judged_until = -np.inf
     late = 0
+    window = 2 * CHUNK
     for events, ts in chunks:
         held += events
         held_ts = np.concatenate([held_ts, ts])
-        late += int((ts < judged_until).sum())
-        if len(held) < 2 * CHUNK:
-            continue
-        order = np.argsort(held_ts, kind="stable")
-        now, rest = order[:CHUNK], order[CHUNK:]
-        alerts += pipeline.process_inference([held[i] for i in now], held_ts[now])
-        judged_until = max(judged_until, float(held_ts[now[-1]]))
-        held, held_ts = [held[i] for i in rest], held_ts[rest]
+        while len(held) >= window:
+            order = np.argsort(held_ts[:window], kind="stable")
+            now, rest = order[:CHUNK], order[CHUNK:]
+            late += int((held_ts[now] < judged_until).sum())
+            alerts += pipeline.process_inference([held[i] for i in now], held_ts[now])
+            judged_until = max(judged_until, float(held_ts[now[-1]]))
+            held = [held[i] for i in rest] + held[window:]
+            held_ts = np.concatenate([held_ts[rest], held_ts[window:]])
     order = np.argsort(held_ts, kind="stable")
+    late += int((held_ts < judged_until).sum())
     for start in range(0, len(order), CHUNK):
         rows = order[start:start + CHUNK]
         alerts += pipeline.process_inference([held[i] for i in rows], held_ts[rows])

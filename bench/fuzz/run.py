@@ -70,6 +70,21 @@ def _alert_docs(alerts) -> list[dict]:
     return sorted(docs, key=lambda d: (d["@timestamp"], d["event"]["id"]))
 
 
+def _difference(fuzzed, clean) -> str:
+    """The first alert that differs, field by field; and the events each judged late."""
+    a = {d["event"]["id"]: d for d in _alert_docs(fuzzed.alerts)}
+    b = {d["event"]["id"]: d for d in _alert_docs(clean.alerts)}
+    out = [f"late events {fuzzed.late} / {clean.late}",
+           f"only fuzzed {sorted(set(a) - set(b))[:3]}", f"only clean {sorted(set(b) - set(a))[:3]}"]
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key]:
+            fields = {k: (a[key]["modelwatch"][k], b[key]["modelwatch"].get(k))
+                      for k in a[key]["modelwatch"] if a[key]["modelwatch"][k] != b[key]["modelwatch"].get(k)}
+            out.append(f"{key}: {fields}")
+            break
+    return "; ".join(out)
+
+
 def fuzz_profiles(profile_path: Path, folder: Path) -> list:
     """The real profile and a copy of it for the fuzz model and dataset."""
     doc = json.loads(profile_path.read_bytes())
@@ -206,7 +221,7 @@ def fuzz_replay(profile_path: Path, clean_log: Path, clean_stats: Path, folder: 
                                f"clean {again.events}+{again.batches}")
     if _alert_docs(again.alerts) != _alert_docs(fuzzed.alerts):
         report.problems.append(f"alerts differ from the clean run: {len(fuzzed.alerts)} "
-                               f"against {len(again.alerts)}")
+                               f"against {len(again.alerts)}; {_difference(fuzzed, again)}")
     demo = replay(profiles[:1], thresholds, inference_log=clean_log, training_stats=clean_stats,
                   deadletter=None)
     lap("demo replay")
