@@ -87,7 +87,10 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary, ~np.isnan(knn))
         threshold = view.profile.ood_threshold
         own = view.own_ood
-        out["ood"] = ((view.batch.ood > threshold) & (own > threshold), ~np.isnan(own))
+        # A record re-sent with a few fields changed (a what-if, a correction) can break the
+        # data's correlations without being synthetic: it says nothing about the client.
+        out["ood"] = ((view.batch.ood > threshold) & (own > threshold),
+                      ~np.isnan(own) & ~nb.sparse_resend)
         out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
     return out

@@ -62,6 +62,7 @@ class Neighbours:
     knn_mean: np.ndarray        # NaN where fewer than k earlier distinct queries
     mixed: np.ndarray           # bool: the k nearest hold an answer other than the query's
     near_repeat: np.ndarray     # bool: re-sends an earlier query with a small change
+    sparse_resend: np.ndarray   # bool: ... with a few fields changed (a what-if, a correction)
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
 
@@ -171,15 +172,16 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     knn = np.full(m, np.nan)
     mixed = np.zeros(m, dtype=bool)
     near_repeat = np.zeros(m, dtype=bool)
+    sparse = np.zeros(m, dtype=bool)
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, nr, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
-                                                 batch.label[sub], k, unit, near)
-        (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], step[sub],
-         has_nearest[sub]) = r, nn, kn, mx, nr, st, hn
-    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, step, has_nearest)
+        r, nn, kn, mx, nr, sp, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
+                                                     batch.label[sub], k, unit, near)
+        (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], sparse[sub],
+         step[sub], has_nearest[sub]) = r, nn, kn, mx, nr, sp, st, hn
+    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, step, has_nearest)
 
 
 @lru_cache(maxsize=256)
@@ -227,7 +229,8 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     has_nearest = np.isfinite(nearest_d) & ~repeat
     # A re-sent entity: very close, or the same record with a few fields changed.
     changed = np.abs(Q - R[nearest]) > 1e-6
-    near_repeat = has_nearest & ((nearest_d < near) | (changed.mean(1) <= NEAR_REPEAT_CHANGED))
+    sparse = has_nearest & (changed.mean(1) <= NEAR_REPEAT_CHANGED)
+    near_repeat = sparse | (has_nearest & (nearest_d < near))
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat | near_repeat] = np.nan
     kk = min(k, D.shape[1])
@@ -249,7 +252,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
     state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, near_repeat, step, has_nearest
+    return repeat, nn_same, knn, mixed, near_repeat, sparse, step, has_nearest
 
 
 @dataclass

@@ -205,3 +205,19 @@ def test_benign_drift_is_not_poisoning(victim, profile):
     rates = batch_alerts(victim, profile, ["benign_drift", "clean"], per_kind=12)
     assert rates["benign_drift"] <= 1 / 12, rates
     assert rates["clean"] == 0.0, rates
+
+
+def test_poisoning_events_seen_counts_the_datasets_batches_from_every_source(victim, profile):
+    """The contract: events_seen is the batches of that dataset seen when it fired, this
+    one counted, whichever source sent them."""
+    pipeline = Pipeline([profile], load_thresholds())
+    rng = np.random.default_rng(9)
+    fired = []
+    plan = [("feed-a", "clean")] * 5 + [("feed-b", "clean")] * 3 + [("feed-b", "outliers")]
+    for i, (source, kind) in enumerate(plan):
+        X, y, _ = scenario.training_batches(victim, rng, kind, 300)
+        raw = stats_event(X, y, profile, dataset="digits", source=source, batch_id=f"b{i}",
+                          ts=T0 + 60 * i)
+        fired += pipeline.process_stats(msgspec.convert(raw, TrainingStatsEvent), T0 + 60 * i)
+    assert [a.modelwatch.batch_id for a in fired] == ["b8"]
+    assert fired[0].modelwatch.events_seen == 9  # not 4, feed-b's own count
