@@ -64,6 +64,18 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def code_version() -> dict:
+    """The commit measured, and the files under detectors/ and streams/ that differ from it
+    (the detectors change while people work: say what was measured)."""
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "detectors", "streams")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in status.splitlines()] if status else []}
+
+
 def ensure_data(data: Path, seed: int, scale: float) -> None:
     if (data / "truth.json").exists() and (data / "inference.jsonl").exists():
         return
@@ -452,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = json.loads((args.data / "truth.json").read_text())
     ran = run_modelwatch(args.data, args.work, truth)
     alerts = read_alerts(ran["alerts"])
-    result = {"data": str(args.data), "seed": truth.get("seed"), "scale": truth.get("scale")}
+    result = {"data": str(args.data), "seed": truth.get("seed"), "scale": truth.get("scale"),
+              "code": code_version()}
     result.update(score(truth, alerts, group_order(args.data / "inference.jsonl", truth)))
     result["targets"] = check_targets(result)
     result["alerts"] = len(alerts)
@@ -460,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     result["timings"] = ran["timings"]
     print_report(result)
     print(f"\n{len(alerts)} alerts, {result['deadletter']} dead letters; timings {ran['timings']}")
+    print(f"measured: commit {result['code']['commit']}, modified under detectors/ and "
+          f"streams/: {', '.join(result['code']['modified']) or 'none'}")
     (args.work / "quality.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.work / 'quality.json'}")
     return 0
