@@ -385,7 +385,7 @@ def event_times(values: list) -> np.ndarray:
     # before the Z: numpy would apply it, where the slow path rejects it).
     utc = [i for i, v in enumerate(values)
            if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T"
-           and v[4] == "-" and v.rfind("-") == 7 and "+" not in v]
+           and v[4] == "-" and v.rfind("-") == 7 and "+" not in v and v[-2].isdigit()]
     done: set[int] = set()
     if utc:
         try:  # numpy parses the common "...Z" form some twenty times faster
