@@ -109,7 +109,7 @@ def _prada(view, cfg) -> Candidate:
     state: ClientState = view.state
     m = len(view.batch)
     mask = np.zeros(m, dtype=bool)
-    score = np.zeros(m)
+    score = np.full(m, np.nan)  # 1 - W where a test ran
     details: dict[int, dict] = {}
     new = view.neighbours.nn_same_class
     rows = np.flatnonzero(~np.isnan(new))
@@ -130,6 +130,7 @@ def _prada(view, cfg) -> Candidate:
         if len(totals):
             ends = len(series) - (count - totals)
             w = shapiro_w_windows(series.astype(np.float64), ends, window)
+            score[rows[totals - start - 1]] = 1.0 - w
             for alarm in np.flatnonzero(w < delta):
                 hit = int(rows[totals[alarm] - start - 1])
                 mask[hit], score[hit] = True, 1.0 - w[alarm]
@@ -155,14 +156,17 @@ def _coverage(view, cfg, events) -> Candidate:
     p95 = pop.volume_quantile(0.95)
     pop_entropy = pop.class_entropy()
     none = np.zeros(len(events), dtype=bool)
+    unscored = np.full(len(events), np.nan)
     description = "a high-volume client sweeps every class evenly with almost no repeated records"
     if p95 is None or pop_entropy <= 0:
-        return _candidate(view, "query_coverage", none, none, 0.0, description, dict)
+        return _candidate(view, "query_coverage", none, unscored, cfg["coverage_min_entropy"],
+                          description, dict)
     batch = view.batch
     state: ClientState = view.state
     eligible = events >= max(cfg["coverage_min_queries"], cfg["coverage_volume_factor"] * p95)
     if not eligible.any():
-        return _candidate(view, "query_coverage", none, none, 0.0, description, dict)
+        return _candidate(view, "query_coverage", none, unscored, cfg["coverage_min_entropy"],
+                          description, dict)
     labels = batch.label
     onehot = np.zeros((len(batch), state.n_classes))
     known = labels >= 0

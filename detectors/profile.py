@@ -34,6 +34,9 @@ MAX_DISCRETE_VALUES = 32
 #: Re-measurement noise the off-distribution distance allows: this many steps of the data's
 #: precision, as a standard deviation.
 NOISE_STEPS = 1.5
+#: Simulated honest PRADA tests needed before delta is placed from them (else PRADA is off).
+PRADA_MIN_TESTS = 100
+PRADA_MIN_ROWS = 500
 #: Small training sets: an unestimable crowding quantile is this share of the lowest estimable one.
 SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
@@ -303,7 +306,7 @@ def honest_prada_w(Z: np.ndarray, labels: np.ndarray, n_classes: int,
         ends = np.arange(100, len(dist) + 1, 10)
         if len(ends):
             values.extend(shapiro_w_windows(dist, ends, 300).tolist())
-    if not values:
+    if len(values) < PRADA_MIN_TESTS:  # too few honest tests to place delta
         return {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
     return {str(q): float(np.quantile(values, q)) for q in (0.001, 0.01, 0.5)}
 
@@ -386,9 +389,19 @@ def build_profile(
 
     Z = (X - mean) / scale
     prada_w = honest_prada_w(Z, label_idx, len(classes), rng)
-    if prada_w["0.001"] <= 0:
-        notes.append(f"extraction.prada: {len(X)} rows are too few to simulate honest query "
-                     "streams of 100 distances; PRADA is off for this model")
+    if len(X) < PRADA_MIN_ROWS:
+        # Honest clients of a small data set re-ask its few records, re-measured: their
+        # distance distributions are bimodal, and PRADA's normality test flags them.
+        prada_w = {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
+        notes.append(f"extraction.prada: {len(X)} rows are too few (needs {PRADA_MIN_ROWS}): honest "
+                     "clients re-ask the same few records, which PRADA's normality test cannot "
+                     "tell from extraction; PRADA is off for this model (uniform and Jacobian "
+                     "extraction are still judged by the off-distribution and gradient-step rules)")
+    elif prada_w["0.001"] <= 0:
+        notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
+                     f"{PRADA_MIN_TESTS} honest tests its delta needs; PRADA is off "
+                     "for this model (uniform and Jacobian extraction are still judged by the "
+                     "off-distribution and gradient-step rules)")
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(

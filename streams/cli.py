@@ -83,17 +83,29 @@ def _replay(args) -> int:
 
     if args.inference_log is None and args.training_stats is None:
         raise UserError("replay: give --inference-log, --training-stats or both")
+    from streams.explain import Scores, key_of
+    from streams.pipeline import DATASET_TOTAL
+
     thresholds = read_thresholds(args.thresholds)
     profiles = [load_profile(p) for p in args.profile]
+    scores = Scores(set(args.explain)) if args.explain or args.report is not None else None
     result = replay(profiles, thresholds, inference_log=args.inference_log,
-                    training_stats=args.training_stats, deadletter=args.deadletter)
+                    training_stats=args.training_stats, deadletter=args.deadletter,
+                    scores=scores)
     write_alerts(result.alerts, args.alerts_out)
     if args.report is not None:
         from streams.report import write_report
 
+        pipeline = result.pipeline
+        sources = [k for k in pipeline.sources if not k.endswith(DATASET_TOTAL)]
         write_report([msgspec.to_builtins(a) for a in result.alerts], args.report,
                      summary={"events": result.events, "batches": result.batches,
-                              "dead_letters": result.rejected, "late": result.late})
+                              "clients_judged": len(pipeline.clients),
+                              "sources_judged": len(sources),
+                              "dead_letters": result.rejected, "late": result.late},
+                     near_misses=scores.near_misses({key_of(a) for a in result.alerts}))
+    if args.explain:
+        print("\n".join(scores.lines(result.alerts)))
     print(f"replay: {result.events} events, {result.batches} training batches, "
           f"{len(result.alerts)} alerts -> {args.alerts_out}", file=sys.stderr)
     if result.late:
@@ -264,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadletter", type=Path, help="bad records with file, line and reason")
     p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
     p.add_argument("--report", type=Path, help="also write a self-contained HTML report here")
+    p.add_argument("--explain", action="append", default=[], metavar="KEY",
+                   help="print each rule's best score against its threshold for KEY: a client id, "
+                        "model/client, a dataset, dataset/source or a batch id (repeatable)")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("tail", help="follow an inference log (like tail -F) and ship it to Kafka")

@@ -109,7 +109,7 @@ class Scores:
                 out.append(f"{wanted}: not seen (no event or batch with that client, dataset or batch id)")
                 continue
             for key in keys:
-                fired = [a for a in alerts if _key_of(a) == key]
+                fired = [a for a in alerts if key_of(a) == key]
                 out.append(f"{key}: {len(fired)} alert(s)")
                 for a in fired:
                     out.append(f"  ALERT {a.rule.name} at {a.modelwatch.trigger.ts} "
@@ -117,13 +117,17 @@ class Scores:
                 out.append(f"  {'rule':34} {'best score':>11} {'threshold':>10} {'reached':>8} "
                            f"{'scored':>7}  where")
                 for r in sorted(self.detail[key].values(), key=lambda r: -r.best_ratio):
-                    where = f"{r.at} at {format_ts(r.at_ts)}" if r.at else ""
+                    where = f"{r.at} at {format_ts(r.at_ts)}" if r.at and r.best > 0 else ""
+                    if not r.scored:
+                        out.append(f"  {r.rule:34} {'not scored (not enough events yet)':>38}")
+                        continue
                     out.append(f"  {r.rule:34} {r.best:11.4g} {r.threshold:10.4g} {r.reached:8d} "
                                f"{r.scored:7d}  {where}")
         return out
 
 
-def _key_of(alert) -> str:
+def key_of(alert) -> str:
+    """The key an alert belongs to: ``model/client`` or ``dataset/source``."""
     m = alert.modelwatch
     if m.client_id is not None:
         return f"{m.model}/{m.client_id}"

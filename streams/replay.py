@@ -11,6 +11,7 @@ import numpy as np
 
 from detectors.config import Thresholds
 from detectors.profile import Profile
+from streams.explain import Scores
 from streams.files import DeadLetters
 from streams.pipeline import Pipeline
 from streams.progress import tracked_open
@@ -76,8 +77,10 @@ def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):
 
 
 def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Path | None,
-           training_stats: Path | None, deadletter: Path | None) -> ReplayResult:
-    pipeline = Pipeline(profiles, thresholds)
+           training_stats: Path | None, deadletter: Path | None,
+           scores: Scores | None = None) -> ReplayResult:
+    """``scores``, if given, collects each rule's scores per key (``--explain``, near misses)."""
+    pipeline = Pipeline(profiles, thresholds, scores=scores)
     dead = DeadLetters(deadletter)
     alerts: list[Alert] = []
     late = 0

@@ -385,3 +385,26 @@ def test_profile_of_a_small_training_set_says_what_it_cannot_calibrate(digits, t
     assert any("adversarial.query_crowding" in w and "too few" in w for w in warnings), done.stderr
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["calibration"]["notes"]
+
+
+def test_replay_explain_shows_each_rules_score_against_its_threshold(files, digits, tmp_path):
+    _, _, profile = files
+    rng = np.random.default_rng(3)
+    events = digits.events("honest", digits.X_pool[:200])
+    attack = digits.events("thief", np.round(rng.uniform(0, 16, size=(120, 64))))
+    log = write_jsonl(tmp_path / "log.jsonl", events + attack)
+    done = run_cli("replay", "--profile", profile, "--inference-log", log, "--alerts-out",
+                   tmp_path / "a.jsonl", "--explain", "thief", "--explain", "honest",
+                   "--explain", "nobody", "--report", tmp_path / "r.html")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    thief = out.split("digits/thief:")[1]
+    assert thief.startswith(" 2 alert(s)"), out
+    assert "ALERT adversarial." in thief and "ALERT extraction.synthetic_queries" in thief
+    row = next(line for line in thief.splitlines() if "adversarial.out_of_distribution " in line)
+    best, threshold = float(row.split()[1]), float(row.split()[2])
+    assert best >= threshold
+    honest = out.split("digits/honest:")[1].split("digits/thief:")[0]
+    assert honest.startswith(" 0 alert(s)"), out
+    assert "nobody: not seen" in out
+    assert "Near misses" in (tmp_path / "r.html").read_text()
