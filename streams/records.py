@@ -202,6 +202,7 @@ _array = msgspec.json.Decoder(list[msgspec.Raw])
 _stats = msgspec.json.Decoder(TrainingStatsEvent)
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.S)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_UTC_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?Z", re.ASCII)
 
 
 def parse_ts(value: str | float) -> float:
@@ -381,28 +382,39 @@ def decode_inference(raw: bytes) -> list[InferenceEvent | Rejected]:
 def event_times(values: list) -> np.ndarray:
     """Epoch seconds for a list of ``ts`` values; NaN where a value is not a valid time."""
     out = np.full(len(values), np.nan)
-    # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form (no offset
-    # before the Z: numpy would apply it, where the slow path rejects it).
-    utc = [i for i, v in enumerate(values)
-           if isinstance(v, str) and len(v) >= 20 and v[-1] == "Z" and v[10] == "T"
-           and v[4] == "-" and v.rfind("-") == 7 and "+" not in v and v[-2].isdigit()]
+    # The fast path takes only the full "YYYY-MM-DDTHH:MM:SS[.fff]Z" form, exactly:
+    # numpy reads more (offsets, odd separators as a time zone, with a warning) than
+    # the slow path accepts.
+    utc = [i for i, v in enumerate(values) if isinstance(v, str) and _UTC_STAMP.fullmatch(v)]
     done: set[int] = set()
     if utc:
-        try:  # numpy parses the common "...Z" form some twenty times faster
-            stamps = np.array([values[i][:-1] for i in utc], dtype="datetime64[us]")
-            epochs = stamps.astype(np.int64) / 1e6
-            ok = (~np.isnat(stamps)) & (epochs >= 0) & (epochs <= MAX_EPOCH)
-            out[np.array(utc)[ok]] = epochs[ok]
-            done = {i for i, good in zip(utc, ok, strict=True) if good}
+        # numpy parses the common "...Z" form some twenty times faster. A value it
+        # cannot read fails the whole array: then each is read alone, so that a
+        # value's time never depends on its neighbours (the slow path reads a few
+        # forms differently).
+        strings = [values[i][:-1] for i in utc]
+        try:
+            stamps = np.array(strings, dtype="datetime64[us]")
         except (ValueError, OverflowError, TypeError):
-            out[:] = np.nan
-            done = set()
+            stamps = np.array([_stamp(s) for s in strings], dtype="datetime64[us]")
+        with np.errstate(invalid="ignore"):
+            epochs = stamps.astype(np.int64) / 1e6
+        ok = (~np.isnat(stamps)) & (epochs >= 0) & (epochs <= MAX_EPOCH)
+        out[np.array(utc)[ok]] = epochs[ok]
+        done = {i for i, good in zip(utc, ok, strict=True) if good}
     for i, value in enumerate(values):
         if i in done:
             continue
         with contextlib.suppress(ValueError, OverflowError, TypeError):
             out[i] = parse_ts(value)
     return out
+
+
+def _stamp(text: str) -> np.datetime64:
+    try:
+        return np.datetime64(text, "us")
+    except (ValueError, OverflowError, TypeError):
+        return np.datetime64("NaT", "us")
 
 
 def bad_time(value) -> Rejected:

@@ -246,3 +246,12 @@ def test_event_times_fast_path_takes_no_offset_before_the_z():
         ts = event_times(["2026-11-21T10:00:00+01Z", "2026-11-21T10:00:00.5-01Z",
                           "2026-11-21T10:00:00ZZ", "2026-11-21T10:00:00.5Z"])
     assert np.isnan(ts[:3]).all() and ts[3] == 1795255200.5
+
+
+def test_a_time_never_depends_on_its_neighbours():
+    values = ["2026-11-21T10:00:00.1234567Z", "2026-11-21T10:00:60Z", "2026-11-21T24:00:00Z",
+              "2026-11-21T10:00:00.5Z", "1969-12-31T23:59:59Z"]
+    alone = [event_times([v])[0] for v in values]
+    together = event_times([*values, "2026-13-45T99:99:99Z"])
+    np.testing.assert_array_equal(together[:-1], alone)
+    assert np.isnan(together[-1])
