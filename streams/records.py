@@ -442,13 +442,15 @@ def screen(items, check=None) -> Screened:
     """Decode and validate ``(raw record, tag)`` pairs in one pass; never raises on
     what a record holds.
 
-    ``check(event)`` adds model-specific reasons (feature count). A rejected
-    record keeps its original bytes: the line itself, or its own array element;
-    only a valid-looking element of an array, rejected later, is re-encoded.
-    A reason about an array element starts with "array element N: ".
-    Times are parsed in bulk at the end.
+    Times are parsed in bulk, then ``check(event)`` adds model-specific reasons
+    (feature count), in record order, for events with a valid time only: a check
+    may learn from what it passes (an unprofiled model's width), and an event
+    rejected anyway must not teach it. A rejected record keeps its original
+    bytes: the line itself, or its own array element; only a valid-looking
+    element of an array, rejected later, is re-encoded. A reason about an array
+    element starts with "array element N: ".
     """
-    events, tags, where, raws, rejected, elements = [], [], [], [], [], []
+    decoded, tags, where, raws, rejected, elements = [], [], [], [], [], []
     for raw, tag in items:
         records = decode_inference(raw)
         single = len(records) == 1 and not (isinstance(raw, bytes | bytearray)
@@ -458,32 +460,29 @@ def screen(items, check=None) -> Screened:
                 rejected.append((tag, record.reason, raw if record.raw is None else record.raw))
                 elements.append(None if record.raw is None else position)
                 continue
-            reason = check(record) if check is not None else None
-            if reason is not None:
-                rejected.append((tag, reason if single else f"array element {position}: {reason}",
-                                 raw if single else msgspec.json.encode(record)))
-                elements.append(None if single else position)
-                continue
-            events.append(record)
+            decoded.append(record)
             tags.append(tag)
             where.append(None if single else position)
             raws.append(raw)
-    ts = event_times([e.ts for e in events])
-    bad = np.isnan(ts)
-    if bad.any():
-        for i in np.flatnonzero(bad):
-            reason = bad_time(events[i].ts).reason
-            if where[i] is None:
-                rejected.append((tags[i], reason, raws[i]))
-            else:
-                rejected.append((tags[i], f"array element {where[i]}: {reason}",
-                                 msgspec.json.encode(events[i])))
-            elements.append(where[i])
-        keep = ~bad
-        events = [e for e, k in zip(events, keep, strict=True) if k]
-        tags = [t for t, k in zip(tags, keep, strict=True) if k]
-        ts = ts[keep]
-    return Screened(events, ts, tags, rejected, elements)
+    times = event_times([e.ts for e in decoded])
+    events, kept_tags, keep = [], [], []
+    for i, (event, no_time) in enumerate(zip(decoded, np.isnan(times).tolist(), strict=True)):
+        if no_time:
+            reason = bad_time(event.ts).reason
+        else:
+            reason = check(event) if check is not None else None
+            if reason is None:
+                events.append(event)
+                kept_tags.append(tags[i])
+                keep.append(i)
+                continue
+        if where[i] is None:
+            rejected.append((tags[i], reason, raws[i]))
+        else:
+            rejected.append((tags[i], f"array element {where[i]}: {reason}",
+                             msgspec.json.encode(event)))
+        elements.append(where[i])
+    return Screened(events, times[keep], kept_tags, rejected, elements)
 
 
 def decode_stats(raw: bytes) -> tuple[TrainingStatsEvent | Rejected, float]:

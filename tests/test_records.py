@@ -255,3 +255,23 @@ def test_a_time_never_depends_on_its_neighbours():
     together = event_times([*values, "2026-13-45T99:99:99Z"])
     np.testing.assert_array_equal(together[:-1], alone)
     assert np.isnan(together[-1])
+
+
+def test_an_event_rejected_for_its_time_teaches_the_checks_nothing():
+    """Checks may learn from what they pass (an unprofiled model's width is fixed by
+    its first event): they see only events with a valid time, in record order."""
+    from streams.records import screen
+
+    seen = []
+
+    def check(event):
+        seen.append(event.request_id)
+        return "features: wrong" if event.request_id == "b" else None
+
+    records = [dict(GOOD, request_id="a", ts="yesterday"), dict(GOOD, request_id="b"),
+               dict(GOOD, request_id="c")]
+    result = screen([(json.dumps(records).encode(), "t")], check)
+    assert seen == ["b", "c"] and [e.request_id for e in result.events] == ["c"]
+    assert [(r[1].split(":")[0], e) for r, e in zip(result.rejected, result.elements,
+                                                    strict=True)] == [("array element 0", 0),
+                                                                      ("array element 1", 1)]
