@@ -413,8 +413,9 @@ def benign_clients(
 # fanning one request out, batch jobs and backfills at machine speed, probes and QA
 # suites repeating themselves all day, entities re-scored with small changes, label-only
 # keys, many light users. Every row comes from the benign pool (never the training
-# split); on a small pool (< 200 rows, wine) every drawn row is a new measurement of a
-# pool row (noise of 5 % of the feature's spread), as new samples of the same population.
+# split). Where a kind needs more distinct records than the pool holds, and on a small
+# pool (< 200 rows, wine) for every row, a record is a new sample of the same population:
+# a pool row blended up to half-way with another of its class, measured with noise.
 
 # Nominal share of a data set's honest clients per kind; ``light`` takes the rest.
 HONEST_SHARES = {
@@ -446,18 +447,33 @@ class _Honest:
 
     def records(self, n: int, weights: np.ndarray, distinct: bool = False) -> np.ndarray:
         """``n`` benign-pool rows under a class preference; ``distinct`` ones as far as the
-        pool allows (beyond it, re-measured copies)."""
+        pool allows (beyond it, new samples: see ``new_samples``). On a small pool every
+        row is a new sample."""
         v, rng = self.victim, self.rng
         pool = len(v.X_benign)
         if distinct and n > pool:
             index = np.concatenate([rng.permutation(pool), rng.choice(pool, n - pool, p=weights)])
             X = v.X_benign[index].astype(float)
-            X[pool:] = self.remeasure(X[pool:], 0.05)
+            X[pool:] = self.new_samples(index[pool:])
         else:
-            X = v.X_benign[rng.choice(pool, n, replace=not distinct, p=weights)].astype(float)
+            index = rng.choice(pool, n, replace=not distinct, p=weights)
+            X = v.X_benign[index].astype(float)
         if pool < _SMALL_POOL:
-            X = self.remeasure(X, 0.05)
+            X = self.new_samples(index)
         return v.measure(X)
+
+    def new_samples(self, index: np.ndarray) -> np.ndarray:
+        """New records of the same population as pool rows ``index``: each blended with
+        another pool row of its class (up to half-way), then measured with noise of 5 %
+        of the feature's spread. The attackers' natural pool grows the same way."""
+        v, rng = self.victim, self.rng
+        partner = np.empty(len(index), dtype=int)
+        for c in np.unique(v.y_benign[index]):
+            rows = v.y_benign[index] == c
+            partner[rows] = rng.choice(np.flatnonzero(v.y_benign == c), size=int(rows.sum()))
+        mix = rng.uniform(0.0, 0.5, size=(len(index), 1))
+        blended = (1 - mix) * v.X_benign[index] + mix * v.X_benign[partner]
+        return self.remeasure(blended, 0.05)
 
     def remeasure(self, X: np.ndarray, relative: float | np.ndarray) -> np.ndarray:
         """Rows measured again: Gaussian noise of ``relative`` x the feature's spread."""

@@ -458,11 +458,11 @@ def dataset_traffic(
     # that batches differ (wine: 24-48 of 72 rows); the others take 200-500 rows.
     pool = len(victim.X_batches)
     rows = (pool // 3, 2 * pool // 3) if pool < BATCH_ROWS[0] else BATCH_ROWS
-    batches = poisoned_batches(
-        victim, rng, t0, TIMELINE_S,
-        {kind: max(1, round(count * scale)) for kind, count in BATCH_COUNTS.items()},
-        BATCH_SOURCES, warmup_per_source=max(1, round(WARMUP_PER_SOURCE * scale)), n_rows=rows,
-    )
+    warmup = max(1, round(WARMUP_PER_SOURCE * scale))
+    counts = {kind: max(1, round(count * scale)) for kind, count in BATCH_COUNTS.items()}
+    counts["clean"] = max(counts["clean"], warmup * len(BATCH_SOURCES) + 1)
+    batches = poisoned_batches(victim, rng, t0, TIMELINE_S, counts, BATCH_SOURCES,
+                               warmup_per_source=warmup, n_rows=rows)
     batch_truth = write_batches(batches, victim, out / victim.dataset / "batches", out)
     write_csv(out / victim.dataset / "train.csv", victim, victim.X_train, victim.y_train)
     return events, truth, batch_truth, {"honest_shares": {k: round(v, 4) for k, v in

@@ -69,7 +69,7 @@ def code_version() -> dict:
     (the detectors change while people work: say what was measured)."""
     def git(*args):
         done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
+        return done.stdout.rstrip("\n") if done.returncode == 0 else None
 
     status = git("status", "--porcelain", "--", "detectors", "streams")
     return {"commit": git("rev-parse", "--short", "HEAD"),
