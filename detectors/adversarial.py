@@ -84,7 +84,10 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         feats = view.batch.has_features
         knn = nb.knn_mean
         at_boundary = nb.mixed
-        out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary, ~np.isnan(knn))
+        # An entity edited field by field (re-scored with a changed amount) that drifts
+        # across the boundary is not a walk along it.
+        out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary,
+                          ~np.isnan(knn) & ~nb.sparse_edit)
         threshold = view.profile.ood_threshold
         own = view.own_ood
         # A record re-sent with a few fields changed (a what-if, a correction) can break the

@@ -36,6 +36,8 @@ import numpy as np
 SUB_BATCH = 64  # rows per distance block: each row sees `size` columns, a block adds this many
 #: A query that changes at most this share of its nearest earlier query's features re-sends it.
 NEAR_REPEAT_CHANGED = 0.25
+#: ... and is an edit when each changed field moved by more than this many precision steps.
+EDIT_STEPS = 2
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Neighbours:
     mixed: np.ndarray           # bool: the k nearest hold an answer other than the query's
     near_repeat: np.ndarray     # bool: re-sends an earlier query with a small change
     sparse_resend: np.ndarray   # bool: ... with a few fields changed (a what-if, a correction)
+    sparse_edit: np.ndarray     # bool: ... each changed by more than rounding (a deliberate edit)
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
 
@@ -157,13 +160,15 @@ def _pairwise(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def neighbours(state: ClientState, batch: QueryBatch, k: int,
-               unit: np.ndarray | None = None, near: float = 0.0) -> Neighbours:
+               unit: np.ndarray | None = None, near: float = 0.0,
+               precision: np.ndarray | None = None) -> Neighbours:
     """Distances of each query to its window, then the window moves on.
 
     Scores first, learns after: a query only ever sees queries before it.
     Rows without features are neither scored nor stored. ``unit`` (feature
     ranges in scaled units) enables the sign-step check; a query whose nearest
-    earlier distinct query is closer than ``near`` is a near repeat.
+    earlier distinct query is closer than ``near`` is a near repeat; ``precision``
+    (the data's step per feature, scaled units) tells an edit from rounding.
     """
     rows = np.flatnonzero(batch.has_features)
     m = len(batch)
@@ -173,15 +178,16 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     mixed = np.zeros(m, dtype=bool)
     near_repeat = np.zeros(m, dtype=bool)
     sparse = np.zeros(m, dtype=bool)
+    edit = np.zeros(m, dtype=bool)
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, nr, sp, st, hn = _score_block(state, batch.Z[sub].astype(np.float32),
-                                                     batch.label[sub], k, unit, near)
+        r, nn, kn, mx, nr, sp, ed, st, hn = _score_block(
+            state, batch.Z[sub].astype(np.float32), batch.label[sub], k, unit, near, precision)
         (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], sparse[sub],
-         step[sub], has_nearest[sub]) = r, nn, kn, mx, nr, sp, st, hn
-    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, step, has_nearest)
+         edit[sub], step[sub], has_nearest[sub]) = r, nn, kn, mx, nr, sp, ed, st, hn
+    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest)
 
 
 @lru_cache(maxsize=256)
@@ -210,7 +216,7 @@ def _multipliers(width: int) -> np.ndarray:
 
 
 def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
-                 unit: np.ndarray | None, near: float):
+                 unit: np.ndarray | None, near: float, precision: np.ndarray | None):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
@@ -228,8 +234,13 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     nearest_d = D[np.arange(m), nearest]
     has_nearest = np.isfinite(nearest_d) & ~repeat
     # A re-sent entity: very close, or the same record with a few fields changed.
-    changed = np.abs(Q - R[nearest]) > 1e-6
+    moved = np.abs(Q - R[nearest])
+    changed = moved > 1e-6
     sparse = has_nearest & (changed.mean(1) <= NEAR_REPEAT_CHANGED)
+    if precision is not None:  # every changed field moved by more than rounding would
+        edit = sparse & ~(changed & (moved <= EDIT_STEPS * precision + 1e-6)).any(1)
+    else:
+        edit = np.zeros(m, dtype=bool)
     near_repeat = sparse | (has_nearest & (nearest_d < near))
     nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat | near_repeat] = np.nan
@@ -252,7 +263,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat[:keep] = col_repeat[h + m - keep:]
     state.window_hash[:keep] = R_hash[h + m - keep:]
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, near_repeat, sparse, step, has_nearest
+    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest
 
 
 @dataclass

@@ -119,7 +119,8 @@ class QueryMonitor:
         pending = population if pending is None else pending
         if profile is not None:
             nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
-                            near=NEAR_REPEAT * profile.knn_quantiles["0.01"])
+                            near=NEAR_REPEAT * profile.knn_quantiles["0.01"],
+                            precision=profile.step / profile.scale)
             own = own_calibrated_ood(state, batch, profile)
         else:
             nb, own = neighbours(state, batch, self.adv["knn_k"]), None

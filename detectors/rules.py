@@ -1,7 +1,7 @@
 """Every rule the detectors can fire, in one registry.
 
-The rule code (``adversarial.py``, ``extraction.py``, ``monitor.py``,
-``poisoning.py``) takes each rule's ATLAS techniques from here; the metrics label
+The rule code (`adversarial.py`, `extraction.py`, `monitor.py`,
+`poisoning.py`) takes each rule's ATLAS techniques from here; the metrics label
 their series by these names, the README's rule table and the thresholds file are
 checked against it (``tests/test_rules.py``). A rule's ``reads`` are the keys of
 ``thresholds.toml`` it uses, ``calibration`` says where its expected honest value
