@@ -59,7 +59,8 @@ class Featurizer:
         profile = self.profile
         if profile is not None:
             # Absurd values (1e300) must not overflow float32 windows or reach alerts as inf.
-            Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
+            with np.errstate(over="ignore", invalid="ignore"):
+                Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
             ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
             out_of_bounds = ((self.low > X) | (self.high < X)).any(1) & has_features
             if labels is None:
