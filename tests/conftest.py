@@ -69,3 +69,17 @@ def demo(tmp_path_factory):
     (folder / "profiles").mkdir()
     (folder / "profiles" / "digits.json").write_bytes(paths["profile"].read_bytes())
     return folder, paths
+
+
+@pytest.fixture(scope="module")
+def victim():
+    """The scenario's digits victim (an MLP) with its pools: attack code's target."""
+    from streams import scenario
+
+    return scenario.load_victim("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def profile(victim):
+    return build_profile(victim.X_train, victim.y_train, victim.feature_names,
+                         model=victim.model_name, dataset="digits")

@@ -9,7 +9,6 @@ and ART's HopSkipJump through the victim's prediction API.
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
@@ -20,38 +19,17 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from detectors.config import load_thresholds
 from detectors.profile import build_profile
 from streams import scenario
-from streams.pipeline import Pipeline
-from streams.records import decode_inference, event_times
 from tests import production
+from tests.test_detection import judge
 
 T0 = scenario.DEFAULT_T0
 DAY = 7200.0
 
 
-def judge(profile, events):
-    decoded = [decode_inference(json.dumps(e).encode())[0] for e in events]
-    ts = event_times([e.ts for e in decoded])
-    order = np.argsort(ts, kind="stable")
-    return Pipeline([profile], load_thresholds()).process_inference(
-        [decoded[i] for i in order], ts[order])
-
-
 def alerted(alerts):
     return {a.modelwatch.client_id for a in alerts}
-
-
-@pytest.fixture(scope="module")
-def victim():
-    return scenario.load_victim("digits", seed=0)
-
-
-@pytest.fixture(scope="module")
-def profile(victim):
-    return build_profile(victim.X_train, victim.y_train, victim.feature_names,
-                         model=victim.model_name, dataset="digits")
 
 
 @pytest.fixture(scope="module")

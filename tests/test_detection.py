@@ -16,24 +16,12 @@ import numpy as np
 import pytest
 
 from detectors.config import load_thresholds
-from detectors.profile import build_profile
 from streams import scenario
 from streams.pipeline import Pipeline
 from streams.records import TrainingStatsEvent, decode_inference, event_times
 from streams.stats import stats_event
 
 T0 = scenario.DEFAULT_T0
-
-
-@pytest.fixture(scope="module")
-def victim():
-    return scenario.load_victim("digits", seed=0)
-
-
-@pytest.fixture(scope="module")
-def profile(victim):
-    return build_profile(victim.X_train, victim.y_train, victim.feature_names,
-                         model=victim.model_name, dataset="digits")
 
 
 def judge(profile, events):
