@@ -287,5 +287,9 @@ def alert_line(alert: Alert | dict) -> str:
     mw = doc["modelwatch"]
     who = f"client {mw['client_id']}" if mw.get("client_id") else \
         f"batch {mw['batch_id']} ({mw.get('source')})"
-    return escape_controls(f"{doc['@timestamp']}  {doc['rule']['name']:<34} {who:<36} "
-                           f"score {mw['score']:.3g} (threshold {mw['threshold']:.3g})")
+    line = (f"{doc['@timestamp']}  {doc['rule']['name']:<34} {who:<36} "
+            f"score {mw['score']:.3g} >= threshold {mw['threshold']:.3g}")
+    evidence = mw.get("evidence") or {}
+    if "shapiro_w" in evidence and "delta" in evidence:  # PRADA fires when W falls below delta
+        line += f" (Shapiro-Wilk W {evidence['shapiro_w']} < delta {evidence['delta']})"
+    return escape_controls(line)
