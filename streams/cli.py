@@ -211,7 +211,16 @@ def _tail(args) -> int:
         checkpoint_path = tail_checkpoint(settings, args.path)
     if args.once and args.path != "-" and not Path(args.path).exists():
         raise UserError(f"{args.path}: cannot read: no such file")
-    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000)
+    convert = None
+    if args.format == "oip":
+        from streams.files import load_profile
+        from streams.tail import oip_converter
+
+        if args.profile is None:
+            raise UserError("tail --format oip: needs --profile (it says how to read the tensors)")
+        convert = oip_converter(load_profile(args.profile), args.client_field)
+    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000,
+                      convert=convert)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as a service: flush and checkpoint first
     try:
         follow(args.path, shipper, Checkpoint(checkpoint_path), once=args.once)
@@ -289,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-events", type=int, default=500, help="events per flush at most")
     p.add_argument("--linger-ms", type=float, default=200.0,
                    help="longest wait before a partial batch is sent")
+    p.add_argument("--format", choices=("events", "oip"), default="events",
+                   help="events: contract inference events (default); oip: one JSON object a "
+                        "line with a served request and response (Open Inference Protocol v2, "
+                        "or KServe v1), mapped with --profile")
+    p.add_argument("--profile", type=Path,
+                   help="with --format oip: the served model's reference profile")
+    p.add_argument("--client-field", default="client_id", metavar="PATH",
+                   help="with --format oip: where a line holds the client id, a dotted path "
+                        "(e.g. headers.x-api-key; default client_id)")
     add_arguments(p)
     p.set_defaults(func=_tail)
 

@@ -76,6 +76,9 @@ class Shipper:
     first_at: float = 0.0
     shipped: int = 0
     rejected: int = 0
+    # Turns one line into contract events (JSON bytes each), or gives the reason it cannot
+    # (``tail --format oip``: see :func:`oip_converter`); None ships lines as written.
+    convert: object = None
 
     def __post_init__(self):
         from kafka import KafkaProducer
@@ -98,6 +101,16 @@ class Shipper:
         self.partitions = len(partitions)
 
     def add(self, raw: bytes, source: str, line: int) -> None:
+        if self.convert is None:
+            return self._add(raw, source, line)
+        events, reason = self.convert(raw)
+        if reason is not None:
+            return self._dead(raw, reason, source, line)
+        for event in events:  # one record each: a large batch is not one oversized array
+            self._add(event, source, line)
+        return None
+
+    def _add(self, raw: bytes, source: str, line: int) -> None:
         result = screen([(raw, line)])
         for _, reason, original in result.rejected:
             self._dead(original, reason, source, line)
@@ -228,3 +241,30 @@ def _ship_stdin(shipper: Shipper) -> None:
         if shipper.due():
             shipper.flush()
     shipper.flush()
+
+
+def oip_converter(profile, client_field: str = "client_id"):
+    """``tail --format oip``: each line is one JSON object holding a served pair::
+
+        {"ts": "2026-11-21T10:00:00Z", "client_id": "key-7f3a", "source_ip": "203.0.113.7",
+         "request": {"id": "r1", "inputs": [...]}, "response": {"model_name": ..., "outputs": [...]}}
+
+    ``request``/``response`` are Open Inference Protocol v2 bodies (or KServe v1
+    ``{"instances": ...}``/``{"predictions": ...}``; then an optional ``request_id``);
+    the client id is read at ``client_field``, a dotted path (``headers.x-api-key``:
+    keys match case-insensitively). Rows of a batched request become events of their
+    own (see :mod:`streams.intake.oip`).
+    """
+    from streams.intake.oip import log_line_events
+
+    def convert(raw: bytes):
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            return None, f"oip line: not JSON: {str(exc)[:200]}"
+        events, reason = log_line_events(doc, profile, client_field=client_field)
+        if reason is not None:
+            return None, reason
+        return [json.dumps(e, allow_nan=False).encode() for e in events], None
+
+    return convert
