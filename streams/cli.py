@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from detectors.config import ConfigError
-from streams.settings import add_arguments, resolve
+from streams.settings import COMMAND_SETTINGS, add_arguments, resolve
 from streams.tabular import UserError
 
 
@@ -231,6 +231,45 @@ def _tail(args) -> int:
     return 0
 
 
+def _intake_kserve(args) -> int:
+    import asyncio
+
+    from streams.files import load_profile
+    from streams.intake.kserve import Receiver, serve
+    from streams.tail import Shipper
+
+    settings = resolve(args)
+    if settings.broker is None:
+        raise UserError("intake kserve: needs --broker or MODELWATCH_BROKER")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--listen {args.listen}: expected HOST:PORT")
+    if args.pair_timeout <= 0 or args.max_pending < 1:
+        raise UserError("--pair-timeout and --max-pending must be positive")
+    profile = load_profile(args.profile)
+    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000)
+    receiver = Receiver(shipper, profile, args.client_header, wait_s=args.pair_timeout,
+                        max_pending=args.max_pending, source_header=args.source_header)
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(receiver, host.strip("[]"), int(port), stop=stop)
+        except OSError as exc:
+            raise UserError(f"--listen {args.listen}: {exc.strerror}") from None
+
+    try:
+        asyncio.run(main())
+    finally:
+        shipper.close()
+        print(f"intake kserve: {receiver.received} CloudEvents received, {shipper.shipped} events "
+              f"shipped, {shipper.rejected} to {settings.topic_deadletter}", file=sys.stderr)
+    return 0
+
+
 def _run(args) -> int:
     if args.demo and args.offline:
         from streams.demo import play_demo_offline
@@ -309,6 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. headers.x-api-key; default client_id)")
     add_arguments(p)
     p.set_defaults(func=_tail)
+
+    p = sub.add_parser("intake", help="receive inferences from a serving stack, ship them to Kafka")
+    intake = p.add_subparsers(dest="intake", required=True, parser_class=_Parser)
+    p = intake.add_parser("kserve", help="KServe inference-logger CloudEvents over HTTP")
+    p.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT",
+                   help="where the logger's url points (default 0.0.0.0:8080)")
+    p.add_argument("--profile", type=Path, required=True,
+                   help="the served model's reference profile (maps tensors to features)")
+    p.add_argument("--client-header", required=True, metavar="NAME",
+                   help="the header that names the client (e.g. X-Api-Key), as KServe's "
+                        "logger forwards it (metadataHeaders)")
+    p.add_argument("--source-header", metavar="NAME",
+                   help="the forwarded header holding the client's address (e.g. "
+                        "X-Forwarded-For; first hop), if the logger forwards one")
+    p.add_argument("--pair-timeout", type=float, default=30.0, metavar="S",
+                   help="longest wait for a request's response (or the reverse), seconds")
+    p.add_argument("--max-pending", type=int, default=10_000,
+                   help="unpaired halves kept at most; the oldest go to the dead-letter topic")
+    p.add_argument("--batch-events", type=int, default=500, help="events per flush at most")
+    p.add_argument("--linger-ms", type=float, default=200.0,
+                   help="longest wait before a partial batch is sent")
+    add_arguments(p, [n for n in COMMAND_SETTINGS["tail"] if n != "state_dir"])
+    p.set_defaults(func=_intake_kserve)
 
     p = sub.add_parser("worker", help="the streaming worker: detectors on Kafka, alerts out")
     p.add_argument("--log-level", default="warning", help="worker log level")

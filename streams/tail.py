@@ -250,7 +250,8 @@ def oip_converter(profile, client_field: str = "client_id"):
          "request": {"id": "r1", "inputs": [...]}, "response": {"model_name": ..., "outputs": [...]}}
 
     ``request``/``response`` are Open Inference Protocol v2 bodies (or KServe v1
-    ``{"instances": ...}``/``{"predictions": ...}``; then an optional ``request_id``);
+    ``{"instances": ...}``/``{"predictions": ...}``); an optional ``request_id``
+    overrides the bodies' ``id``;
     the client id is read at ``client_field``, a dotted path (``headers.x-api-key``:
     keys match case-insensitively). Rows of a batched request become events of their
     own (see :mod:`streams.intake.oip`).

@@ -194,3 +194,135 @@ def test_tail_format_oip_ships_rows_and_dead_letters_bad_pairs(iris, tmp_path):
     reasons = sorted(dict(r.headers)["reason"].decode() for r in dead)
     assert any("needs 3 values, data has 1" in r for r in reasons)
     assert any("not JSON" in r for r in reasons)
+
+
+# --- KServe inference logger (CloudEvents over HTTP) -----------------------------------
+
+CE_ID = "0009174a-24a8-4603-b098-09c8799950e9"
+
+
+def ce_headers(kind, ce_id=CE_ID, time_="2021-04-10T00:23:26.0789529Z", **extra):
+    """The headers KServe's logger sends (binary mode), as its message-dumper demo shows."""
+    return {"ce-specversion": "1.0", "ce-type": f"org.kubeflow.serving.inference.{kind}",
+            "ce-source": "http://localhost:9081/", "ce-id": ce_id, "ce-time": time_,
+            "ce-endpoint": "", "ce-inferenceservicename": "sklearn-iris",
+            "ce-namespace": "default", "content-type": "application/json", **extra}
+
+
+def test_pairing_waits_a_bounded_time_and_keeps_a_bounded_number():
+    from streams.intake.kserve import Half, Pairing
+
+    pairing = Pairing(wait_s=5, max_pending=2)
+    assert pairing.add("response", "a", Half({}, {}, 0.0)) == (None, [])  # either order
+    pair, dropped = pairing.add("request", "a", Half({}, {}, 1.0))
+    assert set(pair) == {"request", "response"} and dropped == [] and not pairing.pending
+    for i, ce_id in enumerate("bcd"):
+        pair, dropped = pairing.add("request", ce_id, Half({}, {}, float(i)))
+    assert pair is None and [d[0] for d in dropped] == ["b"] and "more than 2" in dropped[0][2]
+    assert pairing.expire(5.5) == []
+    [(ce_id, _, reason)] = pairing.expire(6.0)
+    assert ce_id == "c" and reason == "kserve: no response within 5 s"
+    _, [(ce_id, _, reason)] = pairing.add("request", "d", Half({}, {}, 7.0))
+    assert ce_id == "d" and "a second request" in reason
+    small = Pairing(max_bytes=100)
+    small.add("request", "x", Half({}, {}, 0.0, 80))
+    _, dropped = small.add("request", "y", Half({}, {}, 0.0, 80))
+    assert [d[0] for d in dropped] == ["x"] and small.bytes == 80
+    small.add("response", "y", Half({}, {}, 0.0, 10))
+    assert small.bytes == 0 and not small.pending
+
+
+def test_client_id_from_the_header_its_extension_or_kserve_metadata():
+    from streams.intake.kserve import client_of
+
+    assert client_of({"x-api-key": "k1"}, "X-Api-Key") == "k1"
+    assert client_of({"ce-x-api-key": "k2"}, "X-Api-Key") == "k2"
+    assert client_of({"ce-metadata": json.dumps({"X-Api-Key": ["k3"]})}, "x-api-key") == "k3"
+    assert client_of({"ce-metadata": "{not json"}, "x-api-key") is None
+
+
+def test_cloudevents_binary_and_structured():
+    from streams.intake.kserve import read_event
+
+    kind, ce_id, data = read_event(ce_headers("request"), json.dumps(KSERVE_V1_REQUEST).encode())
+    assert (kind, ce_id, data) == ("request", CE_ID, KSERVE_V1_REQUEST)
+    structured = {"specversion": "1.0", "type": "org.kubeflow.serving.inference.response",
+                  "source": "http://localhost:9081/", "id": CE_ID, "time": "2021-04-10T00:23:26Z",
+                  "datacontenttype": "application/json", "data": KSERVE_V1_RESPONSE}
+    headers = {"content-type": "application/cloudevents+json"}
+    assert read_event(headers, json.dumps(structured).encode()) == ("response", CE_ID,
+                                                                    KSERVE_V1_RESPONSE)
+    assert headers["ce-time"] == "2021-04-10T00:23:26Z"
+    assert "not an inference" in read_event({**ce_headers("request"), "ce-type": "x"}, b"{}")
+    assert "not JSON" in read_event(ce_headers("request"), b"{")
+
+
+def test_intake_kserve_pairs_logger_events_and_ships_them(iris, tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streams.broker import EmbeddedBroker, free_port
+    from tests.conftest import ROOT
+    from tests.test_tail import PARTITIONS, read_topic
+
+    profile = tmp_path / "iris.json"
+    write_profile(iris, profile)
+    port = free_port()
+
+    def post(headers, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=json.dumps(body).encode(),
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with EmbeddedBroker() as running:
+        admin = KafkaAdminClient(bootstrap_servers=running.address, request_timeout_ms=5000)
+        admin.create_topics([NewTopic(t, num_partitions=PARTITIONS, replication_factor=1)
+                             for t in ("inference-logs", "modelwatch-deadletter")])
+        admin.close()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "intake", "kserve", "--listen",
+             f"127.0.0.1:{port}", "--profile", str(profile), "--client-header", "X-Api-Key",
+             "--source-header", "X-Forwarded-For", "--pair-timeout", "1",
+             "--broker", running.url],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = server.stderr.readline()
+            assert "listening" in line, line + (server.stderr.read() if server.poll() else "")
+            key = {"X-Api-Key": "key-7f3a", "X-Forwarded-For": "203.0.113.7, 10.0.0.1"}
+            # v1, response first; v2 (OIP) in order; a request whose response never comes;
+            # a pair without the client header; not an inference event at all.
+            assert post(ce_headers("response", **key), KSERVE_V1_RESPONSE) == 202
+            assert post(ce_headers("request", **key), KSERVE_V1_REQUEST) == 202
+            assert post(ce_headers("request", ce_id="v2", **key), KSERVE_V2_REQUEST) == 202
+            assert post(ce_headers("response", ce_id="v2", **key), KSERVE_V2_RESPONSE) == 202
+            assert post(ce_headers("request", ce_id="lonely", **key), KSERVE_V1_REQUEST) == 202
+            assert post(ce_headers("request", ce_id="anon"), KSERVE_V1_REQUEST) == 202
+            assert post(ce_headers("response", ce_id="anon"), KSERVE_V1_RESPONSE) == 202
+            assert post({**ce_headers("request"), "ce-type": "dev.knative.ping"}, {}) == 400
+            shipped = [e for r in read_topic(running, "inference-logs", want=4)
+                       for e in json.loads(r.value)]
+            time.sleep(2.0)  # the lonely request expires
+            dead = read_topic(running, "modelwatch-deadletter", want=None, timeout_s=3)
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert sorted(e["request_id"] for e in shipped) == [f"{CE_ID}#0", f"{CE_ID}#1", "v2#0", "v2#1"]
+    assert {e["client_id"] for e in shipped} == {"key-7f3a"}
+    assert {e["source_ip"] for e in shipped} == {"203.0.113.7"}
+    assert {e["ts"] for e in shipped} == {"2021-04-10T00:23:26.0789529Z"}
+    assert all(e["model"] == "sklearn-iris" and e["prediction"] == 1 for e in shipped)
+    reasons = sorted(dict(r.headers)["reason"].decode() for r in dead)
+    assert any("no response within 1 s" in r for r in reasons), reasons
+    assert any("no client id in header X-Api-Key" in r for r in reasons), reasons
+    assert any("not an inference request or response" in r for r in reasons), reasons
+    assert "8 CloudEvents received, 4 events shipped" in err

@@ -206,11 +206,13 @@ def _check_rows(rows: list, what: str) -> None:
 
 
 def oip_events(request: Any, response: Any, profile, *, ts, client_id: str,
-               source_ip: str | None = None) -> tuple[list[dict], str | None]:
+               request_id: str | None = None, source_ip: str | None = None
+               ) -> tuple[list[dict], str | None]:
     """Events of one OIP v2 request/response pair, or ``([], reason)``.
 
     ``model`` is the profile's (the profile is what says how to read the tensors);
-    ``request_id`` is the request's ``id`` (else the response's), with ``#row``
+    ``request_id`` is the one given (KServe: the CloudEvent id), else the request's
+    ``id``, else the response's, with ``#row``
     for rows of a batch; ``model_version`` is the response's.
     """
     try:
@@ -221,7 +223,8 @@ def oip_events(request: Any, response: Any, profile, *, ts, client_id: str,
         rows = feature_rows(request.get("inputs"), profile.feature_names)
         _check_rows(rows, "request")
         labels, probs = predictions(response.get("outputs"), len(rows), profile.classes)
-        rid, version = request.get("id") or response.get("id"), response.get("model_version")
+        rid = request_id or request.get("id") or response.get("id")
+        version = response.get("model_version")
         return _events(rows, labels, probs, model=profile.model, ts=ts, client_id=client_id,
                        request_id=str(rid) if rid else None,
                        model_version=str(version) if version else None,
@@ -281,7 +284,6 @@ def v1_events(request: Any, response: Any, profile, *, ts, client_id: str,
 def pair_events(request: Any, response: Any, profile, **context) -> tuple[list[dict], str | None]:
     """OIP v2 or KServe v1, whichever the request is."""
     if isinstance(request, Mapping) and "inputs" in request:
-        context.pop("request_id", None)
         return oip_events(request, response, profile, **context)
     if isinstance(request, Mapping) and "instances" in request:
         return v1_events(request, response, profile, **context)
