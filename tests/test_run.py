@@ -81,7 +81,7 @@ def _read_until(runner, done) -> tuple[list[str], list[str]]:
 def _stop(runner) -> None:
     try:
         runner.send_signal(signal.SIGINT)
-        runner.wait(timeout=60)
+        runner.wait(timeout=180)  # run stops its worker, tail and broker; slow on a busy machine
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
