@@ -206,7 +206,8 @@ def ce_headers(kind, ce_id=CE_ID, time_="2021-04-10T00:23:26.0789529Z", **extra)
     return {"ce-specversion": "1.0", "ce-type": f"org.kubeflow.serving.inference.{kind}",
             "ce-source": "http://localhost:9081/", "ce-id": ce_id, "ce-time": time_,
             "ce-endpoint": "", "ce-inferenceservicename": "sklearn-iris",
-            "ce-namespace": "default", "content-type": "application/json", **extra}
+            "ce-namespace": "default", "ce-component": "predictor",
+            "content-type": "application/json", **extra}
 
 
 def test_pairing_waits_a_bounded_time_and_keeps_a_bounded_number():
@@ -297,16 +298,19 @@ def test_intake_kserve_pairs_logger_events_and_ships_them(iris, tmp_path):
         try:
             line = server.stderr.readline()
             assert "listening" in line, line + (server.stderr.read() if server.poll() else "")
-            key = {"X-Api-Key": "key-7f3a", "X-Forwarded-For": "203.0.113.7, 10.0.0.1"}
+            # metadataHeaders: [X-Api-Key, X-Forwarded-For] -> the ce-metadata extension
+            key = {"ce-metadata": json.dumps({"X-Api-Key": ["key-7f3a"],
+                                              "X-Forwarded-For": ["203.0.113.7, 10.0.0.1"]})}
             # v1, response first; v2 (OIP) in order; a request whose response never comes;
             # a pair without the client header; not an inference event at all.
-            assert post(ce_headers("response", **key), KSERVE_V1_RESPONSE) == 202
-            assert post(ce_headers("request", **key), KSERVE_V1_REQUEST) == 202
-            assert post(ce_headers("request", ce_id="v2", **key), KSERVE_V2_REQUEST) == 202
-            assert post(ce_headers("response", ce_id="v2", **key), KSERVE_V2_RESPONSE) == 202
-            assert post(ce_headers("request", ce_id="lonely", **key), KSERVE_V1_REQUEST) == 202
-            assert post(ce_headers("request", ce_id="anon"), KSERVE_V1_REQUEST) == 202
-            assert post(ce_headers("response", ce_id="anon"), KSERVE_V1_RESPONSE) == 202
+            assert post(ce_headers("response", **key), KSERVE_V1_RESPONSE) == 200
+            assert post(ce_headers("request", **key), KSERVE_V1_REQUEST) == 200
+            assert post(ce_headers("request", ce_id="v2", **key), KSERVE_V2_REQUEST) == 200
+            assert post(ce_headers("response", ce_id="v2", **key), KSERVE_V2_RESPONSE) == 200
+            assert post(ce_headers("request", ce_id="lonely", **key), KSERVE_V1_REQUEST) == 200
+            anon = {"ce-metadata": json.dumps({"X-Request-Id": ["anon"]})}
+            assert post(ce_headers("request", ce_id="anon", **anon), KSERVE_V1_REQUEST) == 200
+            assert post(ce_headers("response", ce_id="anon", **anon), KSERVE_V1_RESPONSE) == 200
             assert post({**ce_headers("request"), "ce-type": "dev.knative.ping"}, {}) == 400
             shipped = [e for r in read_topic(running, "inference-logs", want=4)
                        for e in json.loads(r.value)]

@@ -9,6 +9,7 @@ and its response as two CloudEvents with the same id, in binary mode::
              ce-source: http://localhost:9081/
              ce-time: 2021-04-10T00:23:26.0789529Z
              ce-inferenceservicename: sklearn-iris   ce-namespace: default   ce-endpoint: ...
+             ce-component: predictor   ce-metadata: {"X-Api-Key":["key-7f3a"]}
              content-type: application/json
              {"instances": [[6.8, 2.8, 4.8, 1.4], ...]}   /   {"predictions": [1, 1]}
 
@@ -17,8 +18,9 @@ and its response as two CloudEvents with the same id, in binary mode::
 paired by ``ce-id`` (:class:`Pairing`: a bounded wait, a bounded number pending);
 each pair becomes one event per row (:mod:`streams.intake.oip`), with ``ts`` from
 the request's ``ce-time``, ``request_id`` from ``ce-id``, and ``client_id`` from a
-configured header: the HTTP header itself, its ``ce-`` extension form, or an entry
-of a ``ce-metadata`` extension holding JSON ``{header: [values]}``. Events ship
+configured header: an entry of the ``ce-metadata`` extension (JSON ``{header:
+[values]}``: the request headers listed in the logger's ``metadataHeaders``), the
+HTTP header itself, or its ``ce-`` extension form. Events ship
 through :class:`streams.tail.Shipper`, the producer path ``tail`` uses; a pair that
 cannot be mapped, a half whose other half never came, and an event evicted because
 too many were pending go to the dead-letter topic with the reason.
@@ -216,7 +218,7 @@ class Receiver:
             events = [json.dumps(e, allow_nan=False).encode() for e in mapped]
         if events or dead:
             await self._submit(events, dead)
-        return web.Response(status=202)
+        return web.Response(status=200)  # the logger reports anything else as an error
 
     async def tick(self) -> None:
         """Expire unpaired halves; flush what lingered."""
