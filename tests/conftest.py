@@ -83,3 +83,16 @@ def victim():
 def profile(victim):
     return build_profile(victim.X_train, victim.y_train, victim.feature_names,
                          model=victim.model_name, dataset="digits")
+
+
+@pytest.fixture(scope="module")
+def expected(demo):
+    """What replay makes of the demo: the worker tests' reference."""
+    from detectors.config import load_thresholds
+    from streams.files import load_profile
+    from streams.replay import replay
+
+    _, paths = demo
+    return replay([load_profile(paths["profile"])], load_thresholds(),
+                  inference_log=paths["inference.jsonl"], training_stats=paths["stats"],
+                  deadletter=None)

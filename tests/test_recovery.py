@@ -8,11 +8,8 @@ import time
 import pytest
 
 from detectors.clients import ClientState
-from detectors.config import load_thresholds
 from detectors.poisoning import SourceState
 from streams.broker import EmbeddedBroker
-from streams.files import load_profile
-from streams.replay import replay
 from tests.conftest import run_cli
 from tests.streaming import (
     create_topics,
@@ -28,12 +25,6 @@ from tests.streaming import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def expected(demo):
-    _, paths = demo
-    return replay([load_profile(paths["profile"])], load_thresholds(),
-                  inference_log=paths["inference.jsonl"], training_stats=paths["stats"],
-                  deadletter=None)
 
 
 def ship(broker, lines: list[bytes], log, checkpoint) -> None:

@@ -18,12 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from detectors.config import load_thresholds
 from streams.app import DEAD_LETTER_VALUE_MAX
 from streams.broker import EmbeddedBroker
-from streams.files import load_profile
 from streams.records import MAX_RECORD_BYTES, dead_letter_id
-from streams.replay import replay
 from streams.tail import partition_of
 from tests.conftest import ROOT
 from tests.streaming import PARTITIONS, create_topics, read_topic, start_worker, stop
@@ -195,12 +192,6 @@ def headers_of(record) -> dict[str, bytes]:
     return dict(record.headers or [])
 
 
-@pytest.fixture(scope="module")
-def expected(demo):
-    _, paths = demo
-    return replay([load_profile(paths["profile"])], load_thresholds(),
-                  inference_log=paths["inference.jsonl"], training_stats=paths["stats"],
-                  deadletter=None)
 
 
 def test_every_bad_shape_is_dead_lettered_and_good_records_alert_as_replay(demo, expected,

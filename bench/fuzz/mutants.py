@@ -67,6 +67,23 @@ def _with(event: dict, name: str, value_json: str) -> bytes:
     return text[:-1] + f', "{name}": {value_json}}}'.encode()
 
 
+BYTE_KINDS = ("flip", "truncate", "utf8")
+
+
+def byte_mutant(raw: bytes, kind: str, rng: random.Random) -> Mutant:
+    """A mutant made on the bytes: a flipped bit, a cut, invalid UTF-8 put in."""
+    if kind == "flip":
+        i = rng.randrange(len(raw))
+        flipped = raw[i] ^ (1 << rng.randrange(8))
+        if flipped == 0x0A:  # a new line would split the record in a file
+            flipped = raw[i] ^ 0x80
+        return Mutant(raw[:i] + bytes([flipped]) + raw[i + 1:], kind, False)
+    if kind == "truncate":
+        return Mutant(raw[:rng.randrange(1, len(raw))], kind, True)
+    i = rng.randrange(len(raw) + 1)
+    return Mutant(raw[:i] + rng.choice(INVALID_UTF8) + raw[i:], kind, True)
+
+
 def mutate(event: dict, rng: random.Random, *, rare: bool = False,
            raw: bytes | None = None) -> Mutant:
     """One mutant of a (renamed) event (``raw``: its JSON, if at hand); ``rare``: a
@@ -79,17 +96,8 @@ def mutate(event: dict, rng: random.Random, *, rare: bool = False,
         return Mutant(_with(event, "x", "[" * 100_000 + "]" * 100_000), "deep", True)
     kind = rng.choice(("flip", "flip", "flip", "truncate", "utf8", "huge", "null",
                        "wrong_type", "deep", "top_level", "huge_finite", "optional_null"))
-    if kind == "flip":
-        i = rng.randrange(len(raw))
-        flipped = raw[i] ^ (1 << rng.randrange(8))
-        if flipped == 0x0A:  # a new line would split the record in a file
-            flipped = raw[i] ^ 0x80
-        return Mutant(raw[:i] + bytes([flipped]) + raw[i + 1:], kind, False)
-    if kind == "truncate":
-        return Mutant(raw[:rng.randrange(1, len(raw))], kind, True)
-    if kind == "utf8":
-        i = rng.randrange(len(raw) + 1)
-        return Mutant(raw[:i] + rng.choice(INVALID_UTF8) + raw[i:], kind, True)
+    if kind in BYTE_KINDS:
+        return byte_mutant(raw, kind, rng)
     if kind == "huge":
         number = rng.choice(HUGE)
         where = rng.choice(("features", "prediction", "ts", "latency_ms", "probabilities"))
@@ -185,17 +193,8 @@ def mutate_stats(event: dict, rng: random.Random) -> Mutant:
     raw = msgspec.json.encode(event)
     kind = rng.choice(("flip", "flip", "truncate", "utf8", "wrong_type", "null", "deep",
                        "utf8_key"))
-    if kind == "flip":
-        i = rng.randrange(len(raw))
-        flipped = raw[i] ^ (1 << rng.randrange(8))
-        if flipped == 0x0A:
-            flipped = raw[i] ^ 0x80
-        return Mutant(raw[:i] + bytes([flipped]) + raw[i + 1:], kind, False)
-    if kind == "truncate":
-        return Mutant(raw[:rng.randrange(1, len(raw))], kind, True)
-    if kind == "utf8":
-        i = rng.randrange(len(raw) + 1)
-        return Mutant(raw[:i] + rng.choice(INVALID_UTF8) + raw[i:], kind, True)
+    if kind in BYTE_KINDS:
+        return byte_mutant(raw, kind, rng)
     if kind == "utf8_key":
         return Mutant(raw[:-1] + b', "x\xff": 1}', kind, True)
     if kind == "wrong_type":
