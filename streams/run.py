@@ -38,7 +38,7 @@ from pathlib import Path
 
 from streams.alerts import alert_line
 from streams.broker import EmbeddedBroker
-from streams.settings import COMMAND_SETTINGS, Settings, settings_argv
+from streams.settings import COMMAND_SETTINGS, Settings, settings_argv, settings_env
 from streams.tabular import UserError
 
 PARTITIONS = 8
@@ -197,14 +197,21 @@ def run(settings: Settings, log: Path | None, checked: Checked | None = None) ->
         state_flag = ["--state-dir", str(state)]
         worker_argv = [*base, "worker", "--broker", url, *_child_settings(settings, "worker"),
                        *state_flag]
-        children = [subprocess.Popen(worker_argv, stdout=children_log, stderr=children_log)]
+        children = [subprocess.Popen(worker_argv, stdout=children_log, stderr=children_log,
+                                     env=_child_env(settings, "worker"))]
         stack.callback(_stop_children, children)
         if log is not None:
             children.append(subprocess.Popen(
                 [*base, "tail", str(log), "--broker", url, *_child_settings(settings, "tail"),
-                 *state_flag], stdout=children_log, stderr=children_log))
+                 *state_flag], stdout=children_log, stderr=children_log,
+                env=_child_env(settings, "tail")))
         _print_alerts(watch, children, log_path=log_path)
     return 0
+
+
+def _child_env(settings: Settings, command: str) -> dict[str, str]:
+    """This process's environment plus the child's secret settings (never in its argv)."""
+    return {**os.environ, **settings_env(settings, COMMAND_SETTINGS[command])}
 
 
 def _child_settings(settings: Settings, command: str) -> list[str]:
@@ -434,11 +441,12 @@ def run_demo(settings: Settings) -> int:
         worker_settings = _drop_flags(worker_settings, ("--profiles",))
         children = [subprocess.Popen([*base, "worker", *common, *worker_settings,
                                       "--profiles", str(folder / "profiles")],
-                                     stdout=children_log, stderr=children_log)]
+                                     stdout=children_log, stderr=children_log,
+                                     env=_child_env(settings, "worker"))]
         stack.callback(_stop_children, children)
         subprocess.run([*base, "tail", str(paths["inference.jsonl"]), "--once", *common,
                         *_child_settings(settings, "tail")], check=True,
-                       stdout=children_log, stderr=children_log)
+                       stdout=children_log, stderr=children_log, env=_child_env(settings, "tail"))
         producer = KafkaProducer(bootstrap_servers=address, acks="all")
         for line in paths["stats"].read_bytes().splitlines():
             producer.send(settings.topic_stats, key=json.loads(line)["dataset"].encode(), value=line)

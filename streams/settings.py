@@ -163,11 +163,28 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     return settings
 
 
+#: Settings a child process gets through its environment, never its argv (``ps`` shows argv).
+SECRET_SETTINGS = frozenset({"sasl_password"})
+
+
 def settings_argv(settings: Settings, names: Iterable[str]) -> list[str]:
-    """The flags that give a child command these settings' values (unset ones left out)."""
+    """The flags that give a child command these settings' values (unset ones and
+    secrets left out: see :func:`settings_env`)."""
     argv = []
     for name in names:
         value = getattr(settings, name)
-        if value is not None:
+        if value is not None and name not in SECRET_SETTINGS:
             argv += ["--" + name.replace("_", "-"), str(value)]
     return argv
+
+
+def settings_env(settings: Settings, names: Iterable[str]) -> dict[str, str]:
+    """The environment variables that give a child command these settings' secrets.
+
+    >>> from dataclasses import fields
+    >>> s = Settings(**{f.name: None for f in fields(Settings)} | {"sasl_password": "pw"})
+    >>> settings_env(s, ["sasl_password", "broker"]), settings_argv(s, ["sasl_password"])
+    ({'MODELWATCH_SASL_PASSWORD': 'pw'}, [])
+    """
+    return {PREFIX + name.upper(): str(getattr(settings, name)) for name in names
+            if name in SECRET_SETTINGS and getattr(settings, name) is not None}

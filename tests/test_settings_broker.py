@@ -116,3 +116,19 @@ def test_stats_kafka_without_a_broker_is_one_clear_error(tmp_path):
                    "--batch-id", "b", "--kafka", tmp_path / "b.csv")
     assert done.returncode == 2 and "--kafka needs --broker" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_run_gives_children_their_sasl_password_in_the_environment_not_the_argv():
+    from dataclasses import fields
+
+    from streams.run import _child_env, _child_settings
+    from streams.settings import Settings
+
+    values = {f.name: None for f in fields(Settings)}
+    settings = Settings(**values | {"sasl_mechanism": "PLAIN", "sasl_username": "mw",
+                                    "sasl_password": "s3cret"})
+    for command in ("worker", "tail"):
+        argv = _child_settings(settings, command)
+        assert "s3cret" not in argv and "--sasl-password" not in argv
+        assert "--sasl-username" in argv  # not a secret: still a flag
+        assert _child_env(settings, command)["MODELWATCH_SASL_PASSWORD"] == "s3cret"
