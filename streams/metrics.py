@@ -50,6 +50,8 @@ DETECTORS = ("extraction", "adversarial", "poisoning")
 # The rules the detectors can fire, from their registry. Anything else is counted as
 # "other" so a bug cannot blow up the labels.
 RULES = tuple(RULE_REGISTRY)
+#: Distinct model (or dataset) names labelled before new ones count as "other".
+MAX_MODEL_LABELS = 64
 SEVERITIES = tuple(band.name for band in SEVERITY_BANDS)
 TRACKED_KINDS = ("client", "source")
 # Event fields of the contract: an invalid-record reason is labelled by its field.
@@ -176,6 +178,7 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, version: str | None = None):
         self.registry = r = registry if registry is not None else CollectorRegistry()
+        self._models: set[str] = set()  # model label values in use (bounded)
         self._consumed = Counter(
             "modelwatch_records_consumed_total",
             "Valid events judged: inference events per model, training-stats batches per dataset "
@@ -235,7 +238,22 @@ class WorkerMetrics:
 
     # --- what the worker calls ---------------------------------------------------
     def consumed(self, topic: str, model: str, n: int = 1) -> None:
-        """``n`` valid events of ``model`` (or batches of a dataset) judged from ``topic``."""
+        """``n`` valid events of ``model`` (or batches of a dataset) judged from ``topic``.
+
+        Model names come from producers: after ``MAX_MODEL_LABELS`` distinct ones, new
+        names count as ``other``, so a client minting names cannot grow the series.
+
+        >>> m = WorkerMetrics()
+        >>> for i in range(MAX_MODEL_LABELS + 5):
+        ...     m.consumed("inference-logs", f"minted-{i}")
+        >>> m.value("modelwatch_records_consumed_total", topic="inference-logs", model="other")
+        5.0
+        """
+        if model not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                model = "other"
+            else:
+                self._models.add(model)
         self._consumed.labels(topic, model).inc(n)
 
     def kafka_records(self, topic: str, n: int = 1) -> None:
