@@ -86,6 +86,8 @@ def reason_label(text: str) -> str:
     'features'
     >>> reason_label("JSON is malformed: invalid character (byte 0)")
     'json'
+    >>> reason_label("JSON is nested over 256 levels deep")
+    'json'
     >>> reason_label("record is 2000000 bytes, over the 1 MiB limit")
     'size'
     >>> reason_label("Expected object | array, got str")
@@ -101,7 +103,8 @@ def reason_label(text: str) -> str:
     head = text.split(":", 1)[0].split(".", 1)[0].strip()
     if head in FIELDS:
         return head
-    if text.startswith(("JSON is malformed", "not JSON", "Input data was truncated")):
+    if text.startswith(("JSON is malformed", "not JSON", "Input data was truncated",
+                        "JSON is nested")):
         return "json"
     if text.startswith("record is ") and "limit" in text:
         return "size"
