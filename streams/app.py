@@ -276,6 +276,13 @@ def dead_letter_record(topic: str, partition: int, offset: int, element: int | N
     return key, value, headers
 
 
+async def _halt() -> None:
+    """Wait, judging nothing, until the crash stops the worker. An agent that returned
+    would be restarted and take its next batch, and taking a batch acknowledges the
+    one before: the failed one, whose offsets Faust could then commit."""
+    await asyncio.Event().wait()
+
+
 def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
               partitions: dict[str, int], metrics: WorkerMetrics | None = None,
               outboxes: list[Outbox] = ()) -> faust.App:
@@ -452,7 +459,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             started = time.perf_counter()
             async with lock:
                 if failed:
-                    return
+                    await _halt()
                 try:
                     by_partition: dict[int, list] = {}
                     for event in hold(batch):
@@ -468,7 +475,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                     await publish(alerts)
                 except Exception as exc:
                     await fail("judge_inference", exc)
-                    return
+                    await _halt()
             observe(settings.topic_inference, batch, started)
 
     def judge_partitions(by_partition: dict[int, list]) -> tuple[list, list]:
@@ -505,7 +512,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             started = time.perf_counter()
             async with lock:
                 if failed:
-                    return
+                    await _halt()
                 try:
                     for event in hold(batch):
                         partition, offset = event.message.partition, event.message.offset
@@ -522,7 +529,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                         await publish(pipeline.process_stats(record, ts))
                 except Exception as exc:
                     await fail("judge_stats", exc)
-                    return
+                    await _halt()
             observe(settings.topic_stats, batch, started)
 
     @app.timer(TICK_S)

@@ -51,7 +51,7 @@ def state_mismatch(broker, pipeline) -> str | None:
     return None
 
 
-def wait_for_state(broker, pipeline, timeout_s: float = 120.0) -> str | None:
+def wait_for_state(broker, pipeline, timeout_s: float = 300.0) -> str | None:
     """Poll the changelogs until the stored state equals replay's (None) or time runs out."""
     deadline = time.monotonic() + timeout_s
     while (mismatch := state_mismatch(broker, pipeline)) and time.monotonic() < deadline:
