@@ -213,7 +213,9 @@ def add_forward_parser(subparsers) -> None:
     start.add_argument("--from-offset", type=int, metavar="N",
                        help="start at offset N of every partition (default: the beginning)")
     start.add_argument("--from-time", metavar="RFC3339",
-                       help="start at the alerts published at or after this time")
+                       help="start at the alerts the broker received at or after this time "
+                            "(the Kafka record's timestamp, not the alert's @timestamp, which is "
+                            "the event time of its trigger)")
     p.add_argument("--to-end", action="store_true",
                    help="stop at the end of every partition (default: keep following)")
     add_arguments(p)
