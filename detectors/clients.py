@@ -234,7 +234,8 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     nearest_d = D[np.arange(m), nearest]
     has_nearest = np.isfinite(nearest_d) & ~repeat
     # A re-sent entity: very close, or the same record with a few fields changed.
-    moved = np.abs(Q - R[nearest])
+    diff = Q - R[nearest]  # each query minus its nearest earlier distinct query
+    moved = np.abs(diff)
     changed = moved > 1e-6
     sparse = has_nearest & (changed.mean(1) <= NEAR_REPEAT_CHANGED)
     if precision is not None:  # every changed field moved by more than rounding would
@@ -255,7 +256,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     mixed = ((R_label[idx] != labels[:, None]) & np.isfinite(near_d)).any(1)
     step = np.zeros(m, dtype=bool)
     if unit is not None and has_nearest.any():
-        step[has_nearest] = sign_steps(Q[has_nearest] - R[nearest[has_nearest]], unit)
+        step[has_nearest] = sign_steps(diff[has_nearest], unit)
 
     keep = min(size, h + m)
     state.window[:keep] = R[h + m - keep:]
@@ -302,17 +303,12 @@ class Population:
         >>> pop.baseline("ood", 0.75, 20)
         0.02
         """
-        hist = self.rate_hist[RATES.index(rate)]
-        total = int(hist.sum())
-        if total < min_clients:
-            return None
-        return float(np.searchsorted(np.cumsum(hist), quantile * total)) / (RATE_BINS - 1)
+        bin_ = hist_quantile(self.rate_hist[RATES.index(rate)], quantile, min_clients)
+        return None if bin_ is None else bin_ / (RATE_BINS - 1)
 
     def volume_quantile(self, q: float) -> float | None:
-        total = self.volume_hist.sum()
-        if total < 20:
-            return None
-        return float(2.0 ** np.searchsorted(np.cumsum(self.volume_hist), q * total))
+        bin_ = hist_quantile(self.volume_hist, q, 20)
+        return None if bin_ is None else float(2.0 ** bin_)
 
     def class_entropy(self) -> float:
         return entropy(self.class_counts)
@@ -350,6 +346,15 @@ class Population:
             if client_id not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
                 entry["ids"].append(client_id)
         entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + counts]
+
+
+def hist_quantile(hist: np.ndarray, q: float, min_count: int) -> int | None:
+    """The bin holding the ``q`` quantile of a histogram of clients, or None while it
+    counts fewer than ``min_count``."""
+    total = int(hist.sum())
+    if total < min_count:
+        return None
+    return int(np.searchsorted(np.cumsum(hist), q * total))
 
 
 def entropy(counts: np.ndarray) -> float:

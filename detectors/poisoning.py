@@ -78,6 +78,15 @@ def _within_precision(profile: Profile) -> np.ndarray:
     return cached
 
 
+@dataclass
+class _Call:
+    """One update's own values, handed to its rules (never kept on the detector)."""
+
+    key: str
+    events_seen: int
+    trace: dict  # rule -> (score, threshold)
+
+
 class PoisoningDetector:
     def __init__(self, thresholds):
         self.cfg = thresholds.section("poisoning")
@@ -85,23 +94,24 @@ class PoisoningDetector:
     def new_state(self) -> SourceState:
         return SourceState()
 
-    def update(self, key: str, state: SourceState, batch: BatchStats,
-               profile: Profile, dataset_batches: int | None = None) -> list[Verdict]:
+    def update(self, key: str, state: SourceState, batch: BatchStats, profile: Profile,
+               dataset_batches: int | None = None, trace: dict | None = None) -> list[Verdict]:
         """Judge one batch of ``key`` (a dataset and source). ``dataset_batches`` is the
         dataset's batch count with this one (all sources), reported as ``events_seen``;
-        without it, this source's count is."""
+        without it, this source's count is. ``trace``, if given, receives each rule's
+        (score, threshold)."""
         cfg = self.cfg
-        self._seen = state.batches + 1 if dataset_batches is None else dataset_batches
-        self.trace: dict[str, tuple[float, float]] = {}  # rule -> (score, threshold), this batch
+        call = _Call(key, state.batches + 1 if dataset_batches is None else dataset_batches,
+                     {} if trace is None else trace)
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
-        flip, flip_z = self._label_flip(key, state, batch, profile)
+        flip, flip_z = self._label_flip(call, state, batch, profile)
         verdicts = [v for v in (
             flip,
-            self._trigger_spike(key, state, batch, profile),
-            self._out_of_bounds(key, state, batch, profile),
-            self._duplicates(key, state, batch, profile),
+            self._trigger_spike(call, state, batch, profile),
+            self._out_of_bounds(call, state, batch, profile),
+            self._duplicates(call, state, batch, profile),
         ) if v is not None]
         state.batches += 1
         if not verdicts:
@@ -110,15 +120,16 @@ class PoisoningDetector:
                               learn_classes=flip_z < self.cfg["flip_z"] / 2)
         return verdicts
 
-    def _verdict(self, key, state, rule, score, threshold, description, evidence) -> Verdict:
+    @staticmethod
+    def _verdict(call, rule, score, threshold, description, evidence) -> Verdict:
         return Verdict(
-            detector="poisoning", rule=f"poisoning.{rule}", key=key, score=float(score),
-            threshold=float(threshold), events_seen=self._seen, trigger=0,
+            detector="poisoning", rule=f"poisoning.{rule}", key=call.key, score=float(score),
+            threshold=float(threshold), events_seen=call.events_seen, trigger=0,
             techniques=RULES[f"poisoning.{rule}"].techniques, description=description,
             evidence=evidence,
         )
 
-    def _label_flip(self, key, state, batch, profile) -> tuple[Verdict | None, float]:
+    def _label_flip(self, call, state, batch, profile) -> tuple[Verdict | None, float]:
         """The flip verdict if any, and the strongest flip z seen (0 when untestable)."""
         scale = profile.scale
         # Reference: recent clean batches of this source once there are a few (their
@@ -166,17 +177,17 @@ class PoisoningDetector:
                 if widening >= 0.5 * expected:
                     best = (z, f, a, b, widening / expected if expected > 0 else 0.0)
         z, f, a, b, widening = best
-        self.trace["poisoning.label_flip"] = (z, self.cfg["flip_z"])
+        call.trace["poisoning.label_flip"] = (z, self.cfg["flip_z"])
         if z < self.cfg["flip_z"] or f < 0.03:
             return None, z
         return self._verdict(
-            key, state, "label_flip", z, self.cfg["flip_z"],
+            call, "label_flip", z, self.cfg["flip_z"],
             f"rows labelled {profile.classes[a]} look like class {profile.classes[b]}: labels flipped",
             {"class": profile.classes[a], "looks_like": profile.classes[b],
              "estimated_flipped_share": round(f, 3), "z": round(z, 2),
              "variance_widening_ratio": round(widening, 2), "reference": reference}), z
 
-    def _trigger_spike(self, key, state, batch, profile) -> Verdict | None:
+    def _trigger_spike(self, call, state, batch, profile) -> Verdict | None:
         if batch.hist is None:
             return None
         cfg = self.cfg
@@ -193,7 +204,7 @@ class PoisoningDetector:
         ratio = share / ref_share
         surprise = rate_surprise(counts, totals, np.minimum(ref_share * 3, 0.99))
         hits = (ratio >= cfg["spike_ratio"]) & (share >= cfg["spike_min_share"]) & (surprise >= 7)
-        self.trace["poisoning.trigger_spike"] = (
+        call.trace["poisoning.trigger_spike"] = (
             float(np.max(np.where(share >= cfg["spike_min_share"], ratio, 0), initial=0)),
             cfg["spike_ratio"])
         if not hits.any():
@@ -201,23 +212,23 @@ class PoisoningDetector:
         worst = int(np.argmax(np.where(hits, ratio, 0)))
         feature = profile.feature_names[owner[worst]]
         return self._verdict(
-            key, state, "trigger_spike", ratio[worst], cfg["spike_ratio"],
+            call, "trigger_spike", ratio[worst], cfg["spike_ratio"],
             f"feature {feature} piles up in a value range that is rare in clean data (backdoor trigger?)",
             {"feature": feature, "bin_share": round(float(share[worst]), 4),
              "reference_share": round(float(ref_share[worst]), 5),
              "features_with_spikes": int(len(np.unique(owner[hits])))})
 
-    def _out_of_bounds(self, key, state, batch, profile) -> Verdict | None:
+    def _out_of_bounds(self, call, state, batch, profile) -> Verdict | None:
         """Values beyond the bounds: far beyond them (injected outliers), or piled
         up just beyond one feature's edge (a trigger value outside clean data)."""
         cfg = self.cfg
         far = np.nan_to_num(batch.far)
         far_share = float(far.sum()) / max(batch.n, 1)
-        self.trace["poisoning.out_of_bounds"] = (far_share, cfg["out_of_bounds_share"])
+        call.trace["poisoning.out_of_bounds"] = (far_share, cfg["out_of_bounds_share"])
         if far_share >= cfg["out_of_bounds_share"]:
             j = int(np.argmax(far))
             return self._verdict(
-                key, state, "out_of_bounds", far_share, cfg["out_of_bounds_share"],
+                call, "out_of_bounds", far_share, cfg["out_of_bounds_share"],
                 f"{int(far.sum())} values lie far beyond the training range "
                 f"({int(far[j])} in feature {profile.feature_names[j]}): injected outliers",
                 {"values_far_beyond": int(far.sum()), "per_row": round(far_share, 4),
@@ -233,23 +244,23 @@ class PoisoningDetector:
             return None
         j = int(np.argmax(np.where(hits, share, 0)))
         return self._verdict(
-            key, state, "out_of_bounds", share[j], cfg["spike_min_share"],
+            call, "out_of_bounds", share[j], cfg["spike_min_share"],
             f"{share[j]:.1%} of feature {profile.feature_names[j]}'s values lie beyond the training "
             "bounds (a trigger or outlier value)",
             {"feature": profile.feature_names[j], "beyond_share": round(float(share[j]), 4),
              "expected_share": round(float(expected[j]), 5), "features_beyond": int(hits.sum())})
 
-    def _duplicates(self, key, state, batch, profile) -> Verdict | None:
+    def _duplicates(self, call, state, batch, profile) -> Verdict | None:
         if batch.duplicates is None:
             return None
         share = batch.duplicates / batch.n
         expected = max(profile.duplicate_rate, state.duplicate_share)
         limit = expected + self.cfg["duplicate_share"]
-        self.trace["poisoning.duplicates"] = (share, limit)
+        call.trace["poisoning.duplicates"] = (share, limit)
         if share < limit:
             return None
         return self._verdict(
-            key, state, "duplicates", share, limit,
+            call, "duplicates", share, limit,
             f"{share:.0%} of the batch's rows are duplicates",
             {"duplicate_share": round(share, 4), "expected_share": round(expected, 4)})
 

@@ -37,6 +37,8 @@ NOISE_STEPS = 1.5
 #: Simulated honest PRADA tests needed before delta is placed from them (else PRADA is off).
 PRADA_MIN_TESTS = 100
 PRADA_MIN_ROWS = 500
+#: Calibrated W quantiles that switch PRADA off: no W falls below a delta of 0.
+PRADA_OFF = {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
 #: Small training sets: an unestimable crowding quantile is this share of the lowest estimable one.
 SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
@@ -307,7 +309,7 @@ def honest_prada_w(Z: np.ndarray, labels: np.ndarray, n_classes: int,
         if len(ends):
             values.extend(shapiro_w_windows(dist, ends, 300).tolist())
     if len(values) < PRADA_MIN_TESTS:  # too few honest tests to place delta
-        return {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
+        return dict(PRADA_OFF)
     return {str(q): float(np.quantile(values, q)) for q in (0.001, 0.01, 0.5)}
 
 
@@ -388,20 +390,20 @@ def build_profile(
                      "population's crowding rate once enough clients were seen")
 
     Z = (X - mean) / scale
-    prada_w = honest_prada_w(Z, label_idx, len(classes), rng)
+    prada_off = ("PRADA is off for this model (uniform and Jacobian extraction are still "
+                 "judged by the off-distribution and gradient-step rules)")
     if len(X) < PRADA_MIN_ROWS:
         # Honest clients of a small data set re-ask its few records, re-measured: their
         # distance distributions are bimodal, and PRADA's normality test flags them.
-        prada_w = {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
+        prada_w = dict(PRADA_OFF)
         notes.append(f"extraction.prada: {len(X)} rows are too few (needs {PRADA_MIN_ROWS}): honest "
                      "clients re-ask the same few records, which PRADA's normality test cannot "
-                     "tell from extraction; PRADA is off for this model (uniform and Jacobian "
-                     "extraction are still judged by the off-distribution and gradient-step rules)")
-    elif prada_w["0.001"] <= 0:
-        notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
-                     f"{PRADA_MIN_TESTS} honest tests its delta needs; PRADA is off "
-                     "for this model (uniform and Jacobian extraction are still judged by the "
-                     "off-distribution and gradient-step rules)")
+                     f"tell from extraction; {prada_off}")
+    else:
+        prada_w = honest_prada_w(Z, label_idx, len(classes), rng)
+        if prada_w == PRADA_OFF:
+            notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
+                         f"{PRADA_MIN_TESTS} honest tests its delta needs; {prada_off}")
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(

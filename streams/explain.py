@@ -31,13 +31,11 @@ class RuleScores:
     at_ts: float = float("nan")
     reached: int = 0             # events whose score reached the threshold
 
-    def add(self, score: np.ndarray, threshold, ids: list[str], ts: np.ndarray) -> None:
-        score = np.asarray(score, dtype=np.float64)
-        threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), score.shape)
+    def add(self, score: np.ndarray, threshold: np.ndarray, ratio: np.ndarray,
+            ids: list[str], ts: np.ndarray) -> None:
         known = np.isfinite(score)
         if not known.any():
             return
-        ratio = np.where(known, score / np.where(threshold > 0, threshold, np.inf), -np.inf)
         i = int(np.argmax(np.where(known, score, -np.inf)))
         self.scored += int(known.sum())
         self.reached += int((known & (score >= threshold)).sum())
@@ -61,30 +59,31 @@ class Scores:
     def query(self, model: str, client: str, candidates, request_ids: list[str],
               ts: np.ndarray) -> None:
         key = f"{model}/{client}"
-        closest = self.closest.setdefault(key, {})
         wanted = self._wanted(client, key)
         for c in candidates:
-            score = np.asarray(c.score, dtype=np.float64)
-            threshold = np.broadcast_to(np.asarray(c.threshold, dtype=np.float64), score.shape)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(threshold > 0, score / threshold, 0.0)
-            ratio = ratio[np.isfinite(ratio)]
-            if len(ratio):
-                closest[c.rule] = max(closest.get(c.rule, 0.0), float(ratio.max()))
-            if wanted is not None:
-                self.detail.setdefault(key, {}).setdefault(c.rule, RuleScores(c.rule)).add(
-                    score, threshold, request_ids, ts)
+            self._record(key, c.rule, c.score, c.threshold, request_ids, ts, wanted)
 
     def batch(self, dataset: str, source: str, batch_id: str, trace: dict, ts: float) -> None:
         key = f"{dataset}/{source}"
-        closest = self.closest.setdefault(key, {})
         wanted = self._wanted(dataset, key, batch_id)
         for rule, (score, threshold) in trace.items():
-            if threshold > 0 and np.isfinite(score):
-                closest[rule] = max(closest.get(rule, 0.0), float(score) / threshold)
-            if wanted is not None:
-                self.detail.setdefault(key, {}).setdefault(rule, RuleScores(rule)).add(
-                    np.array([score]), threshold, [batch_id], np.array([ts]))
+            self._record(key, rule, [score], threshold, [batch_id], np.array([ts]), wanted)
+
+    def _record(self, key: str, rule: str, score, threshold, ids: list[str], ts: np.ndarray,
+                wanted: str | None) -> None:
+        """One rule's scores at some events of ``key``: its closest approach, and the
+        detail if the key is explained."""
+        score = np.asarray(score, dtype=np.float64)
+        threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), score.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(threshold > 0, score / threshold, 0.0)
+        ratio = np.where(np.isfinite(ratio), ratio, -np.inf)
+        closest = self.closest.setdefault(key, {})
+        if np.isfinite(ratio).any():
+            closest[rule] = max(closest.get(rule, 0.0), float(ratio.max()))
+        if wanted is not None:
+            self.detail.setdefault(key, {}).setdefault(rule, RuleScores(rule)).add(
+                score, threshold, ratio, ids, ts)
 
     def near_misses(self, alerted: set[str], limit: int = 50) -> list[dict]:
         """Keys that never alerted whose closest rule reached ``NEAR_MISS`` of its threshold,

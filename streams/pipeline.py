@@ -10,6 +10,7 @@ in event-time order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import MutableMapping
@@ -71,8 +72,9 @@ class Pipeline:
         self.populations: dict[str, Population] = {}  # the merged snapshot rules read
         self.epoch_s = thresholds.section("population")["epoch_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
-        self._tolerance = thresholds.section("adversarial")["bounds_tolerance"]
-        self._featurizers = {m: Featurizer(p, self._tolerance) for m, p in self.profiles.items()}
+        tolerance = thresholds.section("adversarial")["bounds_tolerance"]
+        self._featurizers = {m: Featurizer(p, tolerance) for m, p in self.profiles.items()}
+        self._unprofiled = Featurizer(None, tolerance)
         self.counters = Counters()
         self.scores = scores  # rule scores per key, for replay --explain and near misses
         self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
@@ -215,9 +217,13 @@ class Pipeline:
         width = profile.n_features if profile else (
             self._unprofiled_width.get(model)
             or next((len(e.features) for e in events if e.features is not None), 0))
-        if has_features.all() and all(len(e.features) == width for e in events):
-            X = np.array([e.features for e in events], dtype=np.float64).reshape(m, width)
-        else:
+        X = None
+        if has_features.all():  # screened events have their model's width: one conversion
+            with contextlib.suppress(ValueError):  # ragged rows: an unprofiled width changed
+                X = np.array([e.features for e in events], dtype=np.float64)
+            if X is not None and X.shape != (m, width):
+                X = None
+        if X is None:
             X = np.full((m, width), np.nan)
             for i in np.flatnonzero(has_features):
                 if len(events[i].features) == width:
@@ -229,9 +235,7 @@ class Pipeline:
             seen = self.labels.setdefault(model, {})
             labels = np.fromiter((self._label_code(seen, e.prediction) for e in events),
                                  dtype=np.int64, count=m)
-        featurizer = self._featurizers.get(model)
-        if featurizer is None:
-            featurizer = Featurizer(None, self._tolerance)
+        featurizer = self._featurizers.get(model, self._unprofiled)
         return featurizer.columns(X, (e.prediction for e in events),
                                   [e.probabilities for e in events], has_features, ts, labels)
 
@@ -294,10 +298,11 @@ class Pipeline:
         total = self.sources.get(total_key) or self.poisoning.new_state()
         total.batches += 1
         self.sources[total_key] = total
+        trace = {} if self.scores is not None else None
         verdicts = self.poisoning.update(key, state, batch_stats(event, profile), profile,
-                                         dataset_batches=total.batches)
-        if self.scores is not None:
-            self.scores.batch(event.dataset, event.source, event.batch_id, self.poisoning.trace, ts)
+                                         dataset_batches=total.batches, trace=trace)
+        if trace is not None:
+            self.scores.batch(event.dataset, event.source, event.batch_id, trace, ts)
         alerts = [
             build_alert(v, trigger_ts=ts, dataset=event.dataset, batch_id=event.batch_id,
                         source=event.source)

@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ import yaml
 
 from streams.cli import build_parser, tail_checkpoint
 from streams.settings import SETTINGS, resolve
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_tool
 
 RAW = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DASHBOARDS = ROOT / "dashboards"
@@ -269,12 +268,7 @@ def test_prometheus_loads_the_rules_file_it_is_given():
 
 def test_promtool_checks_the_prometheus_config_as_mounted(tmp_path):
     """The scrape config with its DNS discovery, and the rules file at its mounted path."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        message = "promtool not installed (apt-get install -y prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    promtool = need_tool("promtool", package="prometheus")
     config = yaml.safe_load((DASHBOARDS / "prometheus" / "prometheus.yml").read_text())
     config["rule_files"] = [str(DASHBOARDS / "prometheus" / "rules.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))

@@ -12,9 +12,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -35,7 +33,7 @@ from streams.dashboards import build_all
 from streams.dashboards.rules import rules
 from streams.metrics import FIELDS, RULES, WorkerMetrics, reason_label
 from streams.records import decode_inference, decode_stats
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_tool
 from tests.streaming import terminate
 from tests.test_sinks import free_port
 
@@ -46,13 +44,7 @@ GRAFANA_BUILTINS = {"__rate_interval": "15s", "__interval": "15s", "__range": "1
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} not installed (apt-get install -y prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return need_tool(tool, package="prometheus")
 
 
 # --- metrics, no server --------------------------------------------------------------

@@ -22,9 +22,9 @@ from streams.records import (
     schema_of,
     shipped_schema,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED_CONTRACT
 
-CONTRACT = (ROOT.parent / "shared" / "spec" / "contract.md")
+CONTRACT = SHARED_CONTRACT
 
 
 #: The repository's word-for-word copy, up to its own worked example (tests/test_cli.py

@@ -4,9 +4,7 @@ HTML and as rendered by headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from detectors.rules import RULES
 from streams.alerts import SEVERITY_BANDS, severity_band, technique_name, techniques_of
 from streams.demo import prepare
 from streams.report import COLORS, evidence_meaning, write_report
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, need_tool, run_cli
 
 HOSTILE = "<script>alert(1)</script>"
 # Rows as streams.explain.Scores.near_misses returns them (replay passes them in).
@@ -436,12 +434,7 @@ def test_near_misses_from_the_rows_given(run, tmp_path):
 # --- rendered in a real browser -----------------------------------------------------
 
 def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    return found
+    return need_tool("chromium", "chromium-browser", package="chromium")
 
 
 def _headless(browser: str, profile: Path, *args) -> subprocess.CompletedProcess:

@@ -63,6 +63,13 @@ def tail_once(broker, path, checkpoint):
     return done
 
 
+def shipped_ids(broker, want: int, timeout_s: float) -> set[str]:
+    """Request ids of the events tail put on the inference topic (array records opened)."""
+    return {e["request_id"] for r in read_topic(broker, "inference-logs", want=want,
+                                                timeout_s=timeout_s)
+            for e in json.loads(r.value)}
+
+
 def test_ships_batches_to_each_clients_partition_and_dead_letters_bad_lines(broker, tmp_path):
     log = tmp_path / "log.jsonl"
     write(log, events(150) + ["{broken", json.dumps({"ts": 1, "model": "m"})] + events(150, start=150))
@@ -104,8 +111,7 @@ def test_follows_growth_rotation_and_truncation(broker, tmp_path):
         write(log, events(30, start=60))
         time.sleep(1.5)
         write(log, events(10, start=90), mode="w")            # truncated and rewritten
-        ids = {e["request_id"] for r in read_topic(broker, "inference-logs", want=100, timeout_s=15)
-               for e in json.loads(r.value)}
+        ids = shipped_ids(broker, want=100, timeout_s=15)
     finally:
         follower.terminate()
         follower.wait(timeout=10)
@@ -165,8 +171,7 @@ def test_waits_for_a_log_that_is_not_there_yet(broker, tmp_path):
         assert "no such file yet; waiting" in said[-1] and str(log) in said[-1], said
         assert follower.poll() is None
         write(log, events(15))
-        ids = {e["request_id"] for r in read_topic(broker, "inference-logs", want=15, timeout_s=60)
-               for e in json.loads(r.value)}
+        ids = shipped_ids(broker, want=15, timeout_s=60)
     finally:
         follower.terminate()
         follower.wait(timeout=30)
