@@ -105,6 +105,7 @@ RANGES = {
     "adversarial.surprise": (0, None, True),
     "poisoning.min_rows": (1, None, False),
     "poisoning.flip_z": (0, None, True),
+    "poisoning.flip_surprise": (0, None, True),
     "poisoning.spike_ratio": (1, None, True),
     "poisoning.spike_min_share": (0, 1, True),
     "poisoning.out_of_bounds_share": (0, 1, True),

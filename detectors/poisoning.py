@@ -49,6 +49,9 @@ class BatchStats:
     class_mean: np.ndarray       # (classes, features), NaN where absent
     class_std: np.ndarray        # (classes, features), NaN where absent
     duplicates: int | None       # rows repeating an earlier row, if the producer counted them
+    # (classes, classes): rows labelled c that the profile's reference classifier puts in
+    # each class, if the producer counted them
+    reference_classes: np.ndarray | None = None
 
 
 @dataclass
@@ -64,18 +67,9 @@ class SourceState:
     class_n: np.ndarray = field(default=None)     # ... and rows per class
     beyond_share: np.ndarray = field(default=None)  # EMA of per-feature shares beyond the bounds
     duplicate_share: float = 0.0
+    agreement: np.ndarray = field(default=None)   # EMA of clean batches' label_agreement shares
+    agreement_n: np.ndarray = field(default=None)  # ... and rows per class behind them
     last_alert: dict = field(default_factory=dict)
-
-
-def _within_precision(profile: Profile) -> np.ndarray:
-    """Inverse of the pooled within-class covariance, ridged (cached per profile)."""
-    cached = getattr(profile, "_within_precision", None)
-    if cached is None:
-        cov = profile.within_cov
-        ridge = 0.25 * float(np.mean(np.diag(cov))) + 1e-9  # trusts near-constant directions less
-        cached = np.linalg.inv(cov + ridge * np.eye(len(cov)))
-        profile._within_precision = cached
-    return cached
 
 
 @dataclass
@@ -106,7 +100,7 @@ class PoisoningDetector:
         if batch.n < cfg["min_rows"]:
             state.batches += 1
             return []
-        flip, flip_z = self._label_flip(call, state, batch, profile)
+        flip, flip_progress = self._label_flip(call, state, batch, profile)
         verdicts = [v for v in (
             flip,
             self._trigger_spike(call, state, batch, profile),
@@ -117,7 +111,7 @@ class PoisoningDetector:
         if not verdicts:
             # A batch half-way to a flip alert does not teach the clean reference.
             self._learn_clean(state, batch, profile.scale,
-                              learn_classes=flip_z < self.cfg["flip_z"] / 2)
+                              learn_classes=flip_progress < 0.5)
         return verdicts
 
     @staticmethod
@@ -130,7 +124,51 @@ class PoisoningDetector:
         )
 
     def _label_flip(self, call, state, batch, profile) -> tuple[Verdict | None, float]:
-        """The flip verdict if any, and the strongest flip z seen (0 when untestable)."""
+        """The flip verdict if any, and how far the stronger of the two flip tests went
+        toward its threshold (0 when untestable): the class-means test and the
+        reference-classifier test."""
+        cfg = self.cfg
+        tests = [(*self._flip_by_means(state, batch, profile), cfg["flip_z"]),
+                 (*self._flip_by_agreement(state, batch, profile), cfg["flip_surprise"])]
+        score, f, a, b, evidence, threshold = max(tests, key=lambda t: t[0] / t[-1])
+        call.trace["poisoning.label_flip"] = (score, threshold)
+        progress = score / threshold
+        if progress < 1 or f < 0.03:
+            return None, progress
+        return self._verdict(
+            call, "label_flip", score, threshold,
+            f"rows labelled {profile.classes[a]} look like class {profile.classes[b]}: labels flipped",
+            {"class": profile.classes[a], "looks_like": profile.classes[b],
+             "estimated_flipped_share": round(f, 3), **evidence}), progress
+
+    def _flip_by_agreement(self, state, batch, profile) -> tuple:
+        """Rows labelled a that the profile's reference classifier puts in class b, far
+        more often than it did on the training set (cross-validated) and on this
+        source's clean batches: (surprise, excess share, a, b, evidence). The surprise
+        is -log10 of a binomial tail, Bonferroni-corrected over the class pairs."""
+        if batch.reference_classes is None or profile.label_agreement is None:
+            return 0.0, 0.0, -1, -1, {}
+        counts = batch.reference_classes
+        n_classes = len(counts)
+        expected = profile.label_agreement
+        if state.agreement is not None and state.class_batches >= 3:
+            expected = np.maximum(expected, state.agreement)
+        rows = counts.sum(1, keepdims=True)
+        off = ~np.eye(n_classes, dtype=bool) & (rows >= 10)
+        surprise = np.where(off, rate_surprise(counts, np.broadcast_to(rows, counts.shape),
+                                               np.minimum(expected + 0.002, 0.99)), 0.0)
+        a, b = np.unravel_index(int(np.argmax(surprise)), surprise.shape)
+        corrected = float(surprise[a, b]) - np.log10(n_classes * (n_classes - 1))
+        if corrected <= 0:
+            return 0.0, 0.0, -1, -1, {}
+        share = float(counts[a, b] / rows[a, 0])
+        return corrected, share - float(expected[a, b]), int(a), int(b), {
+            "test": "reference_classifier", "rows_labelled": int(rows[a, 0]),
+            "classified_as_other": int(counts[a, b]),
+            "expected_share": round(float(expected[a, b]), 4)}
+
+    def _flip_by_means(self, state, batch, profile) -> tuple:
+        """(z, estimated flipped share, a, b, evidence) from the class-conditional means."""
         scale = profile.scale
         # Reference: recent clean batches of this source once there are a few (their
         # average is many batches deep), else the profile (a finite sample too).
@@ -146,10 +184,10 @@ class PoisoningDetector:
         present = (batch.class_n >= 10) & ~np.isnan(batch.class_mean).any(1)
         idx = np.flatnonzero(present & (profile.class_counts >= 10) & np.isfinite(ref).all(1))
         if len(idx) < 2:
-            return None, 0.0
+            return 0.0, 0.0, -1, -1, {}
         delta = batch.class_mean[idx] / scale - ref[idx]
         batch_var = (batch.class_std[idx] / scale) ** 2
-        precision = _within_precision(profile)
+        precision = profile.within_precision
         best = (0.0, 0.0, -1, -1, 0.0)
         for i, a in enumerate(idx):
             for j, b in enumerate(idx):
@@ -177,15 +215,8 @@ class PoisoningDetector:
                 if widening >= 0.5 * expected:
                     best = (z, f, a, b, widening / expected if expected > 0 else 0.0)
         z, f, a, b, widening = best
-        call.trace["poisoning.label_flip"] = (z, self.cfg["flip_z"])
-        if z < self.cfg["flip_z"] or f < 0.03:
-            return None, z
-        return self._verdict(
-            call, "label_flip", z, self.cfg["flip_z"],
-            f"rows labelled {profile.classes[a]} look like class {profile.classes[b]}: labels flipped",
-            {"class": profile.classes[a], "looks_like": profile.classes[b],
-             "estimated_flipped_share": round(f, 3), "z": round(z, 2),
-             "variance_widening_ratio": round(widening, 2), "reference": reference}), z
+        return z, f, a, b, {"test": "class_means", "z": round(z, 2),
+                            "variance_widening_ratio": round(widening, 2), "reference": reference}
 
     def _trigger_spike(self, call, state, batch, profile) -> Verdict | None:
         if batch.hist is None:
@@ -282,6 +313,18 @@ class PoisoningDetector:
                                     alpha)
         if not learn_classes:
             return
+        if batch.reference_classes is not None:
+            rows = batch.reference_classes.sum(1, keepdims=True)
+            shares = batch.reference_classes / np.maximum(rows, 1.0)
+            if state.agreement is None:
+                state.agreement = np.zeros_like(shares)
+                state.agreement_n = np.zeros(len(shares))
+            # Per class, a running mean of its shares while few rows are behind it, then
+            # an exponential one (a class absent from a batch keeps its history).
+            seen = rows[:, 0] > 0
+            state.agreement_n[seen] += 1
+            weight = np.maximum(1.0 / np.maximum(state.agreement_n, 1), 1.0 / self.cfg["recent_batches"])
+            state.agreement[seen] = _blend(state.agreement[seen], shares[seen], weight[seen, None])
         mean = batch.class_mean / scale
         var = (batch.class_std / scale) ** 2
         state.class_batches += 1

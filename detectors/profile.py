@@ -43,6 +43,9 @@ PRADA_OFF = {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
 SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
 OOD_LEVEL = 0.99
+#: The reference classifier (label-flip test): covariance poolings it picks from, and its ridge.
+CLASSIFIER_POOLINGS = (1.0, 0.5)
+CLASSIFIER_RIDGE = 0.05
 
 
 class ProfileError(ValueError):
@@ -79,6 +82,12 @@ class Profile:
     duplicate_rate: float        # share of training rows that repeat an earlier row
     label_column: str = "y"      # the label's column in training CSVs
     notes: tuple[str, ...] = ()  # rules the training set was too small to calibrate, and their fallback
+    # The reference classifier (see Discriminants) and its label agreement: rows labelled c
+    # (row) that it assigns to each class (column), as shares, cross-validated on the
+    # training set. None in profiles made before them.
+    label_agreement: np.ndarray | None = None
+    classifier_pooling: float = 1.0
+    class_cov: np.ndarray | None = None  # (classes, features, features), scaled; when pooling < 1
 
     @property
     def n_features(self) -> int:
@@ -90,6 +99,8 @@ class Profile:
 
     def __post_init__(self):
         self._class_lookup = {c: i for i, c in enumerate(self.classes)}
+        self._within_precision = None
+        self._discriminants = None
 
     def scaled(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean) / self.scale
@@ -98,6 +109,23 @@ class Profile:
     def step_unit(self) -> np.ndarray:
         """Each feature's training range in scaled units (0 for constant features)."""
         return (self.upper - self.lower) / self.scale
+
+    @property
+    def within_precision(self) -> np.ndarray:
+        """Inverse of the pooled within-class covariance, ridged (computed once)."""
+        if self._within_precision is None:
+            self._within_precision = ridged_inverse(self.within_cov)
+        return self._within_precision
+
+    def reference_classes(self, X: np.ndarray) -> np.ndarray:
+        """The reference classifier's class index for each row of ``X`` (raw units; a
+        missing value counts as the training mean)."""
+        if self._discriminants is None:
+            self._discriminants = Discriminants.fit(
+                self.class_mean / self.scale - self.mean / self.scale, self.class_cov,
+                self.within_cov, self.class_counts, self.classifier_pooling)
+        Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
+        return self._discriminants.classes(Z)
 
     def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
         """OOD score of already scaled rows (see :meth:`scaled`)."""
@@ -141,6 +169,10 @@ class Profile:
                 "sign_step_rate": self.sign_step_rate,
                 "duplicate_rate": self.duplicate_rate,
                 "notes": list(self.notes),
+                **({} if self.label_agreement is None else {
+                    "label_agreement": self.label_agreement.tolist(),
+                    "classifier_pooling": self.classifier_pooling}),
+                **({} if self.class_cov is None else {"class_covariance": self.class_cov.tolist()}),
             },
         }
 
@@ -182,6 +214,11 @@ class Profile:
                 duplicate_rate=float(cal["duplicate_rate"]),
                 label_column=str(doc.get("label_column", "y")),
                 notes=tuple(str(n) for n in cal.get("notes", ())),
+                label_agreement=(np.asarray(cal["label_agreement"], dtype=np.float64)
+                                 if "label_agreement" in cal else None),
+                classifier_pooling=float(cal.get("classifier_pooling", 1.0)),
+                class_cov=(np.asarray(cal["class_covariance"], dtype=np.float64)
+                           if "class_covariance" in cal else None),
             )
         except KeyError as exc:
             raise ProfileError(f"missing field {exc.args[0]!r}") from None
@@ -192,9 +229,91 @@ class Profile:
         if (profile.whitener.shape != (d, d) or profile.within_cov.shape != (d, d)
             or profile.class_mean.shape != (len(classes), d)):
             raise ProfileError("whitener or by_label shapes do not match feature_names")
+        if (profile.label_agreement is not None
+                and profile.label_agreement.shape != (len(classes), len(classes))):
+            raise ProfileError("calibration.label_agreement is not classes x classes")
+        if not 0 < profile.classifier_pooling <= 1 or (
+                profile.classifier_pooling < 1 and (profile.class_cov is None
+                                                    or profile.class_cov.shape != (len(classes), d, d))):
+            raise ProfileError("calibration.classifier_pooling needs a class_covariance per class")
         if any(len(e) != len(h) + 1 for e, h in zip(profile.edges, profile.hist, strict=True)):
             raise ProfileError("a histogram has len(edges) != len(counts) + 1")
         return profile
+
+
+def ridged_inverse(cov: np.ndarray, share: float = 0.25) -> np.ndarray:
+    """Inverse of a covariance with a ridge of ``share`` of its mean variance: trusts
+    near-constant directions less, and keeps small sets' estimates stable."""
+    ridge = share * float(np.mean(np.diag(cov))) + 1e-9
+    return np.linalg.inv(cov + ridge * np.eye(len(cov)))
+
+
+@dataclass(frozen=True)
+class Discriminants:
+    """The reference classifier: Gaussian classes whose covariances are pooled with the
+    within-class one by ``pooling`` (1: linear discriminants, below 1: partly quadratic)."""
+
+    centroids: np.ndarray   # (classes, features), scaled units
+    precisions: np.ndarray  # (classes, features, features)
+    log_dets: np.ndarray
+    log_priors: np.ndarray
+
+    @classmethod
+    def fit(cls, centroids, class_cov, within_cov, counts, pooling: float) -> Discriminants:
+        precisions, log_dets = [], []
+        for own in class_cov if pooling < 1 else [within_cov] * len(centroids):
+            cov = (1 - pooling) * own + pooling * within_cov if pooling < 1 else own
+            cov = cov + (CLASSIFIER_RIDGE * float(np.mean(np.diag(cov))) + 1e-9) * np.eye(len(cov))
+            precisions.append(np.linalg.inv(cov))
+            log_dets.append(np.linalg.slogdet(cov)[1])
+        return cls(np.asarray(centroids), np.array(precisions), np.array(log_dets),
+                   np.log(np.maximum(np.asarray(counts, dtype=np.float64), 1.0)))
+
+    def classes(self, Z: np.ndarray) -> np.ndarray:
+        """Most likely class of each scaled row."""
+        out = np.empty(len(Z), dtype=np.int64)
+        for start in range(0, len(Z), 4096):  # bounded memory: rows x classes x features
+            D = Z[start:start + 4096, None, :] - self.centroids[None]
+            m = np.einsum("nkd,kde,nke->nk", D, self.precisions, D)
+            out[start:start + 4096] = np.argmax(-0.5 * (m + self.log_dets) + self.log_priors, axis=1)
+        return out
+
+
+def _class_moments(Z: np.ndarray, label_idx: np.ndarray, n_classes: int):
+    """Per-class counts, centroids and covariances, and the pooled within-class covariance."""
+    d = Z.shape[1]
+    counts = np.bincount(label_idx, minlength=n_classes).astype(np.float64)
+    centroids = np.zeros((n_classes, d))
+    np.add.at(centroids, label_idx, Z)
+    centroids /= np.maximum(counts, 1.0)[:, None]
+    within = Z - centroids[label_idx]
+    pooled = np.cov(within.T, bias=True).reshape(d, d)
+    class_cov = np.array([np.cov(within[label_idx == c].T, bias=True).reshape(d, d)
+                          if counts[c] > 1 else pooled for c in range(n_classes)])
+    return counts, centroids, class_cov, pooled
+
+
+def reference_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
+                         rng: np.random.Generator, folds: int = 5) -> tuple[float, np.ndarray]:
+    """Pick the reference classifier's pooling by cross-validated balanced accuracy and
+    return it with its cross-validated label agreement: the shares of rows labelled c
+    (row) that it, fitted without them, assigns to each class (column), Laplace-smoothed
+    so that a small training set does not promise zero errors."""
+    fold = rng.permutation(len(Z)) % folds
+    best = (-1.0, 1.0, None)
+    for pooling in CLASSIFIER_POOLINGS:
+        confusion = np.zeros((n_classes, n_classes))
+        for k in range(folds):
+            fit, held = fold != k, fold == k
+            counts, centroids, class_cov, pooled = _class_moments(Z[fit], label_idx[fit], n_classes)
+            model = Discriminants.fit(centroids, class_cov, pooled, counts, pooling)
+            np.add.at(confusion, (label_idx[held], model.classes(Z[held])), 1.0)
+        confusion += 1.0 / n_classes
+        confusion /= confusion.sum(1, keepdims=True)
+        accuracy = float(np.mean(np.diag(confusion)))
+        if accuracy > best[0] + 0.01:  # the simpler, linear one unless clearly worse
+            best = (accuracy, pooling, confusion)
+    return best[1], best[2]
 
 
 def histogram_edges(values: np.ndarray) -> np.ndarray:
@@ -404,6 +523,7 @@ def build_profile(
         if prada_w == PRADA_OFF:
             notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
                          f"{PRADA_MIN_TESTS} honest tests its delta needs; {prada_off}")
+    pooling, agreement = reference_classifier(Z, label_idx, len(classes), rng)
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(
@@ -431,4 +551,7 @@ def build_profile(
         label_column=label_column,
         step=step,
         notes=tuple(notes),
+        label_agreement=agreement,
+        classifier_pooling=pooling,
+        class_cov=_class_moments(Z, label_idx, len(classes))[2] if pooling < 1 else None,
     )

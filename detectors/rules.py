@@ -111,9 +111,13 @@ _RULES = (
           "population.epoch_s", *PRODUCTION)),
     Rule("poisoning.label_flip", "poisoning", POISON,
          "rows of one class look like another class's: labels flipped",
-         "z of the class-mean shift along the Fisher direction between two classes",
-         "against recent clean batches of the source, else the profile",
-         ("poisoning.flip_z", "poisoning.min_rows", "poisoning.recent_batches")),
+         "the stronger of: z of the class-mean shift along the Fisher direction between two "
+         "classes; -log10 tail of rows of one label that the profile's reference classifier "
+         "puts in another class",
+         "against recent clean batches of the source, else the profile (its classifier's "
+         "cross-validated agreement with the labels)",
+         ("poisoning.flip_z", "poisoning.flip_surprise", "poisoning.min_rows",
+          "poisoning.recent_batches")),
     Rule("poisoning.trigger_spike", "poisoning", POISON,
          "a feature piles up in a value range rare in clean data (a backdoor trigger)",
          "bin share over its reference share",

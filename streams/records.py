@@ -95,6 +95,9 @@ class TrainingStatsEvent(Struct, kw_only=True, omit_defaults=True):
     by_label: dict[str, dict[str, ClassMoments]] | None = None
     # Optional addition: rows that repeat an earlier row of the same batch.
     duplicates: Count | None = None
+    # Optional addition: per label, rows that the profile's reference classifier puts in
+    # each class (a flipped label shows as rows of one label classified as another).
+    reference_classes: dict[str, dict[str, Count]] | None = None
 
 
 # --- alerts (ECS 8.x) -------------------------------------------------------------

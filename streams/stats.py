@@ -5,7 +5,9 @@ bin with the reference. Beyond the contract's required fields it writes
 ``by_label`` (class-conditional moments, which show label flips), per-feature
 ``below``/``above`` counts (values outside the histogram edges), ``far`` (values
 beyond the edges by more than their whole span: injected outliers) and
-``duplicates`` (rows that repeat an earlier row of the batch).
+``duplicates`` (rows that repeat an earlier row of the batch) and
+``reference_classes`` (per label, how many rows within the training bounds the
+profile's reference classifier puts in each class).
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
             by_label[str(label)][name] = {k: v for k, v in
                                           {"count": count, "mean": mean, "std": std}.items()
                                           if v is not None}
+    # Which class the profile's reference classifier gives each row, per label: a flipped
+    # label shows as rows of one label that the classifier puts in another class. Rows
+    # beyond the training bounds are left out: the classifier knows nothing there, and
+    # the bounds rules judge them.
+    inside = ((np.isnan(X) | ((X >= profile.lower) & (X <= profile.upper))).all(1))
+    assigned = np.asarray(profile.classes)[profile.reference_classes(X)]
+    reference_classes = {}
+    for label in labels:
+        names, n = np.unique(assigned[inside & (y.astype(str) == label)], return_counts=True)
+        reference_classes[str(label)] = {str(c): int(k) for c, k in zip(names, n, strict=True)}
     with_labels = np.column_stack([np.nan_to_num(X, nan=np.inf), np.unique(y, return_inverse=True)[1]])
     return {
         "ts": format_ts(ts),
@@ -62,6 +74,7 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
         "features": features,
         "labels": {str(label): int(c) for label, c in zip(labels, counts, strict=True)},
         "by_label": by_label,
+        "reference_classes": reference_classes,
         "duplicates": int(round(duplicate_share(with_labels) * len(X))),
     }
 

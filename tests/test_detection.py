@@ -8,6 +8,7 @@ benign population (heavy users, batch jobs, repeaters, a NAT group).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -187,6 +188,18 @@ def test_clear_label_flip_is_caught_and_named(victim, profile):
     flagged = [c[0] for c in caught[6:] if c]
     assert len(flagged) >= 6  # measured power at this flip size: 6 of 8
     assert all(e["class"] == "8" and e["looks_like"] == "3" for e in flagged)
+
+
+def test_reference_classifier_catches_flips_that_class_means_miss(victim, profile):
+    """Flips of 10-30 % of one class: the profile's reference classifier sees rows of one
+    label that it puts in another class; a profile made before it (no label agreement)
+    has only the class-means test."""
+    old = dataclasses.replace(profile, label_agreement=None)
+    with_classifier = batch_alerts(victim, profile, ["label_flip"], seed=3, per_kind=16)
+    means_only = batch_alerts(victim, old, ["label_flip"], seed=3, per_kind=16)
+    assert with_classifier["clean"] == means_only["clean"] == 0.0
+    assert with_classifier["label_flip"] >= means_only["label_flip"] + 3 / 16, (
+        with_classifier, means_only)
 
 
 def test_benign_drift_is_not_poisoning(victim, profile):
