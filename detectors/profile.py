@@ -271,12 +271,11 @@ class Discriminants:
 
     def classes(self, Z: np.ndarray) -> np.ndarray:
         """Most likely class of each scaled row."""
-        out = np.empty(len(Z), dtype=np.int64)
-        for start in range(0, len(Z), 4096):  # bounded memory: rows x classes x features
-            D = Z[start:start + 4096, None, :] - self.centroids[None]
-            m = np.einsum("nkd,kde,nke->nk", D, self.precisions, D)
-            out[start:start + 4096] = np.argmax(-0.5 * (m + self.log_dets) + self.log_priors, axis=1)
-        return out
+        score = np.empty((len(Z), len(self.centroids)))
+        for k, (centroid, precision) in enumerate(zip(self.centroids, self.precisions, strict=True)):
+            D = Z - centroid
+            score[:, k] = np.einsum("ij,ij->i", D @ precision, D)
+        return np.argmax(-0.5 * (score + self.log_dets) + self.log_priors, axis=1)
 
 
 def _class_moments(Z: np.ndarray, label_idx: np.ndarray, n_classes: int):
