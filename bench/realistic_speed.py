@@ -358,6 +358,7 @@ def main() -> None:
         stream_speed.main(["--log", str(log), "--profile", str(profile),
                            "--batch-events", str(EVENTS_PER_RECORD * stream_speed.PARTITIONS),
                            "--rates", "5000,20000", "--latency-modes", "batched",
+                           "--linger-ms", "10",  # as a shipper with a 10 ms linger sends
                            *args.stream_args.split()])
 
     print(f"\nrealistic_speed figures ({time.time() - began:.0f} s in all; command: "

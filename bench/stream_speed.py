@@ -63,6 +63,7 @@ SETTINGS = resolve(argparse.Namespace(), environ={})  # the contract's topic nam
 TOPIC = SETTINGS.topic_inference
 POLL_S = 0.05                  # committed-offset polling interval
 CLK = os.sysconf("SC_CLK_TCK")
+worker_code = ROOT             # the tree the worker runs from (--worker-code)
 
 partition = functools.lru_cache(maxsize=None)(partition_of)  # murmur2 once per client
 
@@ -199,8 +200,9 @@ class Worker:
         self.started = time.time()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker", "--broker", url,
-             "--profiles", str(profiles), "--state-dir", self.state.name, "--metrics-port", "0"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log,
+             "--profiles", str(Path(profiles).resolve()), "--state-dir", self.state.name,
+             "--metrics-port", "0"],
+            cwd=worker_code, env=env, stdout=subprocess.DEVNULL, stderr=self.log,
             start_new_session=True)
 
     def cpu_s(self) -> float:
@@ -432,6 +434,16 @@ def steady_producer(plan: SteadyPlan, log_path: Path, first_line: int, attacks: 
     records = 0  # batched mode: one per partition a flush touches
     total = int(plan.rate * plan.seconds)
     tick_s = 0.002 if plan.mode == "single" else min(plan.linger_s / 2, 0.005)
+
+    def flush():
+        nonlocal pending, n_pending, records
+        for p, events in pending.items():
+            out.send(TOPIC, partition=p,
+                     value=b"[" + b",".join(events) + b"]").add_callback(acked)
+        records += len(pending)
+        ticks.append((seq - n_pending, seq, time.time()))
+        pending, n_pending = {}, 0
+
     while seq - plan.first_seq < total:
         now = time.time()
         due = min(int((now - t0) * plan.rate), total) - (seq - plan.first_seq)
@@ -464,17 +476,13 @@ def steady_producer(plan: SteadyPlan, log_path: Path, first_line: int, attacks: 
                 pending.setdefault(p, []).append(value)
                 n_pending += 1
             seq += 1
+            if n_pending >= plan.batch_events:  # full: records stay small however late we are
+                flush()
         if plan.mode == "single":
             if seq > first:
                 ticks.append((first, seq, time.time()))
-        elif n_pending and (n_pending >= plan.batch_events or now - oldest >= plan.linger_s
-                            or seq - plan.first_seq >= total):
-            for p, events in pending.items():
-                out.send(TOPIC, partition=p,
-                         value=b"[" + b",".join(events) + b"]").add_callback(acked)
-            records += len(pending)
-            ticks.append((seq - n_pending, seq, time.time()))
-            pending, n_pending = {}, 0
+        elif n_pending and (now - oldest >= plan.linger_s or seq - plan.first_seq >= total):
+            flush()
         time.sleep(tick_s)
     out.flush()
     out.close()
@@ -661,6 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", type=Path,
                         help="inference log to use (default: bench/replay_speed.py's)")
     parser.add_argument("--profile", type=Path, help="the --log's model profile")
+    parser.add_argument("--worker-code", type=Path, default=ROOT,
+                        help="run the worker from this source tree (python -m from there "
+                             "imports its packages): other code measured by the same bench")
     parser.add_argument("--latency-s", type=float, default=40.0, help="measured seconds per mode")
     parser.add_argument("--settle-s", type=float, default=5.0,
                         help="seconds of steady traffic before measuring")
@@ -681,6 +692,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.log is None) != (args.profile is None):
         parser.error("--log and --profile go together")
+    global worker_code
+    worker_code = args.worker_code.resolve()
     skip = set(filter(None, args.skip.split(",")))
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as a service: unwind like Ctrl-C
 
