@@ -205,12 +205,15 @@ def replay_part(name: str, profile: Path, log: Path, runs: int) -> list[tuple[st
         print(f"[replay {name} {r + 1}] " + "; ".join(
             f"{label.split(':')[0]} {events / walls[label][-1]:,.0f}/s wall, "
             f"{events / cpus[label][-1]:,.0f}/CPU-s" for label in commands), flush=True)
-    ceiling = events / statistics.median(walls["ceiling: msgspec decode into InferenceEvent"])
+    ceiling = "ceiling: msgspec decode into InferenceEvent"
+    ceiling_wall = events / statistics.median(walls[ceiling])
+    ceiling_cpu = events / statistics.median(cpus[ceiling])
     rows = []
     for label in commands:
         wall_rate = events / statistics.median(walls[label])
         cpu_rate = events / statistics.median(cpus[label])
-        note = f"{cpu_rate:,.0f} per CPU-second; {wall_rate / ceiling:.1%} of the msgspec ceiling"
+        note = (f"{cpu_rate:,.0f} per CPU-second; {wall_rate / ceiling_wall:.1%} of the msgspec "
+                f"ceiling's wall rate, {cpu_rate / ceiling_cpu:.1%} of its CPU rate")
         if label == "modelwatch replay":
             note += (f"; target >= 100,000; alerts {', '.join(f'{n} (ids {h})' for n, h in hashes)}"
                      + ("" if len(hashes) == 1 else " DIFFER BETWEEN RUNS"))
