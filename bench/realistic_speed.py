@@ -40,6 +40,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one core: no BLAS threads 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -226,6 +227,9 @@ def replay_part(name: str, profile: Path, log: Path, runs: int) -> list[tuple[st
 
 
 def _rss_bytes() -> int:
+    """Resident memory after freed heap pages went back to the system (glibc keeps them
+    otherwise, and a batch's temporaries would count as the clients' memory)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -292,6 +296,8 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for kind, (n_clients, queries), target in (("light", light, 2), ("heavy", heavy, 16)):
+        if not n_clients:
+            continue
         parent, child = ctx.Pipe()
         started = time.perf_counter()
         group = max(1, n_clients // 20)  # 20 RSS samples
