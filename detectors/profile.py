@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-from sklearn.covariance import LedoitWolf
+
+# scipy.stats and scikit-learn are imported where a profile is built: loading one
+# (`modelwatch stats`, once per training batch) must not pay their ~1 s of imports.
 
 PROFILE_VERSION = 1
 #: Quantile levels of continuous histogram edges: fine in the tails, where
@@ -387,6 +388,8 @@ def _whitener(Z: np.ndarray, noise: np.ndarray) -> np.ndarray:
     re-measured, and a feature that never varied in training (a blank pixel)
     would otherwise make one unit of noise look like an attack.
     """
+    from sklearn.covariance import LedoitWolf
+
     covariance = LedoitWolf().fit(Z).covariance_ + np.diag(noise)
     precision = np.linalg.inv(covariance)
     return np.linalg.cholesky((precision + precision.T) / 2)
@@ -487,6 +490,8 @@ def build_profile(
     ood_threshold = float(np.quantile(held_ood, OOD_LEVEL))
     if len(held) < _rows_for(OOD_LEVEL):
         # Too few held-out rows for a 99th percentile: take the Gaussian one if larger.
+        from scipy import stats
+
         gaussian = float(np.sqrt(stats.chi2.ppf(OOD_LEVEL, X.shape[1])))
         ood_threshold = max(ood_threshold, gaussian, float(held_ood.max()))
         notes.append(f"adversarial.out_of_distribution: {len(held)} held-out rows are too few to "

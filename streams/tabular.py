@@ -43,12 +43,28 @@ def read_table(path: str | Path, label_column: str,
     for line, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise UserError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
-    cells = np.array(rows, dtype=object)
+    cells = np.array(rows, dtype=str)
     columns = [header.index(n) for n in names]
-    X = np.empty((len(rows), len(names)))
+    try:  # all cells numbers (numpy's parser skips the spaces around them): one cast
+        X = cells[:, columns].astype(np.float64)
+    except ValueError:  # empty cells (NaN) or a bad one: column by column
+        X = _numbers(cells, columns, names, path)
+    if not np.isfinite(X[~np.isnan(X)]).all():
+        line = int(np.flatnonzero(np.isinf(X).any(1))[0]) + 2
+        raise UserError(f"{path}:{line}: infinite value")
+    labels = np.char.strip(cells[:, header.index(label_column)])
+    empty = np.flatnonzero(labels == "")
+    if len(empty):
+        raise UserError(f"{path}:{int(empty[0]) + 2}: field {label_column!r}: empty label")
+    return X, labels, names
+
+
+def _numbers(cells: np.ndarray, columns: list[int], names: list[str], path: Path) -> np.ndarray:
+    """Feature columns as floats, empty cells NaN; a cell that is no number is a UserError."""
+    X = np.empty((len(cells), len(columns)))
     for out, col in enumerate(columns):
-        values = np.char.strip(cells[:, col].astype(str))
-        values[values == ""] = "nan"
+        values = np.char.strip(cells[:, col])
+        values = np.where(values == "", "nan", values)  # widened: "nan" fits a 1-wide column
         try:
             X[:, out] = values.astype(np.float64)
         except ValueError:
@@ -58,14 +74,7 @@ def read_table(path: str | Path, label_column: str,
                 except ValueError:
                     raise UserError(
                         f"{path}:{line}: field {names[out]!r}: not a number: {str(value)!r}") from None
-    if not np.isfinite(X[~np.isnan(X)]).all():
-        line = int(np.flatnonzero(np.isinf(X).any(1))[0]) + 2
-        raise UserError(f"{path}:{line}: infinite value")
-    labels = np.char.strip(cells[:, header.index(label_column)].astype(str))
-    empty = np.flatnonzero(labels == "")
-    if len(empty):
-        raise UserError(f"{path}:{int(empty[0]) + 2}: field {label_column!r}: empty label")
-    return X, labels, names
+    return X
 
 
 def _columns(header: list[str], label_column: str, feature_names: list[str] | None,
