@@ -111,5 +111,5 @@ def own_calibrated_ood(state: ClientState, batch: QueryBatch, profile: Profile) 
     if ready.any():
         out[rows[ready]] = profile.mahalanobis(own[ready])
     state.featured = int(n[-1])
-    state.z_sum = sums[-1]
+    state.z_sum = sums[-1].copy()  # a view would keep the whole batch's cumsum alive
     return out
