@@ -67,6 +67,7 @@ class Tracked:
         self.count = 0
 
     def touch(self, model: str, key: str, ts: float, shard: int) -> None:
+        ts = ts if ts == ts else -math.inf  # a state without events: idle the longest
         keys = self.last.setdefault(model, {})
         self.count += key not in keys
         keys[key] = (ts, shard)
