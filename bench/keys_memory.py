@@ -91,7 +91,7 @@ def main() -> None:
         sys.exit(f"keys_memory.py: replay failed:\n{done.stderr.strip()}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     report = {"ids": args.ids, **json.loads(done.stdout.splitlines()[-1]),
-              "peak_rss_gb": round(peak_kib / 2**20, 3)}
+              "peak_rss_kib": peak_kib, "peak_rss_gib": round(peak_kib / 2**20, 3)}
     print(json.dumps(report))
 
 
