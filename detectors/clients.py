@@ -121,6 +121,7 @@ class ClientState:
     pooled_counts: np.ndarray = field(default=None)   # own share of its IP's pooled counts, this epoch
     ip: str = ""                                      # the source IP its pooled counts went to
     ip_counts: np.ndarray = field(default=None)       # its whole share of that IP's pooled counts
+    origin: str = ""                                  # the source IP of its first event (key minting)
     last_alert: dict = field(default_factory=dict)    # family -> event time of its last alert
 
     def __post_init__(self):
@@ -284,12 +285,16 @@ class Population:
     volume_hist: np.ndarray = field(default=None)     # clients per log2(events) bin
     ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "counts": [5 sums]}
     epoch: float = -1.0                               # event-time epoch this snapshot opens
+    minting: dict = field(default_factory=dict)       # ip -> [new ids this epoch, its last minting alert]
+    minting_hist: np.ndarray = field(default=None)    # sources per log2(new ids in an epoch) bin
 
     def __post_init__(self):
         if self.class_counts is None:
             self.class_counts = np.zeros(self.n_classes, dtype=np.float64)
             self.rate_hist = np.zeros((len(RATES), RATE_BINS), dtype=np.int64)
             self.volume_hist = np.zeros(40, dtype=np.int64)
+        if self.minting_hist is None:  # absent from snapshots stored before key minting
+            self.minting_hist = np.zeros(40, dtype=np.int64)
 
     def baseline(self, rate: str, quantile: float, min_clients: int) -> float | None:
         """The ``quantile`` of per-client rates of ``rate`` over clients with a rate worth
@@ -324,6 +329,60 @@ class Population:
         if state.ip:
             self.pool(state.ip, client_id, state.ip_counts)
 
+    def remove_client(self, client_id: str, state: ClientState) -> None:
+        """Take an evicted client's state out: the inverse of :meth:`add_client`, so the
+        population stays what a restart would rebuild from the clients still kept."""
+        self.class_counts -= state.class_counts
+        if state.events:
+            self.volume_hist[volume_bin(state.events)] -= 1
+        joined = np.flatnonzero(state.rate_bins >= 0)
+        self.rate_hist[joined, state.rate_bins[joined]] -= 1
+        entry = self.ips.get(state.ip) if state.ip else None
+        if entry is not None:
+            if client_id in entry["ids"]:
+                entry["ids"].remove(client_id)
+            counts = np.maximum(np.asarray(entry["counts"]) - state.ip_counts, 0.0)
+            entry["counts"] = [float(c) for c in counts]
+            if not entry["ids"] and not counts.any():
+                del self.ips[state.ip]
+
+    def new_id(self, ip: str) -> list | None:
+        """Count a client id new to the model from source ``ip`` this epoch; returns its
+        [new ids, last alert] entry (None once MAX_IPS sources are counted)."""
+        entry = self.minting.get(ip)
+        if entry is None:
+            if len(self.minting) >= MAX_IPS:
+                return None
+            entry = self.minting[ip] = [0, None]
+        entry[0] += 1
+        return entry
+
+    def minting_expected(self, quantile: float, factor: float, floor: int,
+                         min_sources: int) -> float:
+        """New ids per epoch one source brings at most, honestly: ``factor`` times the
+        ``quantile`` of sources' counts in past epochs, never below ``floor``.
+
+        >>> pop = Population(2)
+        >>> pop.minting_hist[[0, 4]] = [990, 10]       # 1 new id, or an office of 16-31
+        >>> pop.minting_expected(0.99, 2.0, 50, 20), pop.minting_expected(0.999, 2.0, 20, 20)
+        (50, 32.0)
+        """
+        bin_ = hist_quantile(self.minting_hist, quantile, min_sources)
+        return floor if bin_ is None else max(floor, factor * 2.0 ** bin_)
+
+    def close_epoch(self) -> None:
+        """Fold each source's new-id count of the closing epoch into the histogram the
+        threshold calibrates from. Alerted sources stay out (suspects do not calibrate
+        honesty); their alert time is kept one more epoch, for the cooldown."""
+        carried = {}
+        for ip, (count, alerted) in self.minting.items():
+            if alerted is None:
+                if count:
+                    self.minting_hist[volume_bin(count)] += 1
+            elif count:  # alerted this epoch: keep its time for the next one's cooldown
+                carried[ip] = [0, alerted]
+        self.minting = carried
+
     def pool(self, ip: str, client_id: str, counts: np.ndarray) -> None:
         """Add a client's pooled counts to its IP's entry."""
         self._pool(ip, [client_id], counts)
@@ -333,6 +392,7 @@ class Population:
         self.class_counts += other.class_counts
         self.rate_hist += other.rate_hist
         self.volume_hist += other.volume_hist
+        self.minting_hist += other.minting_hist
         for ip, entry in other.ips.items():
             self._pool(ip, entry["ids"], np.asarray(entry["counts"]))
 

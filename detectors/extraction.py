@@ -32,6 +32,11 @@ Rules:
     Several client ids behind one source IP whose pooled queries are mostly
     off the training distribution, or pooled gradient-sign steps (a slow
     attacker spread over ids).
+``extraction.key_minting``
+    One source IP bringing new client ids into a model faster than honest sources
+    do (new ids per population epoch against a quantile of sources' past counts):
+    keys minted for a distributed extraction. Judged in :mod:`detectors.monitor`,
+    which sees a client's first event.
 """
 
 from __future__ import annotations

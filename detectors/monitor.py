@@ -111,11 +111,14 @@ class QueryMonitor:
 
     def update(self, key: str, state: ClientState, batch: QueryBatch,
                profile: Profile | None, population: Population,
-               pending: Population | None = None, trace: list | None = None) -> list[Verdict]:
+               pending: Population | None = None, trace: list | None = None,
+               new: bool = False) -> list[Verdict]:
         """Judge one client's batch against ``population`` (a snapshot taken before
         the batch's epoch); the batch's own contribution is added to ``pending``
         (the next snapshot), or to ``population`` if none is given. ``trace``, if
-        given, receives each rule's candidate (its score per event and threshold)."""
+        given, receives each rule's candidate (its score per event and threshold).
+        ``new``: the client id is new to the model (or was evicted), so its source
+        brought one more id (``extraction.key_minting``)."""
         pending = population if pending is None else pending
         if profile is not None:
             nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
@@ -138,6 +141,8 @@ class QueryMonitor:
             state.rates[rows] = counts[-1].reshape(-1, 2)
         candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
         candidates += self._pooled_by_ip(view, pending)
+        if new:
+            candidates += self._key_minting(view, pending)
         if trace is not None:
             trace.extend(c for c in candidates if c.score is not None)
         verdicts = select(candidates, batch.ts, state.last_alert, self.cooldown)
@@ -210,6 +215,46 @@ class QueryMonitor:
 
         return [Candidate("extraction", mask, verdict_at, "extraction.collusion", score,
                           np.where(kind == 0, self.ext["synthetic_min_share"], self.ext["surprise"]))]
+
+    def _key_minting(self, view: ClientView, pending: Population) -> list[Candidate]:
+        """One source IP bringing new client ids into a model faster than honest sources
+        do: ``extraction.key_minting``, on the id that crossed the threshold.
+
+        Sybil extraction spreads queries over many minted keys, each too short for the
+        per-client rules. Counted per event-time epoch in the shard's own population
+        (``pending``); the threshold calibrates from past epochs' counts of every
+        source (``population``). One alert per source per cooldown.
+        """
+        ips = [ip for ip in view.batch.source_ip if ip]
+        if not ips:
+            return []  # a client id's own prefix is the attacker's choice: no source without an IP
+        ip = view.state.origin = ips[0][:MAX_IP_LENGTH]
+        entry = pending.new_id(ip)
+        if entry is None:
+            return []
+        count, last = entry
+        ext, cal = self.ext, self.calibration
+        threshold = view.population.minting_expected(
+            ext["minting_quantile"], cal["factor"], ext["minting_min_ids"], cal["min_clients"])
+        ts = float(view.batch.ts[0])
+        score = np.zeros(len(view.batch))
+        score[0] = count
+        mask = np.zeros(len(view.batch), bool)
+        mask[0] = count > threshold and (last is None or ts >= last + self.cooldown)
+        if mask[0]:
+            entry[1] = ts
+
+        def verdict_at(hit: int) -> Verdict:
+            return Verdict(
+                detector="extraction", rule="extraction.key_minting", key=view.key,
+                score=float(count), threshold=float(threshold), events_seen=view.events_at(hit),
+                trigger=hit, techniques=RULES["extraction.key_minting"].techniques,
+                description="one source IP brings new client ids into the model faster than "
+                            "honest sources do: keys minted for a distributed (sybil) extraction",
+                evidence={"new_ids_from_source": int(count), "source_ip": ip})
+
+        return [Candidate("extraction", mask, verdict_at, "extraction.key_minting", score,
+                          float(threshold))]
 
     def _learn(self, view: ClientView, population: Population) -> None:
         state, batch = view.state, view.batch

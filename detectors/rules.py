@@ -109,6 +109,14 @@ _RULES = (
          "pooled by source IP per population epoch; expected shares as for the single-client rules",
          ("extraction.collusion_min_ids", "extraction.collusion_min_step_share",
           "population.epoch_s", *PRODUCTION)),
+    Rule("extraction.key_minting", "extraction", EXTRACT,
+         "one source IP brings new client ids into a model faster than honest sources do: "
+         "keys minted for a distributed (sybil) extraction",
+         "new client ids from the source in the current epoch",
+         "population.factor x the minting_quantile of sources' new ids per past epoch, "
+         "never below minting_min_ids",
+         ("extraction.minting_min_ids", "extraction.minting_quantile", "population.factor",
+          "population.min_clients", "population.epoch_s")),
     Rule("poisoning.label_flip", "poisoning", POISON,
          "rows of one class look like another class's: labels flipped",
          "the stronger of: z of the class-mean shift along the Fisher direction between two "

@@ -32,6 +32,7 @@ that is the bounded difference to ``replay``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import struct
 import sys
@@ -91,11 +92,14 @@ class KeyedStates(MutableMapping):
         self.live: dict[str, object] = {}
         self.applied: dict[str, tuple[int, int]] = {}
         self.dirty: set[str] = set()
+        self.deleted: dict[str, int] = {}  # evicted keys -> partition, for a tombstone
         self.position: tuple[int, int] = (-1, -1)  # the records being applied now
 
     def _load(self, key: str) -> bool:
         if key in self.live:
             return True
+        if key in self.deleted:  # evicted; the table still has it until the next checkpoint
+            return False
         blob = self.table.get(key.encode())
         if blob is None:
             return False
@@ -120,9 +124,16 @@ class KeyedStates(MutableMapping):
         self.live[key] = state
         self.applied[key] = self.position
         self.dirty.add(key)
+        self.deleted.pop(key, None)
 
     def __delitem__(self, key: str) -> None:
-        raise NotImplementedError("detector state is never deleted by the pipeline")
+        """An evicted key: gone from memory now, from the table (a changelog tombstone,
+        so a restart does not bring it back) at the next checkpoint."""
+        if not self._load(key):
+            raise KeyError(key)
+        del self.live[key]
+        self.deleted[key] = self.applied.pop(key)[0]
+        self.dirty.discard(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.live)
@@ -139,15 +150,23 @@ class KeyedStates(MutableMapping):
             if partition in partitions:
                 out.append((self.table, partition, key.encode(),
                             _APPLIED.pack(partition, offset) + dumps(self.live[key])))
+        for key, partition in sorted(self.deleted.items()):
+            if partition in partitions:
+                out.append((self.table, partition, key.encode(), None))
         self.dirty.clear()
+        self.deleted.clear()
         return out
 
-    def forget(self, partitions: set[int]) -> None:
-        """Drop working copies of partitions this worker no longer owns."""
-        for key in [k for k, (p, _) in self.applied.items() if p in partitions]:
+    def forget(self, partitions: set[int]) -> list[str]:
+        """Drop working copies of partitions this worker no longer owns; returns their keys."""
+        gone = [k for k, (p, _) in self.applied.items() if p in partitions]
+        for key in gone:
             self.live.pop(key, None)
             self.applied.pop(key, None)
             self.dirty.discard(key)
+        for key in [k for k, p in self.deleted.items() if p in partitions]:
+            del self.deleted[key]  # its next owner still has it: it evicts by its own caps
+        return gone
 
     def restored(self, partition: int) -> Iterator[tuple[str, object]]:
         """Every stored key of a partition, loaded into the working copies."""
@@ -167,9 +186,12 @@ class SharedSnapshots(MutableMapping):
         self.table = table
         self.local: dict[str, Population] = {}
         self.dirty: set[str] = set()
+        self.deleted: set[str] = set()  # an evicted unprofiled model's shards
         self._decoded: dict[str, tuple[bytes, Population]] = {}
 
     def __getitem__(self, key: str) -> Population:
+        if key in self.deleted:
+            raise KeyError(key)
         if key in self.local:
             return self.local[key]
         blob = self.table.get(key.encode())
@@ -183,13 +205,17 @@ class SharedSnapshots(MutableMapping):
     def __setitem__(self, key: str, snapshot: Population) -> None:
         self.local[key] = snapshot
         self.dirty.add(key)
+        self.deleted.discard(key)
 
     def __delitem__(self, key: str) -> None:
-        raise NotImplementedError
+        self.local.pop(key, None)
+        self.dirty.discard(key)
+        self._decoded.pop(key, None)
+        self.deleted.add(key)
 
     def __iter__(self) -> Iterator[str]:
         keys = {k.decode() for k in list(self.table.keys())} | set(self.local)
-        return iter(sorted(keys))
+        return iter(sorted(keys - self.deleted))
 
     def __len__(self) -> int:
         return len(set(self))
@@ -202,6 +228,10 @@ class SharedSnapshots(MutableMapping):
             shard = int(key.rsplit("/", 1)[1])
             if shard in partitions:
                 out.append((self.table, shard, key.encode(), dumps(self.local[key])))
+        for key in sorted(self.deleted):
+            shard = int(key.rsplit("/", 1)[1])
+            if shard in partitions:
+                out.append((self.table, shard, key.encode(), None))
         self.dirty.clear()
         return out
 
@@ -209,17 +239,24 @@ class SharedSnapshots(MutableMapping):
         """The table holds every snapshot not changed since: read them from there."""
         for key in [k for k in self.local if k not in self.dirty]:
             del self.local[key]
+        self.deleted = {k for k in self.deleted if self.table.get(k.encode()) is not None}
 
 
-def write(table, partition: int, key: bytes, value: bytes):
-    """Set a table key outside an agent; returns the changelog send to wait for.
+def write(table, partition: int, key: bytes, value: bytes | None):
+    """Set a table key outside an agent (``None`` deletes it: a changelog tombstone);
+    returns the changelog send to wait for.
 
     Faust's own ``table[key] = value`` drops that future, and its producer flush
     gives up after 0.1 s without a send: a commit could then run ahead of the state.
     """
     with _as_partition(partition):
-        sent = table.send_changelog(partition, key, value)
-        table.data[key] = value  # the local store (RocksDB picks its partition database)
+        if value is None:
+            sent = table.send_changelog(partition, key, None, value_serializer="raw")
+            with contextlib.suppress(KeyError):
+                del table.data[key]
+        else:
+            sent = table.send_changelog(partition, key, value)
+            table.data[key] = value  # the local store (RocksDB picks its partition database)
     return sent
 
 
@@ -321,6 +358,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     restored: set[int] = set()  # inference partitions whose population is rebuilt
 
     metrics = metrics or WorkerMetrics()
+    reported_evictions = dict(pipeline.counters.evictions)
     read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
 
     sends: list = []  # alerts and dead letters not yet known to be on the broker
@@ -370,6 +408,10 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             if highwater is not None:
                 metrics.consumer_lag(topic, partition, max(0, highwater - offset))
         metrics.tracked("client", len(clients.live))
+        for reason, n in pipeline.counters.evictions.items():
+            if n > reported_evictions[reason]:
+                metrics.evicted(reason, n - reported_evictions[reason])
+                reported_evictions[reason] = n
         metrics.tracked("source", len(sources.live))
         metrics.state_bytes(sum(map(state_size, clients.live.values()))
                             + sum(map(state_size, sources.live.values())))
@@ -562,7 +604,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             gone_inference = {tp.partition for tp in revoked
                               if tp.topic == settings.topic_inference}
             gone_stats = {tp.partition for tp in revoked if tp.topic == settings.topic_stats}
-            clients.forget(gone_inference)
+            pipeline.forget_keys(clients.forget(gone_inference))
             sources.forget(gone_stats)
             restored.difference_update(gone_inference)
             for partition in gone_inference:

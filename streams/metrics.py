@@ -54,6 +54,9 @@ RULES = tuple(RULE_REGISTRY)
 MAX_MODEL_LABELS = 64
 SEVERITIES = tuple(band.name for band in SEVERITY_BANDS)
 TRACKED_KINDS = ("client", "source")
+#: Why a tracked client key was dropped: its model's cap, the cap over all models, or its
+#: unprofiled model was evicted (more than MAX_MODEL_LABELS unprofiled names).
+EVICTION_REASONS = ("model_cap", "total_cap", "model_evicted")
 # Event fields of the contract: an invalid-record reason is labelled by its field.
 FIELDS = frozenset(InferenceEvent.__struct_fields__) | frozenset(TrainingStatsEvent.__struct_fields__)
 
@@ -212,6 +215,10 @@ class WorkerMetrics:
             "modelwatch_tracked_keys",
             "Keys with detector state: clients (inference) or dataset sources (training stats).",
             ("kind",), registry=r)
+        self._evictions = Counter(
+            "modelwatch_state_evictions_total",
+            "Client keys evicted to keep the state under its caps (the longest idle first).",
+            ("reason",), registry=r)
         self._state_bytes = Gauge(
             "modelwatch_state_bytes", "Size of the detector state, serialized.", registry=r)
         self._deliveries = Counter(
@@ -238,6 +245,8 @@ class WorkerMetrics:
                 self._alerts.labels(detector, rule, severity)
         for kind in TRACKED_KINDS:
             self._tracked.labels(kind).set(0)
+        for reason in EVICTION_REASONS:
+            self._evictions.labels(reason)
 
     # --- what the worker calls ---------------------------------------------------
     def consumed(self, topic: str, model: str, n: int = 1) -> None:
@@ -290,6 +299,12 @@ class WorkerMetrics:
         if kind not in TRACKED_KINDS:
             raise ValueError(f"kind must be one of {TRACKED_KINDS}, not {kind!r}")
         self._tracked.labels(kind).set(n)
+
+    def evicted(self, reason: str, n: int = 1) -> None:
+        """``n`` client keys evicted; ``reason`` is one of :data:`EVICTION_REASONS`."""
+        if reason not in EVICTION_REASONS:
+            raise ValueError(f"reason must be one of {EVICTION_REASONS}, not {reason!r}")
+        self._evictions.labels(reason).inc(n)
 
     def state_bytes(self, n: int) -> None:
         self._state_bytes.set(n)

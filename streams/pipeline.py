@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import heapq
 import math
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
 from streams.alerts import build_alert
 from streams.explain import Scores
+from streams.metrics import EVICTION_REASONS, MAX_MODEL_LABELS
 from streams.records import (
     Alert,
     InferenceEvent,
@@ -49,6 +51,57 @@ class Counters:
     alerts: int = 0
     suppressed: int = 0      # poisoning rules that fired on a batch beside the strongest
     unprofiled_batches: int = 0
+    evictions: dict = field(default_factory=lambda: dict.fromkeys(EVICTION_REASONS, 0))
+
+
+class Tracked:
+    """Tracked client keys per model with the event time of their last event, to find
+    the longest idle: (last time, key) is the order, so replay and a worker that see the
+    same batches evict the same keys. Heaps with lazy deletion: a key's older entries
+    are skipped when they come up, and the heaps are rebuilt once half stale."""
+
+    def __init__(self):
+        self.last: dict[str, dict[str, tuple[float, int]]] = {}  # model -> key -> (time, shard)
+        self.heaps: dict[str, list] = {}   # model -> [(time, key)]
+        self.all: list = []                # [(time, key, model)]
+        self.count = 0
+
+    def touch(self, model: str, key: str, ts: float, shard: int) -> None:
+        ts = ts if ts == ts else -math.inf  # a state without events: idle the longest
+        keys = self.last.setdefault(model, {})
+        self.count += key not in keys
+        keys[key] = (ts, shard)
+        heap = self.heaps.setdefault(model, [])
+        heapq.heappush(heap, (ts, key))
+        heapq.heappush(self.all, (ts, key, model))
+        if len(heap) > 2 * len(keys) + 64:
+            heap[:] = [(t, k) for k, (t, _) in keys.items()]
+            heapq.heapify(heap)
+        if len(self.all) > 2 * self.count + 64:
+            self.all = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
+            heapq.heapify(self.all)
+
+    def oldest(self, model: str | None = None) -> tuple[str, str] | None:
+        """(model, key) of the longest idle key of ``model``, or of all models."""
+        heap = self.all if model is None else self.heaps.get(model, [])
+        while heap:
+            entry = heap[0]
+            owner = entry[2] if model is None else model
+            current = self.last.get(owner, {}).get(entry[1])
+            if current is not None and current[0] == entry[0]:
+                return owner, entry[1]
+            heapq.heappop(heap)
+        return None
+
+    def drop(self, model: str, key: str) -> int:
+        """Stop tracking a key; returns its shard."""
+        _, shard = self.last[model].pop(key)
+        self.count -= 1
+        return shard
+
+    def forget_model(self, model: str) -> None:
+        self.count -= len(self.last.pop(model, {}))
+        self.heaps.pop(model, None)
 
 
 class Pipeline:
@@ -79,6 +132,12 @@ class Pipeline:
         self.scores = scores  # rule scores per key, for replay --explain and near misses
         self._shapes = {m: (p.n_features, len(p.classes)) for m, p in self.profiles.items()}
         self._unprofiled_width: dict[str, int] = {}
+        # Bounded state (README, *Bounded state*): client keys per model and in all, and
+        # unprofiled model names (as many as the metrics label).
+        caps = thresholds.section("state")
+        self.max_per_model, self.max_clients = caps["max_clients_per_model"], caps["max_clients"]
+        self.tracked = Tracked()
+        self._unprofiled_last: dict[str, float] = {}  # unprofiled model -> its last event time
 
     # --- validation --------------------------------------------------------------
     def reject_reason(self, event: InferenceEvent) -> str | None:
@@ -87,6 +146,9 @@ class Pipeline:
             # An unprofiled model's width is fixed by the first event that has features.
             if event.features is None:
                 return None
+            if len(self._unprofiled_width) >= 4 * MAX_MODEL_LABELS:  # names minted faster than judged
+                self._unprofiled_width = {m: w for m, w in self._unprofiled_width.items()
+                                          if m in self._unprofiled_last}
             width = self._unprofiled_width.setdefault(event.model, len(event.features))
             if len(event.features) != width:
                 return (f"features: expected {width} values for model {event.model} "
@@ -128,6 +190,7 @@ class Pipeline:
             return  # late events are judged against the current snapshot
         self.shard_epochs[shard] = epoch
         for model, pending in self.pending.get(shard, {}).items():
+            pending.close_epoch()
             snapshot = copy.deepcopy(pending)
             snapshot.epoch = epoch
             self.shared[f"{model}/{shard}"] = snapshot
@@ -148,23 +211,91 @@ class Pipeline:
         """After a restart or rebalance: a shard's population is the sum of its clients'
         restored states (``clients`` yields (key, ClientState) pairs)."""
         pending: dict[str, Population] = {}
+        restored = []
         for key, state in clients:
             model, client = key.split("/", 1)
             population = pending.get(model)
             if population is None:
                 population = pending[model] = Population(state.n_classes)
             population.add_client(client, state)
+            restored.append((model, key, state))
         self.pending[shard] = pending
         epochs = [s.epoch for k, s in self.shared.items() if k.rsplit("/", 1)[1] == str(shard)]
         if epochs:
             self.shard_epochs[shard] = max(epochs)
         else:
             self.shard_epochs.pop(shard, None)
+        # Key minting: past epochs' counts from the shard's last snapshot, this epoch's
+        # from the clients that came in during it (evicted ones are gone).
+        epoch = self.shard_epochs.get(shard)
+        for model, population in pending.items():
+            snapshot = self.shared.get(f"{model}/{shard}")
+            if snapshot is not None:
+                population.minting_hist = snapshot.minting_hist.copy()
+                population.minting = copy.deepcopy(snapshot.minting)
+        for model, key, state in restored:
+            if state.origin and epoch is not None and np.floor(state.first_ts / self.epoch_s) == epoch:
+                pending[model].new_id(state.origin)
+            self.tracked.touch(model, key, state.last_ts, shard)
+            if model not in self.profiles:
+                self._unprofiled_last[model] = max(self._unprofiled_last.get(model, -math.inf),
+                                                   state.last_ts)
+        self._evict_unprofiled(None)
+        for model in list(self.tracked.last):
+            self._make_room(model, 0)
         self.refresh_populations()
+
+    def forget_keys(self, keys) -> None:
+        """Stop tracking keys of partitions given away (their next owner tracks them)."""
+        for key in keys:
+            model = key.split("/", 1)[0]
+            if key in self.tracked.last.get(model, {}):
+                self.tracked.drop(model, key)
+
+    # --- bounded state ----------------------------------------------------------------
+    def _make_room(self, model: str, incoming: int = 1) -> None:
+        """Evict the longest idle keys until ``incoming`` more fit under both caps."""
+        while len(self.tracked.last.get(model, ())) + incoming > self.max_per_model:
+            self._evict(*self.tracked.oldest(model), "model_cap")
+        while self.tracked.count + incoming > self.max_clients:
+            self._evict(*self.tracked.oldest(), "total_cap")
+
+    def _evict(self, model: str, key: str, reason: str) -> None:
+        """Drop a client key: its state (a tombstone in the worker's table) and its share
+        of its shard's population, as if it had never been seen."""
+        shard = self.tracked.drop(model, key)
+        state = self.clients.get(key)
+        if state is not None:
+            population = self.pending.get(shard, {}).get(model)
+            if population is not None:
+                population.remove_client(key.split("/", 1)[1], state)
+            del self.clients[key]
+        self.counters.evictions[reason] += 1
+
+    def _evict_unprofiled(self, model: str | None) -> None:
+        """Keep at most MAX_MODEL_LABELS unprofiled model names: past that, the longest idle
+        other than ``model`` goes with all its clients, labels and population."""
+        while len(self._unprofiled_last) > MAX_MODEL_LABELS:
+            _, victim = min((t, m) for m, t in self._unprofiled_last.items() if m != model)
+            for key in list(self.tracked.last.get(victim, {})):
+                self._evict(victim, key, "model_evicted")
+            self.tracked.forget_model(victim)
+            del self._unprofiled_last[victim]
+            self.labels.pop(victim, None)
+            self._unprofiled_width.pop(victim, None)
+            self.populations.pop(victim, None)
+            for shard_pending in self.pending.values():
+                shard_pending.pop(victim, None)
+            for key in [k for k in self.shared if k.rsplit("/", 1)[0] == victim]:
+                del self.shared[key]
 
     def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray,
                      shard: int) -> list[Alert]:
         profile = self.profiles.get(model)
+        if profile is None:
+            self._unprofiled_last[model] = max(self._unprofiled_last.get(model, -math.inf),
+                                               float(ts.max()))
+            self._evict_unprofiled(model)
         columns = self._columns(model, events, ts, profile)
         n_classes = len(profile.classes) if profile else UNPROFILED_CLASSES
         shard_pending = self.pending.setdefault(shard, {})
@@ -187,6 +318,9 @@ class Pipeline:
             client = events[rows[0]].client_id
             key = f"{model}/{client}"
             state = self.clients.get(key)
+            new = state is None
+            if new:
+                self._make_room(model)
             if state is None or state.n_features != columns.Z.shape[1]:
                 # New, or an unprofiled model whose width was unknown when the client
                 # started (its first events had no features): start from its width now.
@@ -198,7 +332,8 @@ class Pipeline:
                 source_ip=[events[i].source_ip for i in rows],
             )
             trace = [] if self.scores is not None else None
-            verdicts = self.query.update(key, state, batch, profile, population, pending, trace)
+            verdicts = self.query.update(key, state, batch, profile, population, pending, trace,
+                                         new=new)
             if trace:
                 self.scores.query(model, client, trace,
                                   [events[i].request_id or str(i) for i in rows], batch.ts)
@@ -209,6 +344,7 @@ class Pipeline:
                     verdict, trigger_ts=float(batch.ts[verdict.trigger]), request_id=e.request_id,
                     model=model, client_id=client, source_ip=e.source_ip))
             self.clients[key] = state  # write back: a table persists on assignment
+            self.tracked.touch(model, key, state.last_ts, shard)
         return alerts
 
     def _columns(self, model, events, ts, profile: Profile | None) -> QueryBatch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,24 @@ def _screened(path, items, pipeline: Pipeline, dead: DeadLetters):
     result = screen(items, pipeline.reject_reason)
     for line, reason, raw in result.rejected:
         dead.add(str(path), line, reason, raw)
+    _compact_features(result.events)
     return result.events, result.ts
+
+
+def _compact_features(events) -> None:
+    """Features as rows of one float64 array instead of lists of float objects: ~0.6
+    instead of ~2 KiB an event with 64 features, and the reorder buffer holds 262,144."""
+    featured = [e for e in events if e.features is not None]
+    rows = None
+    if featured:
+        with contextlib.suppress(ValueError):  # ragged: unprofiled models of other widths
+            rows = np.array([e.features for e in featured], dtype=np.float64)
+    if rows is None or rows.ndim != 2:
+        for event in featured:
+            event.features = np.array(event.features, dtype=np.float64)
+        return
+    for event, row in zip(featured, rows, strict=True):
+        event.features = row
 
 
 def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):

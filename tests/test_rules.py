@@ -14,7 +14,7 @@ from streams.metrics import RULES as METRIC_RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Settings of the machinery around the rules rather than of one rule.
-SHARED = {"alerts.cooldown_s", "history.size"}
+SHARED = {"alerts.cooldown_s", "history.size", "state.max_clients_per_model", "state.max_clients"}
 
 
 def test_every_threshold_is_read_by_a_rule_and_every_read_exists():
