@@ -413,8 +413,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                 metrics.evicted(reason, n - reported_evictions[reason])
                 reported_evictions[reason] = n
         metrics.tracked("source", len(sources.live))
-        metrics.state_bytes(sum(map(state_size, clients.live.values()))
-                            + sum(map(state_size, sources.live.values())))
+        # The detector thread adds keys meanwhile: iterate over copies.
+        metrics.state_bytes(sum(map(state_size, list(clients.live.values())))
+                            + sum(map(state_size, list(sources.live.values()))))
         for outbox in outboxes:
             delivered, failed, dropped = outbox.take_counts()
             metrics.sink(outbox.name, delivered=delivered, failed=failed, dropped=dropped)
