@@ -18,8 +18,7 @@ against an expected rate calibrated from production (:func:`detectors.monitor.ex
     both as sent and after the client's own calibration is taken out (see
     :mod:`detectors.features`), far more often than the population's clients are.
 ``adversarial.feature_bounds``
-    Feature values beyond the training data's bounds, in fresh queries: a record
-    re-sent (exactly, re-measured, or with a few fields changed) counts once.
+    Feature values beyond the training data's bounds.
 """
 
 from __future__ import annotations
@@ -95,8 +94,6 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         # data's correlations without being synthetic: it says nothing about the client.
         out["ood"] = ((view.batch.ood > threshold) & (own > threshold),
                       ~np.isnan(own) & ~nb.sparse_resend)
-        # A record re-sent (a probe's, an entity re-scored) carries its odd value again:
-        # one out-of-bounds record is one piece of evidence, not one per re-send.
-        out["bounds"] = (view.batch.out_of_bounds, feats & fresh)
+        out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
     return out
