@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from streams.kafka import client_options
+from streams.kafka import client_options, refused
 from streams.records import screen
 from streams.settings import Settings
 from streams.tabular import UserError
@@ -92,6 +92,8 @@ class Shipper:
                 partitions = self.producer.partitions_for(self.settings.topic_inference)
                 break
             except KafkaError as exc:
+                if (why := refused(self.settings, exc)) is not None:
+                    raise why from None
                 print(f"tail: broker {self.settings.broker} unavailable ({type(exc).__name__}); "
                       f"retrying in {backoff:.1f} s", file=sys.stderr)
                 time.sleep(backoff)
