@@ -106,7 +106,8 @@ def declare_changelogs(app, settings: Settings) -> None:
     The embedded broker creates an unknown topic on a metadata request, with 4
     partitions: a client that asks about a changelog before Faust has declared it
     leaves it too small, and the worker crashes on its first write to partition 4
-    ("Unrecognized partition"; seen on a fresh broker with a backlog).
+    ("Unrecognized partition"; seen with a test that read a changelog while the
+    worker started).
     """
     from streams.kafka import create_topics
 
