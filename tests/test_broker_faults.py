@@ -36,7 +36,7 @@ from tests.streaming import (
     terminate,
     wait_for_alerts,
 )
-from tests.test_recovery import assert_alerts_once_each, ship, wait_for_state
+from tests.test_recovery import assert_alerts_once_each, ship, state_mismatch, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,7 @@ class Outage:
     alerts: list[dict]
     worker_alive: bool
     tail_alive: bool
+    mismatch: str | None     # how the stored state differs from replay's, if it does
     said: str                # worker and tail logs, for failure messages
 
 
@@ -172,7 +173,8 @@ def outage(demo, expected, tmp_path_factory) -> Outage:
             request_ids = [event["request_id"] for record in read_topic(broker, "inference-logs")
                            for event in decoded(record.value)]
             return Outage(request_ids, states, alerts, worker.poll() is None,
-                          tail.poll() is None, worker_log.read_text(errors="replace")[-3000:]
+                          tail.poll() is None, state_mismatch(broker, expected.pipeline),
+                          worker_log.read_text(errors="replace")[-3000:]
                           + tail_log.read_text(errors="replace")[-1000:])
         finally:
             if worker is not None:
@@ -207,3 +209,4 @@ def test_after_the_outage_each_event_is_judged_once(outage, expected):
     assert len(outage.request_ids) == len(set(outage.request_ids))
     assert {k: s.events for k, s in outage.states.items()} == \
         {k: s.events for k, s in expected.pipeline.clients.items()}
+    assert outage.mismatch is None, outage.mismatch  # and the state is replay's
