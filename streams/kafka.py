@@ -38,16 +38,6 @@ def aiokafka_options(settings: Settings) -> dict:
     return options
 
 
-def _tls_context(settings: Settings):
-    import ssl
-
-    context = ssl.create_default_context(
-        cafile=str(settings.tls_ca) if settings.tls_ca else None)
-    if settings.tls_cert:
-        context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
-    return context
-
-
 def refused(settings: Settings, exc: BaseException) -> UserError | None:
     """A failed connection that waiting cannot mend (TLS or SASL refused), as one line
     naming the settings to check; None when the broker may just be down or starting.
@@ -60,10 +50,11 @@ def refused(settings: Settings, exc: BaseException) -> UserError | None:
     import ssl
 
     host, _, port = settings.broker.removeprefix("kafka://").split(",")[0].rpartition(":")
+    context = aiokafka_options(settings).get("ssl_context")  # the clients' own TLS settings
     try:
         with socket.create_connection((host, int(port)), timeout=10) as raw:
-            if settings.tls_ca or settings.tls_cert:
-                with _tls_context(settings).wrap_socket(raw, server_hostname=host):
+            if context is not None:
+                with context.wrap_socket(raw, server_hostname=host):
                     pass
     except ssl.SSLError as tls:
         why = f"certificate verify failed: {tls.verify_message}" \
