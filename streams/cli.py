@@ -183,10 +183,9 @@ def _worker(args) -> int:
         raise UserError(f"--metrics-port {settings.metrics_port}: {exc.strerror}") from None
     app = build_app(settings, profiles, thresholds, partitions=partitions, metrics=metrics,
                     outboxes=outboxes)
-    from streams.startup import declare_changelogs, start_clean_if_stale
+    from streams.startup import start_clean_if_stale
 
     start_clean_if_stale(app, settings)  # else a ConsistencyError at every start
-    declare_changelogs(app, settings)
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
           f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True)

@@ -77,8 +77,7 @@ def cannot_connect(settings: Settings, exc: BaseException) -> UserError:
         f"{settings.broker}: cannot connect: {type(exc).__name__}: {exc}")
 
 
-def create_topics(settings: Settings, partitions: dict[str, int],
-                  config: dict[str, str] | None = None) -> None:
+def create_topics(settings: Settings, partitions: dict[str, int]) -> None:
     """Create each topic with its partition count, unless it exists (replication 1)."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -90,8 +89,8 @@ def create_topics(settings: Settings, partitions: dict[str, int],
     try:
         for topic, count in partitions.items():
             with suppress(TopicAlreadyExistsError):
-                admin.create_topics([NewTopic(topic, num_partitions=count, replication_factor=1,
-                                              topic_configs=config or {})])
+                admin.create_topics([NewTopic(topic, num_partitions=count,
+                                              replication_factor=1)])
     except KafkaError as exc:
         raise UserError(f"{settings.broker}: cannot create topic {topic}: {exc}") from None
     finally:

@@ -100,21 +100,6 @@ def stale_state(app, settings: Settings) -> str | None:
             f"{ends.get((topic, partition), 0)}{more})")
 
 
-def declare_changelogs(app, settings: Settings) -> None:
-    """Create the tables' changelog topics with their partition counts before Faust starts.
-
-    The embedded broker creates an unknown topic on a metadata request, with 4
-    partitions: a client that asks about a changelog before Faust has declared it
-    leaves it too small, and the worker crashes on its first write to partition 4
-    ("Unrecognized partition"; seen with a test that read a changelog while the
-    worker started).
-    """
-    from streams.kafka import create_topics
-
-    create_topics(settings, {t.changelog_topic.get_topic_name(): t.partitions
-                             for t in app.tables.values()}, {"cleanup.policy": "compact"})
-
-
 def start_clean_if_stale(app, settings: Settings) -> bool:
     """Remove the tables on disk if the broker no longer backs them (one line on stderr)."""
     why = stale_state(app, settings)
