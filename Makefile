@@ -25,13 +25,15 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check detectors streams tests bench
 
 # The real Prometheus server (and promtool) and headless Chromium for the tests of the
-# dashboards, alert rules and HTML report; without root their tests skip (never under CI).
+# dashboards, alert rules and HTML report, openssl for the TLS tests; without root their
+# tests skip (never under CI).
 debian-tools:
-	@if command -v promtool >/dev/null && command -v chromium >/dev/null; then exit 0; fi; \
+	@if command -v promtool >/dev/null && command -v chromium >/dev/null && \
+		command -v openssl >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
-	else echo "make: no root to install prometheus and chromium: their tests will skip"; exit 0; fi; \
+	else echo "make: no root to install prometheus, chromium, openssl: their tests will skip"; exit 0; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-		prometheus chromium chromium-driver >/dev/null
+		prometheus chromium chromium-driver openssl >/dev/null
 
 test: $(VENV)/.dev-installed lint debian-tools
 	$(BIN)/python -m pytest -n 2 detectors tests

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -40,9 +41,17 @@ def free_port() -> int:
 class EmbeddedBroker:
     """Start on enter, stop on exit; nothing is left running either way."""
 
-    def __init__(self, port: int | None = None, ready_timeout_s: float = 10.0):
+    def __init__(self, port: int | None = None, ready_timeout_s: float = 10.0, *,
+                 advertised_port: int | None = None, authentication: bool = False,
+                 storage: str = "memory://tansu/", environ: dict[str, str] | None = None):
         self.port = port or free_port()
+        # memory:// loses everything when the broker stops; s3:// (with AWS_* variables
+        # in ``environ``) keeps it. This build has no postgres:// (docs/streaming-notes.md).
+        self.storage, self.environ = storage, environ
         self.ready_timeout_s = ready_timeout_s
+        # Where clients are told to connect after bootstrap (a proxy in front, in tests).
+        self.advertised_port = advertised_port or self.port
+        self.authentication = authentication  # SASL required (no user can be created: see docs)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -54,18 +63,24 @@ class EmbeddedBroker:
         return f"kafka://{self.address}"
 
     def start(self) -> EmbeddedBroker:
-        listener = f"tcp://{self.address}"
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--cluster-id", "modelwatch",
-             "--listener-url", listener, "--advertised-listener-url", listener,
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             "--listener-url", f"tcp://{self.address}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+             "--storage-engine", self.storage,
+             *(["--authentication"] if self.authentication else [])],
+            # A file, not a pipe: nobody reads it while the broker runs, and a full pipe
+            # would stop the broker at its next log line (one per refused connection).
+            stdout=subprocess.DEVNULL, stderr=self._errors,
             start_new_session=True,  # its own process group: stopped as a whole
+            env={**os.environ, **self.environ} if self.environ else None,
         )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                error = self.process.stderr.read().decode(errors="replace").strip()
+                self._errors.seek(0)
+                error = self._errors.read().decode(errors="replace").strip()
                 raise UserError(f"embedded broker exited at start: {error[-300:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -88,8 +103,7 @@ class EmbeddedBroker:
         except ProcessLookupError:
             pass
         finally:
-            if self.process.stderr:
-                self.process.stderr.close()
+            self._errors.close()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

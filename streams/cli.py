@@ -168,7 +168,14 @@ def _worker(args) -> int:
     from streams.sinks import open_sinks
 
     outboxes = open_sinks(settings.sinks)
-    partitions = topic_partitions(settings, [settings.topic_inference, settings.topic_stats])
+    from kafka.errors import KafkaError
+
+    from streams.kafka import cannot_connect
+
+    try:
+        partitions = topic_partitions(settings, [settings.topic_inference, settings.topic_stats])
+    except KafkaError as exc:
+        raise cannot_connect(settings, exc) from None
     metrics = WorkerMetrics()
     try:
         metrics.serve(settings.metrics_port)
@@ -176,6 +183,9 @@ def _worker(args) -> int:
         raise UserError(f"--metrics-port {settings.metrics_port}: {exc.strerror}") from None
     app = build_app(settings, profiles, thresholds, partitions=partitions, metrics=metrics,
                     outboxes=outboxes)
+    from streams.startup import start_clean_if_stale
+
+    start_clean_if_stale(app, settings)  # else a ConsistencyError at every start
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
           f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True)

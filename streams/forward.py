@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from streams.kafka import aiokafka_options, cannot_connect
 from streams.settings import Settings, add_arguments, resolve
 from streams.sinks import Sink, deliver, open_sink
 from streams.sinks.base import describe
@@ -39,19 +40,6 @@ class Progress:
     next_offset: dict = field(default_factory=dict)  # partition -> first offset not yet sent
 
 
-def consumer_options(settings: Settings) -> dict:
-    """aiokafka's form of the shared connection settings (TLS as an SSLContext)."""
-    from aiokafka.helpers import create_ssl_context
-
-    from streams.kafka import client_options
-
-    options = client_options(settings)
-    files = {name: options.pop(f"ssl_{name}", None) for name in ("cafile", "certfile", "keyfile")}
-    if options.get("security_protocol") in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(**files)
-    return options
-
-
 async def forward(settings: Settings, sink: Sink, *, from_offset: int | None = None,
                   from_time_ms: int | None = None, to_end: bool = True,
                   progress: Progress | None = None,
@@ -63,13 +51,13 @@ async def forward(settings: Settings, sink: Sink, *, from_offset: int | None = N
     progress = progress if progress is not None else Progress()
     topic = settings.topic_alerts
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="none", **consumer_options(settings))
+                                auto_offset_reset="none", **aiokafka_options(settings))
     try:
         try:
             await consumer.start()
             topics = await consumer.topics()
-        except KafkaError as exc:
-            raise UserError(f"{settings.broker}: cannot connect: {exc}") from None
+        except (KafkaError, KeyError, OSError) as exc:  # aiokafka fails SCRAM with a KeyError
+            raise cannot_connect(settings, exc) from None
         if topic not in topics:
             raise UserError(f"{settings.broker}: no topic {topic!r} (see --topic-alerts)")
         partitions = await _assign_and_seek(consumer, topic, from_offset, from_time_ms)
@@ -183,6 +171,8 @@ def forward_command(args: argparse.Namespace) -> int:
                             f"{args.from_time!r}") from None
     sink = open_sink(args.sink)
     progress = Progress()
+    # aiokafka logs each failed connection; the failure that matters is said once, below.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     def summary() -> None:
         skipped = f", {progress.skipped} records not alerts skipped" if progress.skipped else ""

@@ -1,6 +1,8 @@
-"""Kafka clients built from the shared settings (kafka-python: producer and admin)."""
+"""Kafka client options built from the shared settings (kafka-python and aiokafka)."""
 
 from __future__ import annotations
+
+from contextlib import suppress
 
 from streams.settings import Settings
 from streams.tabular import UserError
@@ -25,6 +27,76 @@ def client_options(settings: Settings) -> dict:
     return options
 
 
+def aiokafka_options(settings: Settings) -> dict:
+    """aiokafka's form of :func:`client_options` (TLS as an SSLContext)."""
+    from aiokafka.helpers import create_ssl_context
+
+    options = client_options(settings)
+    files = {name: options.pop(f"ssl_{name}", None) for name in ("cafile", "certfile", "keyfile")}
+    if options.get("security_protocol") in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(**files)
+    return options
+
+
+def refused(settings: Settings, exc: BaseException) -> UserError | None:
+    """A failed connection that waiting cannot mend (TLS or SASL refused), as one line
+    naming the settings to check; None when the broker may just be down or starting.
+
+    The clients say little: kafka-python times out whatever went wrong, and aiokafka
+    fails SCRAM with a KeyError. So a TLS handshake is tried here to get the reason,
+    and a broker that accepts connections but not this client's SASL is named as such.
+    """
+    import socket
+    import ssl
+
+    host, _, port = settings.broker.removeprefix("kafka://").split(",")[0].rpartition(":")
+    context = aiokafka_options(settings).get("ssl_context")  # the clients' own TLS settings
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            if context is not None:
+                with context.wrap_socket(raw, server_hostname=host):
+                    pass
+    except ssl.SSLError as tls:
+        why = f"certificate verify failed: {tls.verify_message}" \
+            if isinstance(tls, ssl.SSLCertVerificationError) else tls.reason or tls
+        return UserError(f"{settings.broker}: TLS refused: {why} (check "
+                         "--tls-ca, --tls-cert and --tls-key)")
+    except OSError:
+        return None  # not listening: down or not started yet
+    if settings.sasl_mechanism:
+        return UserError(f"{settings.broker}: SASL {settings.sasl_mechanism} login as "
+                         f"{settings.sasl_username!r} refused, or the broker does not take SASL "
+                         f"({type(exc).__name__}; check --sasl-username, MODELWATCH_SASL_PASSWORD "
+                         "and --sasl-mechanism)")
+    return None
+
+
+def cannot_connect(settings: Settings, exc: BaseException) -> UserError:
+    """The one line for a client that could not connect."""
+    return refused(settings, exc) or UserError(
+        f"{settings.broker}: cannot connect: {type(exc).__name__}: {exc}")
+
+
+def create_topics(settings: Settings, partitions: dict[str, int]) -> None:
+    """Create each topic with its partition count, unless it exists (replication 1)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(request_timeout_ms=10_000, **client_options(settings))
+    except KafkaError as exc:
+        raise cannot_connect(settings, exc) from None
+    try:
+        for topic, count in partitions.items():
+            with suppress(TopicAlreadyExistsError):
+                admin.create_topics([NewTopic(topic, num_partitions=count,
+                                              replication_factor=1)])
+    except KafkaError as exc:
+        raise UserError(f"{settings.broker}: cannot create topic {topic}: {exc}") from None
+    finally:
+        admin.close()
+
+
 def send_one(settings: Settings, topic: str, *, key: bytes, value: bytes,
              timeout_s: float = 30.0) -> str:
     """Send one record and wait for the broker's acknowledgement (acks=all)."""
@@ -34,7 +106,7 @@ def send_one(settings: Settings, topic: str, *, key: bytes, value: bytes,
     try:
         producer = KafkaProducer(acks="all", **client_options(settings))
     except KafkaError as exc:
-        raise UserError(f"{settings.broker}: cannot connect: {exc}") from None
+        raise cannot_connect(settings, exc) from None
     try:
         sent = producer.send(topic, key=key, value=value).get(timeout=timeout_s)
     except KafkaError as exc:

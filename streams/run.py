@@ -32,8 +32,8 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from streams.alerts import alert_line
@@ -117,30 +117,22 @@ def check_inputs(settings: Settings, log: Path | None, *, demo: bool = False) ->
 
 
 def create_topics(address: str, settings: Settings) -> None:
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    """The four topics, on the broker at ``address`` (with the TLS and SASL settings)."""
+    from streams.kafka import create_topics as create
 
-    admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=10_000)
-    try:
-        for topic in (settings.topic_inference, settings.topic_stats, settings.topic_alerts,
-                      settings.topic_deadletter):
-            with suppress(TopicAlreadyExistsError):
-                admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS,
-                                              replication_factor=1)])
-    finally:
-        admin.close()
+    create(replace(settings, broker=f"kafka://{address}"), {topic: PARTITIONS for topic in (
+        settings.topic_inference, settings.topic_stats, settings.topic_alerts,
+        settings.topic_deadletter)})
 
 
-def _broker_with_topics(stack: ExitStack, settings: Settings) -> tuple[str, str]:
-    """The configured broker, or the embedded one (stopped with ``stack``); topics created."""
+def _broker_with_topics(stack: ExitStack, settings: Settings) -> Settings:
+    """The settings with the configured broker, or the embedded one (stopped with
+    ``stack``); topics created."""
     if settings.broker is None:
         broker = stack.enter_context(EmbeddedBroker())
-        address, url = broker.address, broker.url
-    else:
-        url = settings.broker
-        address = url.removeprefix("kafka://").split(",")[0]
-    create_topics(address, settings)
-    return address, url
+        settings = replace(settings, broker=broker.url)
+    create_topics(settings.broker.removeprefix("kafka://"), settings)
+    return settings
 
 
 def _stop_on_sigterm() -> None:
@@ -175,8 +167,9 @@ def run(settings: Settings, log: Path | None, checked: Checked | None = None) ->
     with ExitStack() as stack:
         state = _state_folder(stack, settings)
         log_path = settings.state_dir / LOG_NAME
-        address, url = _broker_with_topics(stack, settings)
-        watch = Watch(address, settings, checked)
+        connected = _broker_with_topics(stack, settings)
+        url = connected.broker
+        watch = Watch(connected, checked)
         stack.callback(watch.close)
         print(f"run: broker {url}; alerts below (Ctrl-C stops everything)", flush=True)
         if settings.profiles is None:
@@ -223,15 +216,17 @@ def _child_settings(settings: Settings, command: str) -> list[str]:
 class Watch:
     """Reads the alerts and dead-letter topics and the worker's metrics for ``run``."""
 
-    def __init__(self, address: str, settings: Settings, checked: Checked | None = None,
+    def __init__(self, settings: Settings, checked: Checked | None = None,
                  clock=time.monotonic):
         from kafka import KafkaConsumer, TopicPartition
+
+        from streams.kafka import client_options
 
         self.settings = settings
         self.checked = checked
         self.clock = clock
-        self.consumer = KafkaConsumer(bootstrap_servers=address, auto_offset_reset="earliest",
-                                      enable_auto_commit=False, consumer_timeout_ms=500)
+        self.consumer = KafkaConsumer(auto_offset_reset="earliest", enable_auto_commit=False,
+                                      consumer_timeout_ms=500, **client_options(settings))
         alerts = [TopicPartition(settings.topic_alerts, p)
                   for p in self._partitions(settings.topic_alerts)]
         dead = [TopicPartition(settings.topic_deadletter, p)
@@ -418,6 +413,7 @@ def run_demo(settings: Settings) -> int:
     from kafka import KafkaProducer
 
     from streams.demo import GENERATING, expected_detections, prepare, summary
+    from streams.kafka import client_options
 
     check_inputs(settings, None, demo=True)
     _stop_on_sigterm()
@@ -428,10 +424,11 @@ def run_demo(settings: Settings) -> int:
         (folder / "profiles").mkdir()
         (folder / "profiles" / "demo.json").write_bytes(paths["profile"].read_bytes())
         truth = json.loads(paths["truth.json"].read_text())
-        address, url = _broker_with_topics(stack, settings)
+        connected = _broker_with_topics(stack, settings)
+        url = connected.broker
         print(f"modelwatch demo: broker {url}; starting the worker and shipping the log...",
               file=sys.stderr, flush=True)
-        watch = Watch(address, settings)
+        watch = Watch(connected)
         stack.callback(watch.close)
         base = [sys.executable, "-m", "streams.cli"]
         common = ["--broker", url, "--state-dir", str(folder / "state")]
@@ -447,7 +444,7 @@ def run_demo(settings: Settings) -> int:
         subprocess.run([*base, "tail", str(paths["inference.jsonl"]), "--once", *common,
                         *_child_settings(settings, "tail")], check=True,
                        stdout=children_log, stderr=children_log, env=_child_env(settings, "tail"))
-        producer = KafkaProducer(bootstrap_servers=address, acks="all")
+        producer = KafkaProducer(acks="all", **client_options(connected))
         for line in paths["stats"].read_bytes().splitlines():
             producer.send(settings.topic_stats, key=json.loads(line)["dataset"].encode(), value=line)
         producer.flush()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from streams.kafka import client_options
+from streams.kafka import client_options, refused
 from streams.records import screen
 from streams.settings import Settings
 from streams.tabular import UserError
@@ -87,11 +87,15 @@ class Shipper:
         backoff = 0.5
         while True:  # a shipper started before its broker waits for it
             try:
-                self.producer = KafkaProducer(acks="all", linger_ms=5, retries=3,
+                # Idempotent (kafka-python's default with acks=all and its own retries):
+                # a batch retried across a broker restart is stored once.
+                self.producer = KafkaProducer(acks="all", linger_ms=5,
                                               **client_options(self.settings))
                 partitions = self.producer.partitions_for(self.settings.topic_inference)
                 break
             except KafkaError as exc:
+                if (why := refused(self.settings, exc)) is not None:
+                    raise why from None
                 print(f"tail: broker {self.settings.broker} unavailable ({type(exc).__name__}); "
                       f"retrying in {backoff:.1f} s", file=sys.stderr)
                 time.sleep(backoff)
@@ -134,27 +138,44 @@ class Shipper:
             self.count > 0 and time.monotonic() - self.first_at >= self.linger_s)
 
     def flush(self) -> None:
-        """Send everything pending; returns once the broker acknowledged all of it."""
+        """Send everything pending; returns once the broker acknowledged all of it.
+
+        The producer retries a send itself, with the sequence numbers of its first try,
+        so a broker that stored a batch but went down before acknowledging it does not
+        store it twice; only what it gave up on (after ``delivery_timeout_ms``) is sent
+        again, and what was acknowledged is not.
+        """
         from kafka.errors import KafkaError
 
         backoff = 0.5
         while self.pending or self.dead:
-            try:
-                futures = [self.producer.send(self.settings.topic_inference, partition=p,
-                                              value=b"[" + b",".join(events) + b"]")
-                           for p, events in self.pending.items()]
-                futures += [self.producer.send(self.settings.topic_deadletter, value=raw,
-                                               headers=headers) for raw, headers in self.dead]
-                for future in futures:
-                    future.get(timeout=30)
-            except KafkaError as exc:
-                print(f"tail: broker unavailable ({type(exc).__name__}); retrying in "
+            sent = [(p, self.producer.send(self.settings.topic_inference, partition=p,
+                                           value=b"[" + b",".join(events) + b"]"))
+                    for p, events in self.pending.items()]
+            dead = [(item, self.producer.send(self.settings.topic_deadletter, value=item[0],
+                                              headers=item[1])) for item in self.dead]
+            failed = None
+            for p, future in sent:
+                try:
+                    future.get()
+                except KafkaError as exc:
+                    failed = exc
+                    continue
+                events = self.pending.pop(p)
+                self.shipped += len(events)
+                self.count -= len(events)
+            for item, future in dead:
+                try:
+                    future.get()
+                except KafkaError as exc:
+                    failed = exc
+                    continue
+                self.dead.remove(item)
+            if failed is not None:
+                print(f"tail: broker unavailable ({type(failed).__name__}); retrying in "
                       f"{backoff:.1f} s", file=sys.stderr)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
-                continue
-            self.shipped += self.count
-            self.pending, self.dead, self.count = {}, [], 0
 
     def close(self) -> None:
         self.producer.close()

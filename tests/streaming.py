@@ -129,3 +129,134 @@ def state_differences(a, b) -> list[str]:
         if not same:
             out.append(f.name)
     return out
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate
+    (openssl); also a second CA that signed neither, for the wrong-CA cases."""
+    from tests.conftest import need_tool
+
+    openssl = need_tool("openssl", package="openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
+            "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=modelwatch test {ca}")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext)
+    return {name: folder / name for name in (
+        "ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+class TlsFront:
+    """TLS in front of a broker: clients speak TLS (with a client certificate) to
+    ``port``, which forwards plain bytes to the broker. The bundled Tansu 0.6.0
+    cannot serve TLS itself (its --cert and --key are refused together, and --cert
+    alone leaves the listener plaintext), so the broker advertises this port."""
+
+    def __init__(self, pki: dict[str, Path], port: int, upstream: int):
+        import ssl
+        import threading
+
+        self.port, self.upstream = port, upstream
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca.pem"])
+        self.context.load_cert_chain(pki["server.pem"], pki["server.key"])
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> TlsFront:
+        self._thread.start()
+        assert self._ready.wait(10), "TLS front did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        import asyncio
+
+        async def pipe(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def client(reader, writer):
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            server = await asyncio.start_server(client, "127.0.0.1", self.port, ssl=self.context)
+            self._ready.set()
+            await self._stop.wait()
+            server.close()
+
+        asyncio.run(main())
+
+
+class S3Store:
+    """A local S3 server (moto) holding one bucket: durable storage for a broker that
+    is stopped and started again. The bundled Tansu has no PostgreSQL engine, and
+    its memory engine loses everything when it stops."""
+
+    BUCKET = "modelwatch"
+
+    def __init__(self, server: str, log: Path):
+        from streams.broker import free_port
+
+        self.server, self.log, self.port = server, log, free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def environ(self) -> dict[str, str]:
+        """What the broker needs to reach it (object_store's variables)."""
+        return {"AWS_ENDPOINT": f"http://127.0.0.1:{self.port}", "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "modelwatch", "AWS_SECRET_ACCESS_KEY": "modelwatch",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    @property
+    def storage(self) -> str:
+        return f"s3://{self.BUCKET}/"
+
+    def __enter__(self) -> S3Store:
+        import urllib.request
+
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [self.server, "-H", "127.0.0.1", "-p", str(self.port)], stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:  # the bucket, once the server answers
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{self.port}/{self.BUCKET}", method="PUT")
+                with urllib.request.urlopen(request, timeout=5):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError(
+                        f"S3 server did not start: {self.log.read_text()[-500:]}") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop(self.process)
