@@ -126,8 +126,10 @@ def covered(stored: dict, pipeline) -> bool:
 
 @pytest.fixture(scope="module")
 def outage(demo, expected, tmp_path_factory) -> Outage:
-    server = need(shutil.which("moto_server") and Path(shutil.which("moto_server")),
-                  "moto_server (pip install 'moto[server]')")
+    # Installed beside this interpreter by the dev extras; the venv need not be on PATH.
+    found = shutil.which("moto_server", path=os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    server = need(found and Path(found), "moto_server (pip install 'moto[server]')")
     folder, paths = demo
     tmp_path = tmp_path_factory.mktemp("outage")
     lines = paths["inference.jsonl"].read_bytes().splitlines()
