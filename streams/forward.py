@@ -13,18 +13,19 @@ base offset of the last batch plus one, short of the real end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from streams.kafka import aiokafka_options, cannot_connect
 from streams.settings import Settings, add_arguments, resolve
-from streams.sinks import Sink, deliver, open_sink
-from streams.sinks.base import describe
 from streams.tabular import UserError
+
+if TYPE_CHECKING:  # the sinks are imported when alerts are forwarded, not by every command
+    from streams.sinks import Sink
 
 log = logging.getLogger("modelwatch.forward")
 
@@ -47,6 +48,9 @@ async def forward(settings: Settings, sink: Sink, *, from_offset: int | None = N
     """Send the alerts of ``settings.topic_alerts`` to ``sink``; returns what was done."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+
+    from streams.sinks import deliver
+    from streams.sinks.base import describe
 
     progress = progress if progress is not None else Progress()
     topic = settings.topic_alerts
@@ -155,7 +159,11 @@ def _decode(value: bytes | None) -> dict | None:
 
 
 def forward_command(args: argparse.Namespace) -> int:
+    # Imported here: every modelwatch command registers this verb, few run it.
+    import asyncio
+
     from streams.records import parse_ts
+    from streams.sinks import open_sink
 
     settings = resolve(args)
     if settings.broker is None:

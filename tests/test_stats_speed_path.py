@@ -19,7 +19,7 @@ from tests.conftest import ROOT, run_cli
 
 #: Never needed to describe a batch: scikit-learn and scipy.stats build profiles; the
 #: rest are the worker's and the progress bar's.
-HEAVY = ("sklearn", "scipy.stats", "scipy.optimize", "faust", "aiokafka", "kafka", "rich")
+HEAVY = ("sklearn", "scipy", "scipy.optimize", "faust", "aiokafka", "kafka", "rich")
 TS = "2026-11-21T10:00:00Z"
 
 
