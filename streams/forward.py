@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from streams.kafka import aiokafka_options, cannot_connect
+from streams.kafka import aiokafka_options, start_consumer
 from streams.settings import Settings, add_arguments, resolve
 from streams.tabular import UserError
 
@@ -47,7 +47,7 @@ async def forward(settings: Settings, sink: Sink, *, from_offset: int | None = N
                   delivery_attempts: int = DELIVERY_ATTEMPTS) -> Progress:
     """Send the alerts of ``settings.topic_alerts`` to ``sink``; returns what was done."""
     from aiokafka import AIOKafkaConsumer
-    from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+    from aiokafka.errors import OffsetOutOfRangeError
 
     from streams.sinks import deliver
     from streams.sinks.base import describe
@@ -57,11 +57,7 @@ async def forward(settings: Settings, sink: Sink, *, from_offset: int | None = N
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="none", **aiokafka_options(settings))
     try:
-        try:
-            await consumer.start()
-            topics = await consumer.topics()
-        except (KafkaError, KeyError, OSError) as exc:  # aiokafka fails SCRAM with a KeyError
-            raise cannot_connect(settings, exc) from None
+        topics = await start_consumer(consumer, settings)
         if topic not in topics:
             raise UserError(f"{settings.broker}: no topic {topic!r} (see --topic-alerts)")
         partitions = await _assign_and_seek(consumer, topic, from_offset, from_time_ms)

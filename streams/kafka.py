@@ -77,6 +77,18 @@ def cannot_connect(settings: Settings, exc: BaseException) -> UserError:
         f"{settings.broker}: cannot connect: {type(exc).__name__}: {exc}")
 
 
+async def start_consumer(consumer, settings: Settings) -> set[str]:
+    """Start an aiokafka consumer and return the broker's topics; a refused connection
+    is one clear line (the caller stops the consumer either way)."""
+    from aiokafka.errors import KafkaError
+
+    try:
+        await consumer.start()
+        return await consumer.topics()
+    except (KafkaError, KeyError, OSError) as exc:  # aiokafka fails SCRAM with a KeyError
+        raise cannot_connect(settings, exc) from None
+
+
 def create_topics(settings: Settings, partitions: dict[str, int]) -> None:
     """Create each topic with its partition count, unless it exists (replication 1)."""
     from kafka.admin import KafkaAdminClient, NewTopic

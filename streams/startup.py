@@ -50,19 +50,14 @@ def stored_offsets(app) -> dict[tuple[str, int], int]:
 async def _broker_ends(settings: Settings, wanted: set[tuple[str, int]]) -> dict:
     """(topic, partition) -> the broker's high watermark (0 for a topic it does not have)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.errors import KafkaError
 
-    from streams.kafka import aiokafka_options, cannot_connect
+    from streams.kafka import aiokafka_options, start_consumer
     from streams.transport import fetched_highwaters
 
     options = aiokafka_options(settings)
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **options)
     try:
-        try:
-            await consumer.start()
-            topics = await consumer.topics()
-        except (KafkaError, KeyError, OSError) as exc:  # aiokafka fails SCRAM with a KeyError
-            raise cannot_connect(settings, exc) from None
+        topics = await start_consumer(consumer, settings)
         tps = [TopicPartition(t, p) for t, p in wanted
                if t in topics and p in (consumer.partitions_for_topic(t) or ())]
         # ListOffsets on the embedded broker stops short of the end (the base offset of

@@ -79,12 +79,23 @@ def send_stats(broker, stats: Path) -> None:
                           for line in stats.read_bytes().splitlines()])
 
 
+def connection(broker) -> dict:
+    """kafka-python options for a broker (anything with an ``address``) or for the
+    client settings of one (TLS, SASL)."""
+    from streams.kafka import client_options
+    from streams.settings import Settings
+
+    if isinstance(broker, Settings):
+        return client_options(broker)
+    return {"bootstrap_servers": broker.address}
+
+
 def read_topic(broker, topic: str, partitions: int = PARTITIONS) -> list:
     """Every record of a topic, read to the end without a consumer group."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=broker.address, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    consumer = KafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
+                             consumer_timeout_ms=1500, **connection(broker))
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     records = list(consumer)
     consumer.close()

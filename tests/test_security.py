@@ -12,6 +12,7 @@ to ``run`` reaches its children through their environment, never their argv.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +26,16 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.kafka import client_options, create_topics
 from streams.settings import Settings, resolve
 from tests.conftest import ROOT
-from tests.streaming import PARTITIONS, TOPICS, TlsFront, make_pki, stop, terminate
+from tests.streaming import (
+    PARTITIONS,
+    TOPICS,
+    TlsFront,
+    make_pki,
+    read_topic,
+    stop,
+    terminate,
+    wait_for_alerts,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,36 +52,20 @@ def tls_env(pki, ca: str = "ca.pem") -> dict[str, str]:
             "MODELWATCH_TLS_KEY": str(pki["client.key"])}
 
 
-def over_tls(pki, front_port: int) -> Settings:
-    """The test's own connection through the front (the broker advertises only it)."""
+@contextlib.contextmanager
+def tls_broker(pki):
+    """A broker behind a TLS front, its topics made; yields the test's own connection
+    through the front (the broker advertises only it)."""
     import argparse
 
-    return resolve(argparse.Namespace(broker=f"kafka://127.0.0.1:{front_port}"),
-                   environ=tls_env(pki))
-
-
-def create(settings: Settings) -> None:
-    create_topics(settings, dict.fromkeys(TOPICS, PARTITIONS))
-
-
-def read_topic(settings: Settings, topic: str) -> list:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
-                             consumer_timeout_ms=1500, **client_options(settings))
-    consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
-    records = list(consumer)
-    consumer.close()
-    return records
-
-
-def wait_for_alerts(settings: Settings, until, timeout_s: float) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alerts = [json.loads(r.value) for r in read_topic(settings, "security-alerts")]
-        if until(alerts) or time.monotonic() > deadline:
-            return alerts
-        time.sleep(1)
+    front_port = free_port()
+    with EmbeddedBroker(advertised_port=front_port) as broker, \
+            TlsFront(pki, front_port, broker.port):
+        mine = resolve(argparse.Namespace(broker=f"kafka://127.0.0.1:{front_port}"),
+                       environ=tls_env(pki))
+        # Before any record: the broker would make 4 partitions for an unknown topic.
+        create_topics(mine, dict.fromkeys(TOPICS, PARTITIONS))
+        yield mine
 
 
 def send_stats(settings: Settings, stats: Path) -> None:
@@ -127,11 +121,7 @@ def refused_in_one_line(runs: dict[str, subprocess.Popen], words: str) -> None:
 
 def test_every_client_works_over_tls_with_a_client_certificate(demo, expected, pki, tmp_path):
     folder, paths = demo
-    front_port = free_port()
-    with EmbeddedBroker(advertised_port=front_port) as broker, \
-            TlsFront(pki, front_port, broker.port):
-        mine = over_tls(pki, front_port)
-        create(mine)
+    with tls_broker(pki) as mine:
         url = ["--broker", mine.broker]
         env = tls_env(pki)
         todo = commands(folder, paths, tmp_path)
@@ -164,16 +154,12 @@ def test_every_client_works_over_tls_with_a_client_certificate(demo, expected, p
 def test_run_over_tls_prints_alerts_and_gives_its_children_no_secret_in_argv(
         demo, expected, pki, tmp_path):
     folder, paths = demo
-    front_port = free_port()
-    with EmbeddedBroker(advertised_port=front_port) as broker, \
-            TlsFront(pki, front_port, broker.port):
-        mine = over_tls(pki, front_port)
-        create(mine)  # before any record: the broker would make 4 partitions
+    with tls_broker(pki) as mine:
         send_stats(mine, paths["stats"])
         todo = commands(folder, paths, tmp_path)
         # The password is given as a flag, which puts it in run's own argv (the user's
         # choice; --help says to prefer the environment): never in its children's.
-        runner = cli(*todo["run"], "--broker", f"kafka://127.0.0.1:{front_port}",
+        runner = cli(*todo["run"], "--broker", mine.broker,
                      "--sasl-password", PASSWORD, env=tls_env(pki), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
         try:
@@ -214,11 +200,7 @@ def wait_for_children(pid: int, count: int, timeout_s: float = 120.0) -> list[in
 
 def test_a_wrong_ca_is_refused_in_one_line_by_every_client(demo, pki, tmp_path):
     folder, paths = demo
-    front_port = free_port()
-    with EmbeddedBroker(advertised_port=front_port) as broker, \
-            TlsFront(pki, front_port, broker.port):
-        mine = over_tls(pki, front_port)
-        create(mine)
+    with tls_broker(pki) as mine:
         url = ["--broker", mine.broker]
         runs = {name: cli(*argv, *url, env=tls_env(pki, "other-ca.pem"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
