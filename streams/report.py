@@ -70,6 +70,12 @@ EVIDENCE_BY_RULE = {
     ("poisoning.duplicates", "expected_share"):
         "share of duplicated rows expected: the larger of the profile's and the source's "
         "recent clean batches' (the threshold adds duplicate_share to it)",
+    ("poisoning.label_flip", "expected_share"):
+        "share of that label's rows the profile's reference classifier put in the other "
+        "class on the training set (cross-validated) or the source's recent clean batches",
+    ("poisoning.label_flip", "estimated_flipped_share"):
+        "estimated share of that class's rows that are flipped (the classifier test: the "
+        "share classified as the other class above its expected share)",
     ("poisoning.out_of_bounds", "expected_share"):
         "share of this feature's values beyond the bounds expected from the source's recent "
         "clean batches (else the profile's held-out rate)",
@@ -106,6 +112,8 @@ EVIDENCE = {
     "pooled_off_profile_share": "share of the pooled events off the training distribution",
     "pooled_step_queries": "pooled gradient-step queries of the client ids behind the IP",
     "pooled_of_recent": "pooled recent queries those steps are counted among",
+    "new_ids_from_source": "client ids new to the model from the source IP this epoch",
+    "source_ip": "the source IP the client ids came from",
     # training batches (poisoning.*)
     "class": "the class whose rows look relabelled",
     "looks_like": "the class those rows look like",
@@ -116,6 +124,11 @@ EVIDENCE = {
                                "what a mixture of the two classes would give (1 = as a flip)",
     "reference": "what the batch was compared with: recent clean batches of the source, "
                  "or the profile",
+    "test": "which flip test fired: class_means (class means moved toward another "
+            "class) or reference_classifier (rows of the label classified as another class)",
+    "rows_labelled": "rows of the batch with that label, within the training bounds",
+    "classified_as_other": "of those, rows the profile's reference classifier puts in the "
+                           "other class",
     "feature": "the feature concerned",
     "bin_share": "share of the batch's values of that feature in the spiking bin",
     "reference_share": "that bin's share in the profile and recent clean batches",
