@@ -79,8 +79,9 @@ def select(candidates: list[Candidate], ts: np.ndarray, last_alert: dict,
     ``last_alert`` (family -> event time) is updated in place.
     """
     verdicts = []
-    for family in dict.fromkeys(c.detector for c in candidates):
-        mine = [c for c in candidates if c.detector == family and c.mask.any()]
+    hit = [c for c in candidates if c.mask.any()]  # most batches: none
+    for family in dict.fromkeys(c.detector for c in hit):
+        mine = [c for c in hit if c.detector == family]
         after = -1
         while mine:
             last = last_alert.get(family)
@@ -137,9 +138,12 @@ def rate_surprise(k: np.ndarray, n: np.ndarray, p0, min_k: float = 1.0) -> np.nd
     >>> round(float(rate_surprise(np.array([5.0]), np.array([5.0]), 0.01)[0]), 1)
     10.0
     """
+    k = np.asarray(k)
+    out = np.zeros(k.shape, dtype=np.float64)
+    if not out.size or k.max() < max(min_k, 1.0):  # the common case: nothing to evaluate
+        return out
     k_int = np.floor(k)
     n_int = np.maximum(np.floor(n), k_int)
-    out = np.zeros(np.shape(k), dtype=np.float64)
     p0 = np.broadcast_to(np.asarray(p0, dtype=np.float64), out.shape)
     # Tails of 10^-3 or less need z > 3 under the normal approximation, and the
     # binomial tail is heavier, so nothing rules care about is skipped.

@@ -22,8 +22,8 @@ into batches). From it come
   the same share of each feature's range in most features — the shape of a
   gradient-sign step (Papernot et al.'s Jacobian-based augmentation).
 
-Memory per client is fixed: ``size`` × features float32 for the window plus a
-few hundred numbers (see :func:`state_bytes`).
+Memory per client is bounded: up to ``size`` × features float32 for the window (it
+grows with the client's queries) plus a few hundred numbers (see :func:`state_bytes`).
 """
 
 from __future__ import annotations
@@ -126,13 +126,15 @@ class ClientState:
 
     def __post_init__(self):
         if self.window is None:
-            self.window = np.zeros((self.size, self.n_features), dtype=np.float32)
-            self.window_label = np.full(self.size, -1, dtype=np.int16)
-            self.window_repeat = np.zeros(self.size, dtype=bool)
-            self.window_hash = np.zeros(self.size, dtype=np.uint64)
+            # Windows and the PRADA ring grow as the client queries: most clients send a
+            # few queries, and a preallocated window costs size x features floats each.
+            self.window = np.zeros((0, self.n_features), dtype=np.float32)
+            self.window_label = np.zeros(0, dtype=np.int16)
+            self.window_repeat = np.zeros(0, dtype=bool)
+            self.window_hash = np.zeros(0, dtype=np.uint64)
             self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
             self.rates = np.zeros((len(RATES), 2))
-            self.prada = np.full(PRADA_RING, np.nan, dtype=np.float32)
+            self.prada = np.zeros(0, dtype=np.float32)
             self.rate_bins = np.full(len(RATES), -1, dtype=np.int16)
             self.z_sum = np.zeros(self.n_features)
             self.pooled_counts = np.zeros(5)
@@ -173,6 +175,10 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     """
     rows = np.flatnonzero(batch.has_features)
     m = len(batch)
+    if 0 < m == len(rows) <= SUB_BATCH:  # the common case in a stream: one block, all featured
+        r, nn, kn, *rest = _score_block(state, batch.Z.astype(np.float32), batch.label, k, unit,
+                                        near, precision)
+        return Neighbours(r, nn.astype(np.float64), kn.astype(np.float64), *rest)
     repeat = np.zeros(m, dtype=bool)
     nn_same = np.full(m, np.nan)
     knn = np.full(m, np.nan)
@@ -238,7 +244,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     diff = Q - R[nearest]  # each query minus its nearest earlier distinct query
     moved = np.abs(diff)
     changed = moved > 1e-6
-    sparse = has_nearest & (changed.mean(1) <= NEAR_REPEAT_CHANGED)
+    sparse = has_nearest & (changed.sum(1) <= NEAR_REPEAT_CHANGED * changed.shape[1])
     if precision is not None:  # every changed field moved by more than rounding would
         edit = sparse & ~(changed & (moved <= EDIT_STEPS * precision + 1e-6)).any(1)
     else:
@@ -252,7 +258,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     # among near-identical ones.
     idx = np.argpartition(D, kk - 1, axis=1)[:, :kk]
     near_d = np.take_along_axis(D, idx, 1)
-    knn = near_d.mean(1)
+    knn = near_d.sum(1) / kk  # np.mean's own arithmetic, without its Python overhead
     knn[~np.isfinite(knn)] = np.nan
     mixed = ((R_label[idx] != labels[:, None]) & np.isfinite(near_d)).any(1)
     step = np.zeros(m, dtype=bool)
@@ -260,10 +266,14 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
         step[has_nearest] = sign_steps(diff[has_nearest], unit)
 
     keep = min(size, h + m)
-    state.window[:keep] = R[h + m - keep:]
-    state.window_label[:keep] = R_label[h + m - keep:]
-    state.window_repeat[:keep] = col_repeat[h + m - keep:]
-    state.window_hash[:keep] = R_hash[h + m - keep:]
+    # The last `keep` columns become the window: whole arrays while the window grows,
+    # copies once it slides (a view would keep the longer array alive).
+    tail = slice(h + m - keep, None)
+    copy = keep < h + m
+    state.window = R[tail].copy() if copy else R
+    state.window_label = R_label[tail].copy() if copy else R_label
+    state.window_repeat = col_repeat[tail].copy() if copy else col_repeat
+    state.window_hash = R_hash[tail].copy() if copy else R_hash
     state.window_len = keep
     return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest
 

@@ -124,9 +124,13 @@ def _prada(view, cfg) -> Candidate:
         start = state.prada_count
         count = start + len(rows)
         ring = state.prada
-        # Distances in order: the last PRADA_RING before this batch, then this batch's.
+        # Distances in order: the last PRADA_RING before this batch, then this batch's. The
+        # ring grows to PRADA_RING in order (slot i holds distance i), then wraps.
         before = min(start, PRADA_RING)
-        history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:] if before else ring[:0]
+        if len(ring) < PRADA_RING:
+            history = ring[:before]
+        else:
+            history = np.roll(ring, -(start % PRADA_RING))[PRADA_RING - before:]
         series = np.concatenate([history, new[rows].astype(np.float32)])
         every, minimum, window = cfg["prada_every"], cfg["prada_min_distances"], cfg["prada_window"]
         # Tests at minimum, minimum + every, ...: the same points however the stream is cut.
@@ -141,8 +145,16 @@ def _prada(view, cfg) -> Candidate:
                 mask[hit], score[hit] = True, 1.0 - w[alarm]
                 details[hit] = {"shapiro_w": round(float(w[alarm]), 4), "delta": round(delta, 4),
                                 "distances": int(min(window, totals[alarm]))}
-        slots = (start + np.arange(len(rows))) % PRADA_RING
-        ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
+        if count <= PRADA_RING:
+            state.prada = series  # still in order, slot i = distance i
+        else:
+            if len(ring) < PRADA_RING:  # full now: lay the last PRADA_RING out as the ring
+                ring = np.zeros(PRADA_RING, dtype=np.float32)
+                ring[np.arange(count - PRADA_RING, count) % PRADA_RING] = series[-PRADA_RING:]
+            else:
+                slots = (start + np.arange(len(rows))) % PRADA_RING
+                ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
+            state.prada = ring
         state.prada_count = count
     return _candidate(view, "prada", mask, score, 1.0 - delta, description, details.get)
 

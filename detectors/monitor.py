@@ -112,24 +112,25 @@ class QueryMonitor:
     def update(self, key: str, state: ClientState, batch: QueryBatch,
                profile: Profile | None, population: Population,
                pending: Population | None = None, trace: list | None = None,
-               new: bool = False) -> list[Verdict]:
+               new: bool = False, expected: dict | None = None) -> list[Verdict]:
         """Judge one client's batch against ``population`` (a snapshot taken before
         the batch's epoch); the batch's own contribution is added to ``pending``
         (the next snapshot), or to ``population`` if none is given. ``trace``, if
         given, receives each rule's candidate (its score per event and threshold).
         ``new``: the client id is new to the model (or was evicted), so its source
-        brought one more id (``extraction.key_minting``)."""
+        brought one more id (``extraction.key_minting``). ``expected``: :meth:`expected` of
+        this population and profile, when the caller judges many clients against them."""
         pending = population if pending is None else pending
         if profile is not None:
             nb = neighbours(state, batch, self.adv["knn_k"], profile.step_unit,
                             near=NEAR_REPEAT * profile.knn_quantiles["0.01"],
-                            precision=profile.step / profile.scale)
+                            precision=profile.step_scaled)
             own = own_calibrated_ood(state, batch, profile)
         else:
             nb, own = neighbours(state, batch, self.adv["knn_k"]), None
         view = ClientView(key, state, batch, nb, profile, population, {}, own)
         series = view.flags = adversarial.flags(view, self.adv)
-        view.expected = self._expected(population, profile)
+        view.expected = expected or self.expected(population, profile)
         if series:
             rows = [RATES.index(name) for name in series]
             columns = np.column_stack([a for pair in series.values() for a in
@@ -149,7 +150,7 @@ class QueryMonitor:
         self._learn(view, pending)
         return verdicts
 
-    def _expected(self, population: Population, profile: Profile | None) -> dict[str, float]:
+    def expected(self, population: Population, profile: Profile | None) -> dict[str, float]:
         """Expected honest share per rate: the profile's (or configured) floor, then production's."""
         adv, cal = self.adv, self.calibration
         floors = {"low_margin": (adv["low_margin_floor"], adv["low_margin_min"])}

@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,10 +107,15 @@ class Profile:
     def scaled(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean) / self.scale
 
-    @property
+    @functools.cached_property
     def step_unit(self) -> np.ndarray:
         """Each feature's training range in scaled units (0 for constant features)."""
         return (self.upper - self.lower) / self.scale
+
+    @functools.cached_property
+    def step_scaled(self) -> np.ndarray:
+        """The data's precision per feature in scaled units."""
+        return self.step / self.scale
 
     @property
     def within_precision(self) -> np.ndarray:

@@ -7,7 +7,7 @@ client's state, where ``np.savez`` takes ten times that.
 
 >>> from detectors.clients import ClientState
 >>> s = ClientState(n_classes=3, n_features=4, size=8)
->>> s.window[0] = 1.5
+>>> s.window = np.full((2, 4), 1.5, dtype=np.float32)
 >>> t = loads(ClientState, dumps(s))
 >>> float(t.window[0, 0]), t.size
 (1.5, 8)

@@ -309,6 +309,7 @@ class Pipeline:
         codes: dict[str, int] = {}
         client_code = np.fromiter((codes.setdefault(e.client_id, len(codes)) for e in events),
                                   dtype=np.int64, count=len(events))
+        expected = self.query.expected(population, profile)  # one snapshot for the whole batch
         order = np.argsort(client_code, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(client_code[order]) != 0])
         bounds = np.r_[starts, len(order)]
@@ -333,7 +334,7 @@ class Pipeline:
             )
             trace = [] if self.scores is not None else None
             verdicts = self.query.update(key, state, batch, profile, population, pending, trace,
-                                         new=new)
+                                         new=new, expected=expected)
             if trace:
                 self.scores.query(model, client, trace,
                                   [events[i].request_id or str(i) for i in rows], batch.ts)

@@ -97,12 +97,14 @@ def test_state_round_trip_gives_the_same_verdicts(digits):
     assert plain == restored
 
 
-def test_client_memory_is_fixed(digits):
-    _, small = run(digits, walk(digits, 60), [])
+def test_client_memory_is_bounded_and_grows_with_use(digits):
+    _, few = run(digits, walk(digits, 5), [])
+    _, full = run(digits, np.vstack([walk(digits, 600, seed=s) for s in range(3)]), [300, 900])
     _, large = run(digits, np.vstack([walk(digits, 600, seed=s) for s in range(5)]),
                    list(range(100, 3000, 100)))
-    assert state_bytes(small) == state_bytes(large)
-    assert abs(len(dumps(small)) - len(dumps(large))) < 256  # header digits only
+    assert state_bytes(full) == state_bytes(large)
+    assert abs(len(dumps(full)) - len(dumps(large))) < 256  # header digits only
+    assert state_bytes(few) * 10 < state_bytes(large)  # a light client holds its few queries
 
 
 def test_deterministic(digits):
