@@ -19,12 +19,16 @@ Parts (``--parts``, each a few minutes at most):
   worker fed ~10-event records and one event per record, beside a bare aiokafka
   consumer reading the same records; event-to-alert latency at steady 5,000 and
   20,000 events/s in ~10-event records.
+- ``batches``: the replay pipeline in-process, fed the day in batches of ``--batch-sizes``
+  events (a worker's batches: a few hundred events at a light load, thousands under a
+  backlog), beside screening (decoding and validating) the same batches: the cost a
+  client pays per batch, which is what holds the worker back at small batches.
 - ``memory``: resident memory growth per tracked client, in-process (the replay
   pipeline), for light clients (``--light-queries`` each, 100,000 of them) and heavy
   ones (``--heavy-queries`` each), events drawn from this day's honest queries.
 
 Usage:
-    .venv/bin/python bench/realistic_speed.py [--parts replay,stream,memory] [--runs 3]
+    .venv/bin/python bench/realistic_speed.py [--parts replay,batches,stream,memory] [--runs 3]
 """
 
 from __future__ import annotations
@@ -223,6 +227,67 @@ def replay_part(name: str, profile: Path, log: Path, runs: int) -> list[tuple[st
     return rows
 
 
+# --------------------------------------------------------------------------- batches
+
+
+def batches_child(profile_path: Path, log: Path, n_events: int, batch_events: int, conn) -> None:
+    """Child process: the replay pipeline fed the day's first ``n_events`` in batches of
+    ``batch_events`` (a worker's batches under load are a few hundred to a few thousand
+    events). Sends back CPU seconds to screen (decode and validate) and to judge, and
+    the mean number of clients per batch."""
+    from detectors.config import load_thresholds
+    from streams.files import load_profile
+    from streams.pipeline import Pipeline
+    from streams.records import screen
+
+    with open(log, "rb") as handle:
+        lines = [line for _, line in zip(range(n_events), handle, strict=False)]
+    pipeline = Pipeline([load_profile(profile_path)], load_thresholds())
+    screen_s = judge_s = 0.0
+    clients = []
+    for start in range(0, len(lines), batch_events):
+        t = time.process_time()
+        done = screen([(raw, i) for i, raw in enumerate(lines[start:start + batch_events])],
+                      pipeline.reject_reason)
+        order = np.argsort(done.ts, kind="stable")
+        events = [done.events[i] for i in order]
+        screen_s += time.process_time() - t
+        t = time.process_time()
+        pipeline.process_inference(events, done.ts[order])
+        judge_s += time.process_time() - t
+        clients.append(len({e.client_id for e in events}))
+    conn.send({"screen_s": screen_s, "judge_s": judge_s, "clients": float(np.mean(clients)),
+               "events": len(lines)})
+    conn.close()
+
+
+def batches_part(profile: Path, log: Path, n_events: int, sizes: list[int],
+                 runs: int) -> list[tuple[str, str, str]]:
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[int, list[dict]] = {size: [] for size in sizes}
+    for r in range(runs):  # interleaved: the machine's load hits all alike
+        for size in sizes:
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=batches_child, args=(profile, log, n_events, size, child))
+            process.start()
+            results[size].append(parent.recv())
+            process.join()
+            got = results[size][-1]
+            print(f"[batches {r + 1}] {size:,} events a batch: judged "
+                  f"{got['events'] / got['judge_s']:,.0f}/CPU-s, screened "
+                  f"{got['events'] / got['screen_s']:,.0f}/CPU-s", flush=True)
+    rows = []
+    for size in sizes:
+        got = results[size]
+        judged = statistics.median(g["events"] / g["judge_s"] for g in got)
+        screened = statistics.median(g["events"] / g["screen_s"] for g in got)
+        rows.append((f"judging in batches of {size:,} events (~{got[0]['clients']:,.0f} clients "
+                     f"each), events per CPU-second", f"{judged:,.0f}",
+                     f"median of {runs}; {judged / screened:.1%} of screening the same batches "
+                     f"({screened:,.0f}/CPU-s); the day's first {got[0]['events']:,} events"))
+    return rows
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -325,13 +390,16 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="replay,stream,memory")
+    parser.add_argument("--parts", default="replay,batches,stream,memory")
     parser.add_argument("--traffic", default="realistic,zipf",
                         help="replay part: realistic (this day), zipf (bench/replay_speed.py's)")
     parser.add_argument("--runs", type=int, default=3, help="replay runs (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", type=int, default=900, help="honest keys of the day")
     parser.add_argument("--zipf-events", type=int, default=500_000)
+    parser.add_argument("--batch-sizes", type=lambda text: [int(v) for v in text.split(",")],
+                        default=[250, 1000, 5000], help="batches part: events a batch")
+    parser.add_argument("--batch-day-events", type=int, default=60_000)
     parser.add_argument("--light", type=int, default=100_000, help="memory part: light clients")
     parser.add_argument("--light-queries", type=int, default=10)
     parser.add_argument("--heavy", type=int, default=2_000, help="memory part: heavy clients")
@@ -356,6 +424,9 @@ def main() -> None:
                 zipf_profile, zipf_log = make_inputs(args.zipf_events)
                 rows += replay_part(f"zipf {args.zipf_events // 1000}k", zipf_profile,
                                     zipf_log, args.runs)
+
+    if "batches" in parts:
+        rows += batches_part(profile, log, args.batch_day_events, args.batch_sizes, args.runs)
 
     if "memory" in parts:
         rows += memory_part(profile, log, (args.light, args.light_queries),

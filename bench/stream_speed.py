@@ -190,6 +190,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), MiB."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    kib = next((int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("VmHWM:")), None)
+    return float("nan") if kib is None else kib / 1024
+
+
 class Worker:
     """``modelwatch worker`` in its own process group, killed as a whole."""
 
@@ -209,14 +220,7 @@ class Worker:
         return cpu_s(self.process.pid)
 
     def peak_rss_mib(self) -> float:
-        """The worker's peak resident memory so far (VmHWM)."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return float("nan")
-        kib = next((int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("VmHWM:")), None)
-        return float("nan") if kib is None else kib / 1024
+        return peak_rss_mib(self.process.pid)
 
     def check(self) -> None:
         if self.process.poll() is not None:

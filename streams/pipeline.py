@@ -123,6 +123,7 @@ class Pipeline:
         self.shard_epochs: dict[int, float] = {}
         self.shared: MutableMapping[str, Population] = {} if shared is None else shared
         self.populations: dict[str, Population] = {}  # the merged snapshot rules read
+        self._merged_from: list = []  # the (key, snapshot) pairs populations were summed from
         self.epoch_s = thresholds.section("population")["epoch_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
         tolerance = thresholds.section("adversarial")["bounds_tolerance"]
@@ -197,9 +198,20 @@ class Pipeline:
         self.refresh_populations()
 
     def refresh_populations(self) -> None:
-        """Rebuild the snapshot rules read: the sum of every shard's last snapshot."""
+        """Rebuild the snapshot rules read: the sum of every shard's last snapshot.
+
+        Skipped when no shard published since the last rebuild (the worker asks at every
+        checkpoint; a merge walks every pooled source IP). Snapshots are never changed
+        in place, so the same objects mean the same sum; holding them keeps them alive.
+        """
+        sources = list(self.shared.items())
+        if len(sources) == len(self._merged_from) and all(
+                key == k and snapshot is s
+                for (key, snapshot), (k, s) in zip(sources, self._merged_from, strict=True)):
+            return
+        self._merged_from = sources
         merged: dict[str, Population] = {}
-        for key, snapshot in self.shared.items():
+        for key, snapshot in sources:
             model = key.rsplit("/", 1)[0]
             if model in merged:
                 merged[model].merge(snapshot)
