@@ -6,7 +6,7 @@ bin with the reference. Beyond the contract's required fields it writes
 ``below``/``above`` counts (values outside the histogram edges), ``far`` (values
 beyond the edges by more than their whole span: injected outliers) and
 ``duplicates`` (rows that repeat an earlier row of the batch) and
-``reference_classes`` (per label, how many rows within the training bounds the
+``reference_classes`` (per label, how many distinct rows within the training bounds the
 profile's reference classifier puts in each class).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.profile import Profile, duplicate_share
+from detectors.profile import Profile
 from streams.records import format_ts, parse_ts
 from streams.tabular import read_table
 
@@ -58,13 +58,17 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
     # label shows as rows of one label that the classifier puts in another class. Rows
     # beyond the training bounds are left out: the classifier knows nothing there, and
     # the bounds rules judge them.
-    inside = ((np.isnan(X) | ((X >= profile.lower) & (X <= profile.upper))).all(1))
+    # A repeated (row, label) counts once: a duplicate flood is the duplicates rule's, and
+    # must not pass for a flip by repeating the rows the classifier gets wrong.
+    with_labels = np.column_stack([np.nan_to_num(X, nan=np.inf), np.unique(y, return_inverse=True)[1]])
+    first = np.zeros(len(X), dtype=bool)
+    first[np.unique(with_labels, axis=0, return_index=True)[1]] = True
+    inside = first & (np.isnan(X) | ((X >= profile.lower) & (X <= profile.upper))).all(1)
     assigned = np.asarray(profile.classes)[profile.reference_classes(X)]
     reference_classes = {}
     for label in labels:
         names, n = np.unique(assigned[inside & (y.astype(str) == label)], return_counts=True)
         reference_classes[str(label)] = {str(c): int(k) for c, k in zip(names, n, strict=True)}
-    with_labels = np.column_stack([np.nan_to_num(X, nan=np.inf), np.unique(y, return_inverse=True)[1]])
     return {
         "ts": format_ts(ts),
         "dataset": dataset,
@@ -75,7 +79,7 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
         "labels": {str(label): int(c) for label, c in zip(labels, counts, strict=True)},
         "by_label": by_label,
         "reference_classes": reference_classes,
-        "duplicates": int(round(duplicate_share(with_labels) * len(X))),
+        "duplicates": int(len(X) - first.sum()),
     }
 
 
