@@ -22,9 +22,9 @@ into batches). From it come
   the same share of each feature's range in most features — the shape of a
   gradient-sign step (Papernot et al.'s Jacobian-based augmentation);
 * ``axis_probe``: a sparse re-send that differs, beyond rounding, in only one or
-  two features from each of at least ``PROBE_NEIGHBOURS`` earlier distinct
-  queries: the neighbourhood of one point explored axis by axis, as
-  coordinate-wise finite differences do (ZOO). An honest what-if edits a record
+  two features from each of at least ``PROBE_NEIGHBOURS`` of the client's last
+  ``PROBE_RECENT`` queries: the neighbourhood of one point explored axis by
+  axis, as coordinate-wise finite differences do (ZOO). An honest what-if edits a record
   a few times; it does not vary one base along many single features.
 
 Memory per client is fixed: ``size`` × features float32 for the window plus a
@@ -47,6 +47,9 @@ EDIT_STEPS = 2
 #: least PROBE_NEIGHBOURS earlier distinct queries: x + h·e_i against x ± h·e_j.
 PROBE_FIELDS = 2
 PROBE_NEIGHBOURS = 5
+#: ... among the client's last this many queries: finite differences come in bursts around
+#: one point, and the check stays cheap (a sixth of the window).
+PROBE_RECENT = 32
 
 
 @dataclass
@@ -276,8 +279,11 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
         step[has_nearest] = sign_steps(diff[has_nearest], unit)
     probe = np.zeros(m, dtype=bool)
     if sparse.any():  # only sparse re-sends can be axis probes: the cost stays with them
-        probe[sparse] = axis_probes(Q[sparse], R, np.isfinite(D[sparse]),
-                                    EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6)
+        rows = np.flatnonzero(sparse)
+        cols = h + rows[:, None] - PROBE_RECENT + np.arange(PROBE_RECENT)  # each row's recent columns
+        compared = (cols >= 0) & np.isfinite(D[rows[:, None], np.maximum(cols, 0)])
+        probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared,
+                                  EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6)
 
     keep = min(size, h + m)
     state.window[:keep] = R[h + m - keep:]
@@ -291,12 +297,13 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
 def axis_probes(Q: np.ndarray, R: np.ndarray, compared: np.ndarray, tolerance) -> np.ndarray:
     """Rows of ``Q`` that differ beyond ``tolerance`` in 1..PROBE_FIELDS features from at
     least PROBE_NEIGHBOURS of the ``compared`` rows of ``R`` and re-send none of them.
+    ``R`` is (rows, features), or (len(Q), rows, features): each query's own rows.
 
     >>> R = np.vstack([np.eye(4), [[1, 1, 0, 0]]])   # x + e_i, and x + e_0 + e_1
     >>> axis_probes(np.zeros((1, 4)), R, np.ones((1, 5), bool), 1e-6).tolist()
     [True]
     """
-    changed = (np.abs(Q[:, None, :] - R[None, :, :]) > tolerance).sum(2)
+    changed = (np.abs(Q[:, None, :] - (R if R.ndim == 3 else R[None])) > tolerance).sum(2)
     changed = np.where(compared, changed, -1)
     near = ((changed >= 1) & (changed <= PROBE_FIELDS)).sum(1)
     return (near >= PROBE_NEIGHBOURS) & ~(changed == 0).any(1)
