@@ -19,6 +19,13 @@ against an expected rate calibrated from production (:func:`detectors.monitor.ex
     :mod:`detectors.features`), far more often than the population's clients are.
 ``adversarial.feature_bounds``
     Feature values beyond the training data's bounds.
+``adversarial.coordinate_probing``
+    Zeroth-order attacks (ZOO, Chen et al. 2017) estimate the gradient by finite
+    differences, coordinate by coordinate: x ± h·e_i for many features i around one
+    point. Such a query differs, beyond rounding, in one or two features from many
+    earlier queries of the client (:func:`detectors.clients.axis_probes`); an honest
+    what-if edits a record a few times. The crowding, PRADA and low-margin rates
+    leave these sparse re-sends out, so this rate test is what sees them.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ def judge(view, cfg) -> list[Candidate]:
         rate_rule("feature_bounds", "bounds",
                   view.expected["bounds"],
                   "queries carry feature values beyond the training data's bounds")
+        rate_rule("coordinate_probing", "axis_probe", view.expected["axis_probe"],
+                  "queries vary one point one or two features at a time, over many features, "
+                  "as finite-difference gradient estimation does (ZOO)")
     rate_rule("low_margin", "low_margin", view.expected["low_margin"],
               "answers sit on the decision boundary far more often than the population's")
     return candidates
@@ -96,4 +106,5 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                       ~np.isnan(own) & ~nb.sparse_resend)
         out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
+        out["axis_probe"] = (nb.axis_probe, nb.has_nearest)
     return out

@@ -20,7 +20,12 @@ into batches). From it come
   leave these out like exact repeats;
 * ``sign_step``: the query is its nearest earlier distinct query moved by about
   the same share of each feature's range in most features — the shape of a
-  gradient-sign step (Papernot et al.'s Jacobian-based augmentation).
+  gradient-sign step (Papernot et al.'s Jacobian-based augmentation);
+* ``axis_probe``: a sparse re-send that differs, beyond rounding, in only one or
+  two features from each of at least ``PROBE_NEIGHBOURS`` of the client's last
+  ``PROBE_RECENT`` queries: the neighbourhood of one point explored axis by
+  axis, as coordinate-wise finite differences do (ZOO). An honest what-if edits a record
+  a few times; it does not vary one base along many single features.
 
 Memory per client is bounded: up to ``size`` × features float32 for the window (it
 grows with the client's queries) plus a few hundred numbers (see :func:`state_bytes`).
@@ -38,6 +43,13 @@ SUB_BATCH = 64  # rows per distance block: each row sees `size` columns, a block
 NEAR_REPEAT_CHANGED = 0.25
 #: ... and is an edit when each changed field moved by more than this many precision steps.
 EDIT_STEPS = 2
+#: An axis probe differs in at most this many features (beyond rounding) from each of at
+#: least PROBE_NEIGHBOURS earlier distinct queries: x + h·e_i against x ± h·e_j.
+PROBE_FIELDS = 2
+PROBE_NEIGHBOURS = 5
+#: ... among the client's last this many queries: finite differences come in bursts around
+#: one point, and the check stays cheap (a sixth of the window).
+PROBE_RECENT = 32
 
 
 @dataclass
@@ -68,6 +80,7 @@ class Neighbours:
     sparse_edit: np.ndarray     # bool: ... each changed by more than rounding (a deliberate edit)
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
+    axis_probe: np.ndarray      # bool: one or two features off many earlier queries (finite differences)
 
 
 #: A step changes at least this share of the live features...
@@ -139,10 +152,14 @@ class ClientState:
             self.z_sum = np.zeros(self.n_features)
             self.pooled_counts = np.zeros(5)
             self.ip_counts = np.zeros(5)
+        elif len(self.rates) < len(RATES):  # restored from before a rate was added
+            missing = len(RATES) - len(self.rates)
+            self.rates = np.vstack([self.rates, np.zeros((missing, 2))])
+            self.rate_bins = np.concatenate([self.rate_bins, np.full(missing, -1, np.int16)])
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
-RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step")
+RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step", "axis_probe")
 RATE_BINS = 101  # per-client rates in whole percent
 #: A client's rate joins the population's baseline once this many queries were eligible.
 RATE_MIN_ELIGIBLE = 20
@@ -188,13 +205,15 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     edit = np.zeros(m, dtype=bool)
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
+    probe = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, nr, sp, ed, st, hn = _score_block(
+        r, nn, kn, mx, nr, sp, ed, st, hn, pr = _score_block(
             state, batch.Z[sub].astype(np.float32), batch.label[sub], k, unit, near, precision)
         (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], sparse[sub],
-         edit[sub], step[sub], has_nearest[sub]) = r, nn, kn, mx, nr, sp, ed, st, hn
-    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest)
+         edit[sub], step[sub], has_nearest[sub], probe[sub]) = r, nn, kn, mx, nr, sp, ed, st, hn, pr
+    return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest,
+                      probe)
 
 
 @lru_cache(maxsize=256)
@@ -264,6 +283,13 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     step = np.zeros(m, dtype=bool)
     if unit is not None and has_nearest.any():
         step[has_nearest] = sign_steps(diff[has_nearest], unit)
+    probe = np.zeros(m, dtype=bool)
+    if sparse.any():  # only sparse re-sends can be axis probes: the cost stays with them
+        rows = np.flatnonzero(sparse)
+        cols = h + rows[:, None] - PROBE_RECENT + np.arange(PROBE_RECENT)  # each row's recent columns
+        compared = (cols >= 0) & np.isfinite(D[rows[:, None], np.maximum(cols, 0)])
+        probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared,
+                                  EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6)
 
     keep = min(size, h + m)
     # The last `keep` columns become the window: whole arrays while the window grows,
@@ -275,7 +301,22 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat = col_repeat[tail].copy() if copy else col_repeat
     state.window_hash = R_hash[tail].copy() if copy else R_hash
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest
+    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest, probe
+
+
+def axis_probes(Q: np.ndarray, R: np.ndarray, compared: np.ndarray, tolerance) -> np.ndarray:
+    """Rows of ``Q`` that differ beyond ``tolerance`` in 1..PROBE_FIELDS features from at
+    least PROBE_NEIGHBOURS of the ``compared`` rows of ``R`` and re-send none of them.
+    ``R`` is (rows, features), or (len(Q), rows, features): each query's own rows.
+
+    >>> R = np.vstack([np.eye(4), [[1, 1, 0, 0]]])   # x + e_i, and x + e_0 + e_1
+    >>> axis_probes(np.zeros((1, 4)), R, np.ones((1, 5), bool), 1e-6).tolist()
+    [True]
+    """
+    changed = (np.abs(Q[:, None, :] - (R if R.ndim == 3 else R[None])) > tolerance).sum(2)
+    changed = np.where(compared, changed, -1)
+    near = ((changed >= 1) & (changed <= PROBE_FIELDS)).sum(1)
+    return (near >= PROBE_NEIGHBOURS) & ~(changed == 0).any(1)
 
 
 @dataclass
@@ -305,6 +346,9 @@ class Population:
             self.volume_hist = np.zeros(40, dtype=np.int64)
         if self.minting_hist is None:  # absent from snapshots stored before key minting
             self.minting_hist = np.zeros(40, dtype=np.int64)
+        if len(self.rate_hist) < len(RATES):  # stored before a rate was added
+            self.rate_hist = np.vstack([self.rate_hist, np.zeros(
+                (len(RATES) - len(self.rate_hist), RATE_BINS), dtype=np.int64)])
 
     def baseline(self, rate: str, quantile: float, min_clients: int) -> float | None:
         """The ``quantile`` of per-client rates of ``rate`` over clients with a rate worth

@@ -102,6 +102,7 @@ RANGES = {
     "adversarial.crowding_p0": (0, 1, True),
     "adversarial.ood_p0": (0, 1, True),
     "adversarial.bounds_p0": (0, 1, True),
+    "adversarial.probe_p0": (0, 1, True),
     "adversarial.low_margin": (0, 1, True),
     "adversarial.low_margin_floor": (0, 1, True),
     "adversarial.low_margin_min": (0, 1, True),

@@ -72,6 +72,13 @@ _RULES = (
          "bounds slack bounds_tolerance x range (or two precision steps); expected share: "
          "the profile's held-out rate, then production",
          ("adversarial.bounds_tolerance", "adversarial.bounds_p0", *RATE, *PRODUCTION)),
+    Rule("adversarial.coordinate_probing", "adversarial", QUERY_BASED,
+         "queries vary one point one or two features at a time over many features: "
+         "finite-difference gradient estimation (ZOO)",
+         "-log10 binomial tail of the client's axis-probe share",
+         "axis probe = 1-2 features (beyond two precision steps) off at least 5 of the "
+         "client's last 32 queries; expected share from production (floor probe_p0)",
+         ("adversarial.probe_p0", *RATE, *PRODUCTION)),
     Rule("extraction.prada", "extraction", EXTRACT,
          "distances between a client's successive distinct queries far from normal (PRADA)",
          "1 - Shapiro-Wilk W (fires when W < delta)",

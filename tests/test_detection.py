@@ -21,6 +21,7 @@ from streams import scenario
 from streams.pipeline import Pipeline
 from streams.records import TrainingStatsEvent, decode_inference, event_times
 from streams.stats import stats_event
+from tests import production
 
 T0 = scenario.DEFAULT_T0
 
@@ -122,6 +123,52 @@ def test_boundary_walk_is_caught(victim, profile, honest):
         victim, rec, rng, victim.X_benign[5]))
     alerts = judge(profile, honest[0] + events)
     assert first_alert(alerts, "attacker", "adversarial") <= 100  # of ~500 queries
+
+
+def test_art_zoo_is_caught_by_coordinate_probing():
+    """ZOO estimates gradients by finite differences, x +- h e_i over many features around
+    one point: sparse re-sends, which crowding, PRADA and the low-margin rate leave out.
+    On the binary cancer victim, as in the quality bench (SignOPT refuses binary models)."""
+    from art.attacks.evasion import ZooAttack
+    from art.estimators.classification import BlackBoxClassifier
+
+    from detectors.profile import build_profile
+
+    victim = scenario.load_victim("cancer", seed=0)
+    profile = build_profile(victim.X_train, victim.y_train, victim.feature_names,
+                            model=victim.model_name, dataset="cancer")
+    lo, span = victim.lo, victim.hi - victim.lo
+
+    def zoo(recorder, rng):
+        np.random.seed(3)
+        classifier = BlackBoxClassifier(  # unit space, as an attacker normalizes features
+            lambda U: recorder(lo + U * span), input_shape=(victim.n_features,),
+            nb_classes=len(victim.classes), clip_values=(0.0, 1.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ZooAttack(classifier, max_iter=20, nb_parallel=10, learning_rate=0.1,
+                      binary_search_steps=1, initial_const=1.0, variable_h=0.07,
+                      use_resize=False, use_importance=False, abort_early=False,
+                      verbose=False).generate(((victim.X_benign[:2] - lo) / span).astype(np.float32))
+
+    events = attack_events(victim, zoo)
+    assert len(events) >= 400
+    honest, kinds = production.honest_population(victim, np.random.default_rng(22), per_kind=6)
+    alerts = judge(profile, honest + events)
+    mine = [a for a in alerts if a.modelwatch.client_id == "attacker"]
+    assert [a.rule.name for a in mine][:1] == ["adversarial.coordinate_probing"]
+    assert first_alert(alerts, "attacker") <= 150
+    assert not {a.modelwatch.client_id for a in alerts} & set(kinds)
+
+
+def test_records_edited_a_few_fields_at_a_time_are_not_coordinate_probing(victim, profile):
+    """What-ifs around a record (1-3 fields nudged from it, fan-outs) share ZOO's sparse
+    differences, at about half its rate."""
+    events, kinds = production.honest_population(victim, np.random.default_rng(21), per_kind=15,
+                                                 kinds=("rescored", "fanout", "probe"))
+    probing = {a.modelwatch.client_id for a in judge(profile, events)
+               if a.rule.name == "adversarial.coordinate_probing"}
+    assert not probing, sorted((c, kinds[c]) for c in probing)
 
 
 def test_coarse_transfer_examples_are_caught(victim, profile, honest):

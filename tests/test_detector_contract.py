@@ -142,6 +142,22 @@ def test_poisoning_state_round_trip_and_fixed_size(digits):
     assert len(dumps(state)) < 64 * 1024
 
 
+def test_states_stored_before_a_rate_was_added_restore_with_it():
+    """A client or population snapshot from before ``axis_probe`` joined RATES gets the
+    new rate's row empty: counts from zero, not joined to the baseline."""
+    from detectors.clients import RATES
+
+    old = ClientState(n_classes=3, n_features=4, size=8)
+    old.rates, old.rate_bins = old.rates[:5] + 1.0, old.rate_bins[:5] + 2
+    client = loads(ClientState, dumps(old))
+    assert client.rates.shape == (len(RATES), 2) and client.rates[:5].min() == 1.0
+    assert not client.rates[5:].any() and (client.rate_bins[5:] == -1).all()
+    population = Population(3)
+    population.rate_hist = population.rate_hist[:5] + 1
+    restored = loads(Population, dumps(population))
+    assert restored.rate_hist.shape[0] == len(RATES) and not restored.rate_hist[5:].any()
+
+
 def alerts_in_steps(profile, raw_events, step):
     """(rule, client, id) of the alerts when events reach the pipeline ``step`` at a time."""
     import json
