@@ -135,6 +135,8 @@ class ClientState:
     ip: str = ""                                      # the source IP its pooled counts went to
     ip_counts: np.ndarray = field(default=None)       # its whole share of that IP's pooled counts
     origin: str = ""                                  # the source IP of its first event (key minting)
+    model: str = ""                                   # its model: a key "model/client" alone is
+    #                                                   ambiguous when the model's name holds "/"
     last_alert: dict = field(default_factory=dict)    # family -> event time of its last alert
 
     def __post_init__(self):
@@ -460,6 +462,16 @@ class Population:
             if client_id not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
                 entry["ids"].append(client_id)
         entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + counts]
+
+
+def split_key(key: str, model: str = "") -> tuple[str, str]:
+    """(model, client) of a client key "model/client": by the state's own model name
+    when it has one (a name may hold "/"), else at the first "/" (states stored before
+    they kept their model's name)."""
+    if model and key.startswith(model + "/"):
+        return model, key[len(model) + 1:]
+    found, client = key.split("/", 1)
+    return found, client
 
 
 def hist_quantile(hist: np.ndarray, q: float, min_count: int) -> int | None:

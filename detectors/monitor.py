@@ -25,6 +25,7 @@ from detectors.clients import (
     Population,
     QueryBatch,
     neighbours,
+    split_key,
     volume_bin,
 )
 from detectors.config import Thresholds
@@ -177,7 +178,7 @@ class QueryMonitor:
         if not ips:
             return []
         ip = ips[-1][:MAX_IP_LENGTH]
-        client = view.key.split("/", 1)[-1]
+        client = split_key(view.key, view.state.model)[1]
         ood, ood_eligible = view.flags["ood"]
         step, step_eligible = view.flags["sign_step"]
         per_event = np.column_stack([ood & ood_eligible, ood_eligible, step & step_eligible,

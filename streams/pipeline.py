@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detectors.base import Verdict
-from detectors.clients import ClientState, Population, QueryBatch
+from detectors.clients import ClientState, Population, QueryBatch, split_key
 from detectors.config import Thresholds
 from detectors.features import Z_LIMIT, Featurizer
 from detectors.monitor import QueryMonitor
@@ -225,7 +225,7 @@ class Pipeline:
         pending: dict[str, Population] = {}
         restored = []
         for key, state in clients:
-            model, client = key.split("/", 1)
+            model, client = split_key(key, state.model)
             population = pending.get(model)
             if population is None:
                 population = pending[model] = Population(state.n_classes)
@@ -260,8 +260,8 @@ class Pipeline:
     def forget_keys(self, keys) -> None:
         """Stop tracking keys of partitions given away (their next owner tracks them)."""
         for key in keys:
-            model = key.split("/", 1)[0]
-            if key in self.tracked.last.get(model, {}):
+            model = next((m for m, tracked in self.tracked.last.items() if key in tracked), None)
+            if model is not None:
                 self.tracked.drop(model, key)
 
     # --- bounded state ----------------------------------------------------------------
@@ -280,7 +280,7 @@ class Pipeline:
         if state is not None:
             population = self.pending.get(shard, {}).get(model)
             if population is not None:
-                population.remove_client(key.split("/", 1)[1], state)
+                population.remove_client(key[len(model) + 1:], state)
             del self.clients[key]
         self.counters.evictions[reason] += 1
 
@@ -338,6 +338,7 @@ class Pipeline:
                 # New, or an unprofiled model whose width was unknown when the client
                 # started (its first events had no features): start from its width now.
                 state = self.query.new_state(n_classes, columns.Z.shape[1])
+            state.model = model  # states stored before they kept it learn it here
             batch = QueryBatch(
                 ts=columns.ts[rows], Z=columns.Z[rows], has_features=columns.has_features[rows],
                 label=columns.label[rows], margin=columns.margin[rows], ood=columns.ood[rows],

@@ -172,3 +172,19 @@ def latest_values(broker) -> dict[str, bytes | None]:
     """The last value of every key of the client table's changelog (None: a tombstone)."""
     return {r.key.decode(): r.value for r in read_topic(broker, "modelwatch-clients-changelog")}
 
+
+
+def test_a_model_name_with_a_slash_is_restored_under_its_own_name(tmp_path):
+    """A restart rebuilds a shard's population from "model/client" keys: a model named
+    "team/m" must come back as itself."""
+    from streams.pipeline import Pipeline
+
+    events = [event("team/m", f"k{i}", T0 + i, ip="10.0.0.1", i=i) for i in range(6)]
+    before = replay_events(tmp_path, events).pipeline
+    restarted = Pipeline([], load_thresholds())
+    restarted.restore_shard(0, before.clients.items())
+    assert set(restarted.pending[0]) == {"team/m"}
+    assert restarted.pending[0]["team/m"].volume_hist.sum() == 6
+    assert set(restarted.tracked.last) == {"team/m"}
+    restarted.forget_keys(list(before.clients))
+    assert restarted.tracked.count == 0
