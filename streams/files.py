@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import typing
 from pathlib import Path
 
 import msgspec
@@ -49,14 +52,17 @@ def write_profile(profile: Profile, path: str | Path) -> None:
 class DeadLetters:
     """Bad records, one JSON line each: where it came from, why, and the record itself.
 
-    Written in file and line order when closed (some checks run in bulk, after
-    the line they concern has been read).
+    Written in file and line order. Some checks run in bulk, after the line they
+    concern has been read, so letters are held until :meth:`spill` (the caller's
+    promise that no later letter comes from an earlier line of the same file), then
+    go to a temporary file per source: memory stays bounded by what is held.
     """
 
     def __init__(self, path: str | Path | None):
         self.path = path
         self.count = 0
-        self._letters: list[tuple[str, int, str, bytes]] = []
+        self._held: list[tuple[str, int, str, bytes]] = []
+        self._spools: dict[str, typing.IO[bytes]] = {}
         if path is not None:
             try:
                 Path(path).touch()
@@ -66,14 +72,27 @@ class DeadLetters:
     def add(self, source: str, line: int, reason: str, raw: bytes) -> None:
         self.count += 1
         if self.path is not None:
-            self._letters.append((source, line, reason, raw))
+            self._held.append((source, line, reason, raw))
+
+    def spill(self) -> None:
+        """Write the held letters out, in line order per source."""
+        self._held.sort(key=lambda letter: (letter[0], letter[1]))
+        for source, line, reason, raw in self._held:
+            spool = self._spools.get(source)
+            if spool is None:
+                spool = self._spools[source] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            record = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            spool.write(msgspec.json.encode(
+                {"file": source, "line": line, "reason": reason, "record": record}) + b"\n")
+        self._held.clear()
 
     def close(self) -> None:
         if self.path is None:
             return
-        self._letters.sort(key=lambda letter: (letter[0], letter[1]))
+        self.spill()
         with open(self.path, "wb") as out:
-            for source, line, reason, raw in self._letters:
-                record = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                out.write(msgspec.json.encode(
-                    {"file": source, "line": line, "reason": reason, "record": record}) + b"\n")
+            for source in sorted(self._spools):
+                spool = self._spools.pop(source)
+                spool.seek(0)
+                shutil.copyfileobj(spool, out)
+                spool.close()

@@ -62,6 +62,7 @@ def _screened(path, items, pipeline: Pipeline, dead: DeadLetters):
     result = screen(items, pipeline.reject_reason)
     for line, reason, raw in result.rejected:
         dead.add(str(path), line, reason, raw)
+    dead.spill()  # the next chunk's lines come after this one's
     _compact_features(result.events)
     return result.events, result.ts
 
@@ -88,6 +89,7 @@ def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):
         record, ts, reason = pipeline.screen_stats(raw)
         if reason is not None:
             dead.add(str(path), number, reason, raw)
+            dead.spill()  # judged line by line, in order
         else:
             batches.append((ts, number, record))
     batches.sort(key=lambda item: (item[0], item[1]))
