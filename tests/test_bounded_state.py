@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from detectors.config import ConfigError, load_thresholds
-from streams.broker import EmbeddedBroker, free_port
 from streams.files import load_profile
 from streams.records import format_ts
 from streams.replay import replay
+from streams.worker.broker import EmbeddedBroker, free_port
 from tests.conftest import T0, run_cli, write_jsonl
 from tests.streaming import create_topics, read_topic, start_worker, stop, wait_for_alerts
 

@@ -56,7 +56,7 @@ from streams.pipeline import Pipeline
 from streams.records import dead_letter_id, screen
 from streams.settings import Settings
 from streams.sinks.base import Outbox
-from streams.transport import faust_broker_urls
+from streams.worker.transport import faust_broker_urls
 
 TAKE = 10_000        # records per processing batch at most
 WITHIN_S = 0.05      # ... or what arrived within this time
@@ -645,7 +645,7 @@ def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Partition count of each topic (8, Faust's default, for one not created yet)."""
     from kafka import KafkaConsumer
 
-    from streams.kafka import client_options
+    from streams.worker.kafka import client_options
 
     consumer = KafkaConsumer(**client_options(settings), enable_auto_commit=False)
     try:
