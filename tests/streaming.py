@@ -115,7 +115,7 @@ def wait_for_alerts(broker, until, timeout_s: float = 120.0) -> list[dict]:
 def latest_states(broker, table: str, cls) -> dict:
     """The last value of every key in a table's changelog, decoded."""
     from detectors.state import loads
-    from streams.worker.app import _APPLIED
+    from streams.worker.tables import _APPLIED
 
     latest = {r.key.decode(): r.value for r in read_topic(broker, f"modelwatch-{table}-changelog")}
     return {k: loads(cls, v[_APPLIED.size:]) for k, v in latest.items() if v is not None}
