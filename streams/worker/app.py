@@ -200,7 +200,6 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         await checkpoint.revoke((tp.topic, tp.partition) for tp in revoked)
 
     app.modelwatch_pipeline = pipeline
-    app.modelwatch_checkpoint = checkpoint
     return app
 
 
