@@ -1,7 +1,7 @@
 """Speed on realistic traffic (issue 12), each figure beside its ceiling in the same run.
 
 The traffic: a two-hour day of the digits model (64 features) with the honest mix of the
-detection bench (``streams.scenario.production_clients``: light, medium and heavy users,
+detection bench (``streams.demo.scenario.production_clients``: light, medium and heavy users,
 sensor noise, sites with another calibration, service back-ends, batch re-scoring,
 backfills, probes, QA suites, entities re-scored, label-only, NAT offices) and a few
 attackers (uniform and Jacobian extraction, a boundary walk, a 5-key sybil), seeded and
@@ -91,7 +91,7 @@ def make_day(seed: int, clients: int) -> tuple[Path, Path]:
     log, train = OUT / f"day-s{seed}-c{clients}.jsonl", OUT / f"train-s{seed}.csv"
     kinds = log.with_suffix(".kinds.json")
     if not (log.exists() and train.exists() and kinds.exists()):
-        from streams import scenario
+        from streams.demo import scenario
 
         started = time.perf_counter()
         victim = scenario.load_victim("digits", seed)
@@ -114,8 +114,8 @@ def make_day(seed: int, clients: int) -> tuple[Path, Path]:
 
 
 def _attackers(victim, rng, identities, truth) -> list[dict]:
-    """A few attackers from ``streams.scenario``, paced as scripts, at random times."""
-    from streams import scenario
+    """A few attackers from ``streams.demo.scenario``, paced as scripts, at random times."""
+    from streams.demo import scenario
 
     plans = [
         ("uniform extraction", 1, lambda rec: scenario.uniform_extraction(victim, rec, rng, 1000)),

@@ -51,11 +51,11 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.replay_speed import make_inputs  # noqa: E402
-from streams.broker import EmbeddedBroker  # noqa: E402
+from streams.cli.run import PARTITIONS, create_topics  # noqa: E402
+from streams.cli.tail import partition_of  # noqa: E402
 from streams.records import InferenceEvent, format_ts, parse_ts  # noqa: E402
-from streams.run import PARTITIONS, create_topics  # noqa: E402
 from streams.settings import resolve  # noqa: E402
-from streams.tail import partition_of  # noqa: E402
+from streams.worker.broker import EmbeddedBroker  # noqa: E402
 
 OUT = Path("bench/out/stream")
 GROUP = "modelwatch"           # the Faust app id, hence the worker's consumer group

@@ -83,7 +83,7 @@ def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The built-in demo scenario: (folder with profiles/, paths of its files)."""
-    from streams.demo import prepare
+    from streams.demo.play import prepare
 
     folder = tmp_path_factory.mktemp("demo")
     paths = prepare(folder)
@@ -95,7 +95,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def victim():
     """The scenario's digits victim (an MLP) with its pools: attack code's target."""
-    from streams import scenario
+    from streams.demo import scenario
 
     return scenario.load_victim("digits", seed=0)
 

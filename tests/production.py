@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streams import scenario
+from streams.demo import scenario
 
 KINDS = ("noisy", "site", "fanout", "rescored", "probe", "label_only", "light", "heavy")
 

@@ -82,8 +82,8 @@ def send_stats(broker, stats: Path) -> None:
 def connection(broker) -> dict:
     """kafka-python options for a broker (anything with an ``address``) or for the
     client settings of one (TLS, SASL)."""
-    from streams.kafka import client_options
     from streams.settings import Settings
+    from streams.worker.kafka import client_options
 
     if isinstance(broker, Settings):
         return client_options(broker)
@@ -115,7 +115,7 @@ def wait_for_alerts(broker, until, timeout_s: float = 120.0) -> list[dict]:
 def latest_states(broker, table: str, cls) -> dict:
     """The last value of every key in a table's changelog, decoded."""
     from detectors.state import loads
-    from streams.app import _APPLIED
+    from streams.worker.tables import _APPLIED
 
     latest = {r.key.decode(): r.value for r in read_topic(broker, f"modelwatch-{table}-changelog")}
     return {k: loads(cls, v[_APPLIED.size:]) for k, v in latest.items() if v is not None}
@@ -231,7 +231,7 @@ class S3Store:
     BUCKET = "modelwatch"
 
     def __init__(self, server: str, log: Path):
-        from streams.broker import free_port
+        from streams.worker.broker import free_port
 
         self.server, self.log, self.port = server, log, free_port()
         self.process: subprocess.Popen | None = None

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from detectors.clients import ClientState
-from streams.broker import EmbeddedBroker, free_port
+from streams.worker.broker import EmbeddedBroker, free_port
 from tests.conftest import ROOT, need
 from tests.streaming import (
     S3Store,

@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from detectors.profile import build_profile
-from streams import scenario
+from streams.demo import scenario
 from tests import production
 from tests.test_detection import judge
 

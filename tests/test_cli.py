@@ -190,7 +190,7 @@ def test_dead_letters_keep_the_original_bytes(files, digits, tmp_path):
 # --- help: each command lists its own flags ------------------------------------------------
 
 def _subparser(*path):
-    from streams.cli import build_parser
+    from streams.cli.main import build_parser
 
     parser = build_parser()
     for name in path:
@@ -285,7 +285,7 @@ def test_replay_warns_once_per_model_and_dataset_without_a_profile(files, digits
 
 
 def test_replay_names_a_bounded_number_of_unknown_models(files, digits, tmp_path):
-    from streams.run import MAX_UNKNOWN_NAMES
+    from streams.cli.run import MAX_UNKNOWN_NAMES
 
     _, _, profile = files
     [event] = digits.events("alice", digits.X_pool[:1])

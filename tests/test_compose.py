@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 import yaml
 
-from streams.cli import build_parser, tail_checkpoint
+from streams.cli.main import build_parser, tail_checkpoint
 from streams.settings import SETTINGS, resolve
 from tests.conftest import ROOT, need_tool
 
@@ -435,7 +435,7 @@ def _dockerignore() -> list[str]:
 @pytest.mark.parametrize("path", [
     ".venv/bin/python", ".venv", ".git/HEAD", "bench/out/quality/scores.json",
     "bench/quality/data/train.csv", "bench/quality/data-large/x.csv", ".env",
-    "streams/__pycache__/cli.cpython-311.pyc", "detectors/__pycache__/base.cpython-311.pyc",
+    "streams/cli/__pycache__/main.cpython-311.pyc", "detectors/__pycache__/base.cpython-311.pyc",
     ".pytest_cache/v/cache/lastfailed", ".ruff_cache/0.6/x", "modelwatch.egg-info/PKG-INFO",
     "tests/test_cli.py", "profiles/demo.json", "logs/inference.jsonl",
 ])
@@ -445,7 +445,7 @@ def test_dockerignore_keeps_out(path):
 
 def test_dockerignore_keeps_what_the_image_copies():
     patterns = _dockerignore()
-    kept = [*_copied(), "streams/cli.py", "streams/schemas/inference-event.json",
+    kept = [*_copied(), "streams/cli/main.py", "streams/schemas/inference-event.json",
             "detectors/thresholds.toml"]
     for path in kept:
         assert not dockerignored(path, patterns), path

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from detectors.config import load_thresholds
-from streams import scenario
+from streams.demo import scenario
 from streams.pipeline import Pipeline
 from streams.records import TrainingStatsEvent, decode_inference, event_times
 from streams.stats import stats_event

@@ -12,11 +12,11 @@ from collections import Counter
 
 import pytest
 
-from streams.broker import EmbeddedBroker
-from streams.forward import add_forward_parser, forward
+from streams.cli.forward import add_forward_parser, forward
 from streams.settings import add_arguments, resolve
 from streams.sinks import open_sink
 from streams.tabular import UserError
+from streams.worker.broker import EmbeddedBroker
 from tests.test_sinks import Receiver, alert
 
 TOPIC = "security-alerts"

@@ -163,7 +163,7 @@ def test_tail_format_oip_needs_a_profile(tmp_path):
 def test_tail_format_oip_ships_rows_and_dead_letters_bad_pairs(iris, tmp_path):
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from streams.broker import EmbeddedBroker
+    from streams.worker.broker import EmbeddedBroker
     from tests.test_tail import PARTITIONS, read_topic
 
     profile = tmp_path / "iris.json"
@@ -267,7 +267,7 @@ def test_intake_kserve_pairs_logger_events_and_ships_them(iris, tmp_path):
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from streams.broker import EmbeddedBroker, free_port
+    from streams.worker.broker import EmbeddedBroker, free_port
     from tests.conftest import ROOT
     from tests.test_tail import PARTITIONS, read_topic
 

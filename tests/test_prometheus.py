@@ -269,7 +269,7 @@ def worker_targets(demo, tmp_path_factory):
     the first scrape shows no increase() (seen on a busy machine, where the worker had
     judged everything before Prometheus was up: "Rules that fired in range" was empty).
     """
-    from streams.broker import EmbeddedBroker
+    from streams.worker.broker import EmbeddedBroker
     from tests.conftest import run_cli
     from tests.streaming import create_topics, send_stats, start_worker, stop
 

@@ -9,7 +9,7 @@ import pytest
 
 from detectors.clients import ClientState
 from detectors.poisoning import SourceState
-from streams.broker import EmbeddedBroker
+from streams.worker.broker import EmbeddedBroker
 from tests.conftest import run_cli
 from tests.streaming import (
     create_topics,

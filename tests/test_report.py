@@ -18,8 +18,8 @@ import pytest
 
 from detectors.rules import RULES
 from streams.alerts import SEVERITY_BANDS, severity_band, technique_name, techniques_of
-from streams.demo import prepare
-from streams.report import COLORS, evidence_meaning, write_report
+from streams.demo.play import prepare
+from streams.report.html import COLORS, evidence_meaning, write_report
 from tests.conftest import ROOT, need_tool, run_cli
 
 HOSTILE = "<script>alert(1)</script>"
@@ -225,14 +225,14 @@ def test_module_command(run, tmp_path):
     _, page_path, _ = run
     alerts_path = page_path.parent / "alerts.jsonl"
     out = tmp_path / "r.html"
-    done = subprocess.run([sys.executable, "-m", "streams.report", alerts_path, out,
+    done = subprocess.run([sys.executable, "-m", "streams.report.html", alerts_path, out,
                            "--deadletter", page_path.parent / "dead.jsonl"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "dead letters" in out.read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(alerts_path.read_text().splitlines()[0] + "\n{not json\n")
-    done = subprocess.run([sys.executable, "-m", "streams.report", bad, out],
+    done = subprocess.run([sys.executable, "-m", "streams.report.html", bad, out],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip() == f"modelwatch: {bad}:2: not a JSON alert"
 
@@ -554,6 +554,6 @@ def test_chromium_shows_denominators_glossary_severity_triggers_and_near_misses(
 
     # The 98 % bar fills most of its 120 px track.
     assert painted("#8a96a3").sum(axis=1).max() >= 100, "no near-miss bar painted"
-    from streams.report import _BAND_COLORS
+    from streams.report.html import _BAND_COLORS
     for band in SEVERITY_BANDS:  # the "alerts by severity" line shows every band's badge
         assert painted(_BAND_COLORS[band.color]).sum() >= 100, f"no {band.name} badge painted"

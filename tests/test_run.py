@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import streams.run
+import streams.cli.run
 from tests.conftest import ROOT, run_cli
 from tests.test_sinks import free_port
 
@@ -25,7 +25,7 @@ DEADLINE_S = 240.0  # generous: the condition ends the wait, not the clock
 
 
 def test_doctests():
-    assert doctest.testmod(streams.run).failed == 0
+    assert doctest.testmod(streams.cli.run).failed == 0
 
 
 def one_line_error(done):
@@ -179,7 +179,7 @@ def test_run_checks_everything_before_it_starts_anything(case, demo, tmp_path):
 
 
 def test_a_second_run_on_the_same_broker_and_state_folder_is_refused(demo, tmp_path):
-    from streams.broker import EmbeddedBroker
+    from streams.worker.broker import EmbeddedBroker
 
     folder, _ = demo
     state = tmp_path / "state"

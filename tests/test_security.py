@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import EmbeddedBroker, free_port
-from streams.kafka import client_options, create_topics
 from streams.settings import Settings, resolve
+from streams.worker.broker import EmbeddedBroker, free_port
+from streams.worker.kafka import client_options, create_topics
 from tests.conftest import ROOT
 from tests.streaming import (
     PARTITIONS,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from streams.broker import EmbeddedBroker
 from streams.settings import SETTINGS, add_arguments, resolve
 from streams.tabular import UserError
+from streams.worker.broker import EmbeddedBroker
 
 
 def parse(*argv):
@@ -121,7 +121,7 @@ def test_stats_kafka_without_a_broker_is_one_clear_error(tmp_path):
 def test_run_gives_children_their_sasl_password_in_the_environment_not_the_argv():
     from dataclasses import fields
 
-    from streams.run import _child_env, _child_settings
+    from streams.cli.run import _child_env, _child_settings
     from streams.settings import Settings
 
     values = {f.name: None for f in fields(Settings)}

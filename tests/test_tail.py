@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from streams.broker import EmbeddedBroker
-from streams.tail import partition_of
+from streams.cli.tail import partition_of
+from streams.worker.broker import EmbeddedBroker
 from tests.conftest import ROOT, run_cli
 
 PARTITIONS = 8
@@ -121,7 +121,7 @@ def test_follows_growth_rotation_and_truncation(broker, tmp_path):
 def test_waits_for_a_broker_that_is_not_up_yet(tmp_path):
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from streams.broker import free_port
+    from streams.worker.broker import free_port
 
     port = free_port()
     log = tmp_path / "log.jsonl"
@@ -189,7 +189,7 @@ def test_once_on_a_missing_log_is_one_clear_error(tmp_path):
 def test_default_checkpoint_is_in_the_state_dir_named_after_the_log(tmp_path):
     import argparse
 
-    from streams.cli import tail_checkpoint
+    from streams.cli.main import tail_checkpoint
     from streams.settings import resolve
 
     settings = resolve(argparse.Namespace(state_dir=str(tmp_path)), environ={})

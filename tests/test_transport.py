@@ -9,8 +9,8 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from streams.broker import EmbeddedBroker
-from streams.transport import fetched_highwaters
+from streams.worker.broker import EmbeddedBroker
+from streams.worker.transport import fetched_highwaters
 
 pytestmark = pytest.mark.integration
 

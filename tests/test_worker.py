@@ -10,9 +10,9 @@ import threading
 import time
 
 from detectors.config import load_thresholds
-from streams.broker import EmbeddedBroker
 from streams.files import load_profile
 from streams.replay import replay
+from streams.worker.broker import EmbeddedBroker
 from tests.conftest import run_cli
 from tests.streaming import create_topics, send_stats, start_worker, stop, wait_for_alerts
 from tests.test_sinks import unframe

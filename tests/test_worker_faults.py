@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from streams.app import DEAD_LETTER_VALUE_MAX
-from streams.broker import EmbeddedBroker
+from streams.cli.tail import partition_of
 from streams.records import MAX_RECORD_BYTES, dead_letter_id
-from streams.tail import partition_of
+from streams.worker.broker import EmbeddedBroker
+from streams.worker.decode import DEAD_LETTER_VALUE_MAX
 from tests.conftest import ROOT
 from tests.streaming import PARTITIONS, create_topics, read_topic, start_worker, stop
 
@@ -279,7 +279,7 @@ def test_an_agent_that_fails_stops_the_worker_without_committing(demo, tmp_path)
 
 def test_dead_letter_records_fit_a_produce_request():
     """In-process: the cut, the headers, the deterministic id."""
-    from streams.app import DEAD_LETTER_KEY_MAX, REASON_MAX, dead_letter_record
+    from streams.worker.decode import DEAD_LETTER_KEY_MAX, REASON_MAX, dead_letter_record
 
     value, key = b"v" * (MAX_RECORD_BYTES + 10), b"k" * 10_000
     k, v, headers = dead_letter_record(INFERENCE, 3, 42, None, key, value, "r" * 5000)

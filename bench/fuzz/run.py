@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/fuzz"))
     args = parser.parse_args(argv)
-    from streams.demo import prepare
+    from streams.demo.play import prepare
 
     args.out.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.out / "demo")

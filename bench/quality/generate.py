@@ -4,8 +4,8 @@ training batches.
     python bench/quality/generate.py --out bench/quality/data [--seed 0] [--scale 1.0]
 
 Four victims (digits, cancer, synth, and wine trained on 106 rows) on one two-hour
-timeline. Honest traffic (``streams.scenario.production_clients``), the numpy attackers
-and the training batches come from ``streams.scenario``; the attacks that exist in the
+timeline. Honest traffic (``streams.demo.scenario.production_clients``), the numpy attackers
+and the training batches come from ``streams.demo.scenario``; the attacks that exist in the
 Adversarial Robustness Toolbox are run through it, and every row ART asks the victim
 about becomes one inference event of the attacking client. ``--seed`` draws everything:
 victims' splits, the honest mix, distortions, attack parameters; a second seed is a
@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from streams.scenario import (  # noqa: E402
+from streams.demo.scenario import (  # noqa: E402
     BATCH_KINDS,
     BATCH_ROWS,
     DATASETS,

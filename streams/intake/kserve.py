@@ -21,7 +21,7 @@ the request's ``ce-time``, ``request_id`` from ``ce-id``, and ``client_id`` from
 configured header: an entry of the ``ce-metadata`` extension (JSON ``{header:
 [values]}``: the request headers listed in the logger's ``metadataHeaders``), the
 HTTP header itself, or its ``ce-`` extension form. Events ship
-through :class:`streams.tail.Shipper`, the producer path ``tail`` uses; a pair that
+through :class:`streams.cli.tail.Shipper`, the producer path ``tail`` uses; a pair that
 cannot be mapped, a half whose other half never came, and an event evicted because
 too many were pending go to the dead-letter topic with the reason.
 """

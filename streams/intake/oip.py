@@ -306,7 +306,7 @@ def lookup(doc: Mapping, path: str) -> Any:
 
 def log_line_events(line: Any, profile, *, client_field: str = "client_id"
                     ) -> tuple[list[dict], str | None]:
-    """Events of one ``tail --format oip`` line (a JSON object; see ``streams.tail``)."""
+    """Events of one ``tail --format oip`` line (a JSON object; see ``streams.cli.tail``)."""
     if not isinstance(line, Mapping):
         return [], "oip line: not a JSON object"
     ts = line.get("ts")

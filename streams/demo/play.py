@@ -1,6 +1,6 @@
 """``modelwatch run --demo``: the built-in scenario, judged, alerts on the terminal.
 
-The scenario (``streams.scenario.demo_scenario``) is made fresh in a temporary
+The scenario (``streams.demo.scenario.demo_scenario``) is made fresh in a temporary
 folder: a digits model, thirty honest clients, a uniform-random extraction
 attacker, a Jacobian-augmentation extraction attacker, a decision-based evasion
 attacker, and training batches of which one has 40 % of a class relabelled and
@@ -27,7 +27,7 @@ from streams.tabular import read_table
 
 def prepare(folder: Path) -> dict[str, Path]:
     """Scenario files, profile and training-stats events in ``folder``."""
-    from streams.scenario import demo_scenario
+    from streams.demo.scenario import demo_scenario
 
     paths = demo_scenario(folder)
     truth = json.loads(paths["truth.json"].read_text())

@@ -51,8 +51,8 @@ async def _broker_ends(settings: Settings, wanted: set[tuple[str, int]]) -> dict
     """(topic, partition) -> the broker's high watermark (0 for a topic it does not have)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.kafka import aiokafka_options, start_consumer
-    from streams.transport import fetched_highwaters
+    from streams.worker.kafka import aiokafka_options, start_consumer
+    from streams.worker.transport import fetched_highwaters
 
     options = aiokafka_options(settings)
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **options)

@@ -70,7 +70,7 @@ def _stats(args) -> int:
     if settings is None:
         sys.stdout.buffer.write(line + b"\n")
         return 0
-    from streams.kafka import send_one
+    from streams.worker.kafka import send_one
 
     where = send_one(settings, settings.topic_stats, key=dataset.encode(), value=line)
     print(f"stats: batch {args.batch_id} -> {where}", file=sys.stderr)
@@ -94,7 +94,7 @@ def _replay(args) -> int:
                     scores=scores)
     write_alerts(result.alerts, args.alerts_out)
     if args.report is not None:
-        from streams.report import write_report
+        from streams.report.html import write_report
 
         pipeline = result.pipeline
         sources = [k for k in pipeline.sources if not k.endswith(DATASET_TOTAL)]
@@ -120,7 +120,7 @@ def _replay(args) -> int:
 
 def _warn_unprofiled(result, training_stats: Path | None) -> None:
     """One warning line per model or dataset that matched no profile (bounded)."""
-    from streams.run import MAX_UNKNOWN_NAMES, unknown_line
+    from streams.cli.run import MAX_UNKNOWN_NAMES, unknown_line
 
     pipeline = result.pipeline
     unknown = [("model", m) for m in sorted(set(pipeline.labels) - set(pipeline.profiles))]
@@ -163,14 +163,14 @@ def _worker(args) -> int:
     thresholds = read_thresholds(settings.thresholds)
     import faust
 
-    from streams.app import build_app, topic_partitions
     from streams.metrics import WorkerMetrics
     from streams.sinks import open_sinks
+    from streams.worker.app import build_app, topic_partitions
 
     outboxes = open_sinks(settings.sinks)
     from kafka.errors import KafkaError
 
-    from streams.kafka import cannot_connect
+    from streams.worker.kafka import cannot_connect
 
     try:
         partitions = topic_partitions(settings, [settings.topic_inference, settings.topic_stats])
@@ -183,7 +183,7 @@ def _worker(args) -> int:
         raise UserError(f"--metrics-port {settings.metrics_port}: {exc.strerror}") from None
     app = build_app(settings, profiles, thresholds, partitions=partitions, metrics=metrics,
                     outboxes=outboxes)
-    from streams.startup import start_clean_if_stale
+    from streams.worker.startup import start_clean_if_stale
 
     start_clean_if_stale(app, settings)  # else a ConsistencyError at every start
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
@@ -207,7 +207,7 @@ def tail_checkpoint(settings, path: str) -> Path:
 
 
 def _tail(args) -> int:
-    from streams.tail import Checkpoint, Shipper, follow
+    from streams.cli.tail import Checkpoint, Shipper, follow
 
     settings = resolve(args)
     if settings.broker is None:
@@ -223,8 +223,8 @@ def _tail(args) -> int:
         raise UserError(f"{args.path}: cannot read: no such file")
     convert = None
     if args.format == "oip":
+        from streams.cli.tail import oip_converter
         from streams.files import load_profile
-        from streams.tail import oip_converter
 
         if args.profile is None:
             raise UserError("tail --format oip: needs --profile (it says how to read the tensors)")
@@ -244,9 +244,9 @@ def _tail(args) -> int:
 def _intake_kserve(args) -> int:
     import asyncio
 
+    from streams.cli.tail import Shipper
     from streams.files import load_profile
     from streams.intake.kserve import Receiver, serve
-    from streams.tail import Shipper
 
     settings = resolve(args)
     if settings.broker is None:
@@ -282,10 +282,10 @@ def _intake_kserve(args) -> int:
 
 def _run(args) -> int:
     if args.demo and args.offline:
-        from streams.demo import play_demo_offline
+        from streams.demo.play import play_demo_offline
 
         return play_demo_offline(args.thresholds)
-    from streams.run import check_inputs, run, run_demo
+    from streams.cli.run import check_inputs, run, run_demo
 
     settings = resolve(args)
     if args.demo:
@@ -397,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_run)
 
+    from streams.cli.forward import add_forward_parser
     from streams.dashboards.push import add_dashboards_parser
-    from streams.forward import add_forward_parser
 
     add_dashboards_parser(sub)
     add_forward_parser(sub)
@@ -416,6 +416,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

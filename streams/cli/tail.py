@@ -22,10 +22,10 @@ from pathlib import Path
 
 import msgspec
 
-from streams.kafka import client_options, refused
 from streams.records import screen
 from streams.settings import Settings
 from streams.tabular import UserError
+from streams.worker.kafka import client_options, refused
 
 
 def partition_of(client_id: str, partitions: int) -> int:

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from streams.alerts import alert_line
-from streams.broker import EmbeddedBroker
 from streams.settings import COMMAND_SETTINGS, Settings, settings_argv, settings_env
 from streams.tabular import UserError
+from streams.worker.broker import EmbeddedBroker
 
 PARTITIONS = 8
 DEADLETTER_SUMMARY_S = 10.0   # at most one dead-letter line per this many seconds
@@ -118,7 +118,7 @@ def check_inputs(settings: Settings, log: Path | None, *, demo: bool = False) ->
 
 def create_topics(address: str, settings: Settings) -> None:
     """The four topics, on the broker at ``address`` (with the TLS and SASL settings)."""
-    from streams.kafka import create_topics as create
+    from streams.worker.kafka import create_topics as create
 
     create(replace(settings, broker=f"kafka://{address}"), {topic: PARTITIONS for topic in (
         settings.topic_inference, settings.topic_stats, settings.topic_alerts,
@@ -220,7 +220,7 @@ class Watch:
                  clock=time.monotonic):
         from kafka import KafkaConsumer, TopicPartition
 
-        from streams.kafka import client_options
+        from streams.worker.kafka import client_options
 
         self.settings = settings
         self.checked = checked
@@ -412,8 +412,8 @@ def run_demo(settings: Settings) -> int:
     """The built-in scenario through the streaming stack; exits once it is played."""
     from kafka import KafkaProducer
 
-    from streams.demo import GENERATING, expected_detections, prepare, summary
-    from streams.kafka import client_options
+    from streams.demo.play import GENERATING, expected_detections, prepare, summary
+    from streams.worker.kafka import client_options
 
     check_inputs(settings, None, demo=True)
     _stop_on_sigterm()

@@ -14,7 +14,7 @@ nothing and runs no script, and its Content-Security-Policy tells the browser
 so. Client ids, batch ids and evidence strings come from whoever sends traffic,
 so every piece of text goes through ``_e``.
 
-    python -m streams.report alerts.jsonl report.html [--deadletter dl.jsonl]
+    python -m streams.report.html alerts.jsonl report.html [--deadletter dl.jsonl]
 """
 
 from __future__ import annotations
@@ -1032,7 +1032,7 @@ def _count_lines(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streams.report",
+    parser = argparse.ArgumentParser(prog="python -m streams.report.html",
                                      description="an HTML report of a modelwatch alerts file")
     parser.add_argument("alerts", type=Path, help="alerts JSONL, as written by replay")
     parser.add_argument("out", type=Path, help="the HTML page to write")

@@ -85,7 +85,7 @@ class Transport(fa.Transport):
     Consumer = Consumer
 
 
-drivers.TRANSPORTS.aliases["modelwatch"] = "streams.transport:Transport"
+drivers.TRANSPORTS.aliases["modelwatch"] = "streams.worker.transport:Transport"
 
 
 def faust_broker_urls(broker: str) -> list[str]:

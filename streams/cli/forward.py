@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from streams.kafka import aiokafka_options, start_consumer
 from streams.settings import Settings, add_arguments, resolve
 from streams.tabular import UserError
+from streams.worker.kafka import aiokafka_options, start_consumer
 
 if TYPE_CHECKING:  # the sinks are imported when alerts are forwarded, not by every command
     from streams.sinks import Sink

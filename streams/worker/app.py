@@ -1,0 +1,240 @@
+"""The Faust worker: inference logs and training stats in, alerts and dead letters out.
+
+One agent per input topic runs :class:`streams.pipeline.Pipeline` (the code
+``replay`` runs) on batches of Kafka records; each record may hold a JSON array
+of events, all of one partition.
+
+State and exact recovery
+------------------------
+Per-key detector state (a client of a model, a source of a dataset) lives in
+Faust tables with changelogs (RocksDB on disk). Writing every touched key after
+every batch would send ~20 KiB per client per batch to the changelog, so the
+worker keeps working copies in memory and *checkpoints* every ``CHECKPOINT_S``
+(the first after a rebalance at once). Under the batch lock it takes a cut: the
+changed keys serialized (with the partition and offset of the last record
+applied to each), the alerts and dead letters sent and the records judged so
+far. Then, while judging goes on, it waits until those alerts and dead letters
+are acknowledged, writes the keys and waits for them, and only then acknowledges
+the records, which lets Faust commit their offsets. So a committed offset never
+runs ahead of the state, and after a kill -9 the records after the last commit
+are read again: a key whose stored state already holds a record skips it, the
+others apply it. The state comes back equal to that of an uninterrupted run, and
+an alert raised again carries the same ``event.id``.
+
+Population baselines span partitions: each partition's clients are summed per
+shard (rebuilt from the restored client states after a restart or rebalance);
+at each event-time epoch a shard publishes its snapshot to a global table, and
+rules read the sum of all shards' latest snapshots. With several workers a
+shard that lags behind contributes its previous epoch's snapshot for a while:
+that is the bounded difference to ``replay``.
+
+The pieces: :mod:`streams.worker.checkpoint` (the protocol), :mod:`streams.worker.decode`
+(judging a batch), :mod:`streams.worker.tables` (the working copies); this module
+declares the topics and tables and wires them to two agents, a timer and the
+rebalance handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+
+import faust
+import msgspec
+import numpy as np
+
+from detectors.clients import ClientState
+from detectors.config import Thresholds
+from detectors.poisoning import SourceState
+from detectors.profile import Profile
+from streams.metrics import WorkerMetrics
+from streams.pipeline import Pipeline
+from streams.settings import Settings
+from streams.sinks.base import Outbox
+from streams.worker.checkpoint import Checkpoint
+from streams.worker.decode import InferenceJudge, Judged, StatsJudge, dead_letter_record
+from streams.worker.tables import KeyedStates, SharedSnapshots, write
+from streams.worker.transport import faust_broker_urls
+
+TAKE = 10_000        # records per processing batch at most
+WITHIN_S = 0.05      # ... or what arrived within this time
+# Detectors cost ~0.3 ms per client per batch on top of the per-event cost: under a
+# backlog, batches must be large, so fetch far more than Faust's 1 MiB per partition.
+FETCH_BYTES = 16 << 20
+TICK_S = 1.0
+
+
+def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
+              partitions: dict[str, int], metrics: WorkerMetrics | None = None,
+              outboxes: list[Outbox] = ()) -> faust.App:
+    """The worker's Faust app; ``partitions`` gives each input topic's partition count,
+    ``outboxes`` the alert outputs besides the alerts topic."""
+    app = faust.App(
+        "modelwatch",
+        broker=faust_broker_urls(settings.broker),
+        broker_credentials=_credentials(settings),
+        store="rocksdb://",
+        datadir=str(settings.state_dir),
+        broker_session_timeout=10,  # a new group joins in ~5 s on Tansu, not ~30 s
+        producer_acks=-1,
+        web_enabled=False,
+        topic_disable_leader=True,
+        stream_wait_empty=False,    # un-acked records are read again by the next owner
+        consumer_max_fetch_size=FETCH_BYTES,
+        stream_buffer_maxsize=TAKE,
+    )
+    n_inference = partitions[settings.topic_inference]
+    n_stats = partitions[settings.topic_stats]
+    inference = app.topic(settings.topic_inference, key_serializer="raw", value_serializer="raw")
+    stats = app.topic(settings.topic_stats, key_serializer="raw", value_serializer="raw")
+    alerts_topic = app.topic(settings.topic_alerts, key_serializer="raw", value_serializer="raw")
+    dead_topic = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
+    raw = {"key_type": bytes, "value_type": bytes}  # Faust stores bytes types as raw
+    clients = KeyedStates(app.Table("clients", partitions=n_inference, **raw), ClientState)
+    sources = KeyedStates(app.Table("sources", partitions=n_stats, **raw), SourceState)
+    shared = SharedSnapshots(app.GlobalTable("populations", partitions=n_inference, **raw))
+    pipeline = Pipeline(profiles, thresholds, clients=clients, sources=sources, shared=shared)
+    encoder = msgspec.json.Encoder()
+    metrics = metrics or WorkerMetrics()
+    reported_evictions = dict(pipeline.counters.evictions)
+    read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
+    judge_inference_batch = InferenceJudge(pipeline, clients, metrics, settings.topic_inference)
+    judge_stats_batch = StatsJudge(pipeline, sources, metrics, settings.topic_stats)
+
+    def cut_state(owned) -> list[tuple]:
+        inference_owned = owned(settings.topic_inference)
+        writes = (clients.snapshot(inference_owned) + shared.snapshot(inference_owned)
+                  + sources.snapshot(owned(settings.topic_stats)))
+        pipeline.refresh_populations()  # other workers' shards may have moved on
+        return writes
+
+    def forget(revoked: set[tuple[str, int]]) -> None:
+        judge_inference_batch.forget({p for t, p in revoked if t == settings.topic_inference})
+        judge_stats_batch.forget({p for t, p in revoked if t == settings.topic_stats})
+
+    checkpoint = Checkpoint(cut_state=cut_state, write=write, written=shared.written,
+                            forget=forget, crash=app.crash,
+                            generation=lambda: app.consumer_generation_id)
+
+    async def send(judged: Judged) -> None:
+        for dead in judged.dead_letters:
+            metrics.invalid(dead.topic, dead.reason)
+            key, value, headers = dead_letter_record(*dead)
+            checkpoint.sent(await dead_topic.send(key=key, value=value, headers=headers))
+        alerts = judged.alerts
+        for alert in alerts:
+            checkpoint.sent(await alerts_topic.send(key=alert.event.id.encode(),
+                                                    value=encoder.encode(alert)))
+        if alerts:
+            metrics.sink("kafka", delivered=len(alerts))
+            as_dicts = [msgspec.to_builtins(a) for a in alerts]
+            for alert in as_dicts:
+                metrics.alert(alert)
+            for outbox in outboxes:
+                outbox.offer(as_dicts)
+
+    def observe(topic: str, batch, started: float) -> None:
+        metrics.kafka_records(topic, len(batch))
+        metrics.processing(topic, time.perf_counter() - started)
+        for event in batch:
+            tp = (topic, event.message.partition)
+            read_up_to[tp] = max(read_up_to.get(tp, 0), event.message.offset + 1)
+
+    def report_state() -> None:
+        for (topic, partition), offset in list(read_up_to.items()):
+            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            if highwater is not None:
+                metrics.consumer_lag(topic, partition, max(0, highwater - offset))
+        metrics.tracked("client", len(clients.live))
+        for reason, n in pipeline.counters.evictions.items():
+            if n > reported_evictions[reason]:
+                metrics.evicted(reason, n - reported_evictions[reason])
+                reported_evictions[reason] = n
+        metrics.tracked("source", len(sources.live))
+        # The detector thread adds keys meanwhile: iterate over copies.
+        metrics.state_bytes(sum(map(state_size, list(clients.live.values())))
+                            + sum(map(state_size, list(sources.live.values()))))
+        for outbox in outboxes:
+            delivered, failed, dropped = outbox.take_counts()
+            metrics.sink(outbox.name, delivered=delivered, failed=failed, dropped=dropped)
+
+    @app.agent(inference)
+    async def judge_inference(stream):
+        loop = asyncio.get_running_loop()
+        async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            started = time.perf_counter()
+            async with checkpoint.judging("judge_inference", batch) as events:
+                # The detectors run in a thread, so the event loop keeps fetching and
+                # the next batch grows while this one is judged (bigger batches cost
+                # less per event).
+                await send(await loop.run_in_executor(None, judge_inference_batch, events))
+            observe(settings.topic_inference, batch, started)
+
+    @app.agent(stats)
+    async def judge_stats(stream):
+        async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            started = time.perf_counter()
+            async with checkpoint.judging("judge_stats", batch) as events:
+                await send(judge_stats_batch(events))
+            observe(settings.topic_stats, batch, started)
+
+    @app.timer(TICK_S)
+    async def checkpoint_timer() -> None:
+        report_state()
+        await checkpoint.tick()
+
+    @app.on_partitions_assigned.connect
+    async def take_on(app, assigned_now, **kwargs) -> None:
+        await checkpoint.assign((tp.topic, tp.partition) for tp in assigned_now)
+        mine = sorted(checkpoint.owned(settings.topic_inference))
+        print(f"worker: {settings.topic_inference} partitions {mine}", file=sys.stderr)
+        # A full collection scans every object the libraries made at start: ~90 ms,
+        # several times a minute, all in the alert latency. Set them aside.
+        gc.collect()
+        gc.freeze()
+
+    @app.on_partitions_revoked.connect
+    async def forget_partitions(app, revoked, **kwargs) -> None:
+        await checkpoint.revoke((tp.topic, tp.partition) for tp in revoked)
+
+    app.modelwatch_pipeline = pipeline
+    return app
+
+
+def state_size(state) -> int:
+    """Bytes held by a detector state's arrays (the bulk of it)."""
+    return sum(v.nbytes for v in vars(state).values() if isinstance(v, np.ndarray))
+
+
+def _credentials(settings: Settings):
+    """TLS / SASL settings as Faust credentials (None: plaintext)."""
+    import ssl
+
+    context = None
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.sasl_username, password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def topic_partitions(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Partition count of each topic (8, Faust's default, for one not created yet)."""
+    from kafka import KafkaConsumer
+
+    from streams.worker.kafka import client_options
+
+    consumer = KafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    try:
+        found = {t: consumer.partitions_for_topic(t) for t in topics}
+    finally:
+        consumer.close()
+    return {t: len(p) if p else 8 for t, p in found.items()}

@@ -1,0 +1,229 @@
+"""Per-key detector state in Faust tables, kept as working copies in memory.
+
+:class:`KeyedStates` (clients, training sources) and :class:`SharedSnapshots`
+(population snapshots per shard) change in memory while batches are judged and
+hand their changes to the checkpoint as ``(table, partition, key, value)``
+writes; :func:`write` sends one to the table's changelog outside an agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+import weakref
+from collections.abc import Iterator, MutableMapping
+
+from faust.streams import _current_event
+
+from detectors.clients import Population
+from detectors.state import dumps, loads
+
+_APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
+
+class KeyedStates(MutableMapping):
+    """Working copies of per-key detector state, backed by a Faust table.
+
+    Read from the table on first use; written back at checkpoints, each value
+    prefixed with the partition and offset of the last record applied to it.
+    """
+
+    def __init__(self, table, cls):
+        self.table, self.cls = table, cls
+        self.live: dict[str, object] = {}
+        self.applied: dict[str, tuple[int, int]] = {}
+        self.dirty: set[str] = set()
+        self.deleted: dict[str, int] = {}  # evicted keys -> partition, for a tombstone
+        self.position: tuple[int, int] = (-1, -1)  # the records being applied now
+
+    def _load(self, key: str) -> bool:
+        if key in self.live:
+            return True
+        if key in self.deleted:  # evicted; the table still has it until the next checkpoint
+            return False
+        blob = self.table.get(key.encode())
+        if blob is None:
+            return False
+        partition, offset = _APPLIED.unpack_from(blob)
+        self.live[key] = loads(self.cls, blob[_APPLIED.size:])
+        self.applied[key] = (partition, offset)
+        return True
+
+    def holds(self, key: str, partition: int, offset: int) -> bool:
+        """Whether the state of ``key`` already includes that record."""
+        if not self._load(key):
+            return False
+        applied = self.applied.get(key)
+        return applied is not None and applied[0] == partition and offset <= applied[1]
+
+    def __getitem__(self, key: str):
+        if not self._load(key):
+            raise KeyError(key)
+        return self.live[key]
+
+    def __setitem__(self, key: str, state) -> None:
+        self.live[key] = state
+        self.applied[key] = self.position
+        self.dirty.add(key)
+        self.deleted.pop(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        """An evicted key: gone from memory now, from the table (a changelog tombstone,
+        so a restart does not bring it back) at the next checkpoint."""
+        if not self._load(key):
+            raise KeyError(key)
+        del self.live[key]
+        self.deleted[key] = self.applied.pop(key)[0]
+        self.dirty.discard(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.live)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def snapshot(self, partitions: set[int]) -> list[tuple]:
+        """The changed keys of the partitions still owned, as (table, partition, key,
+        value) to :func:`write`; the working copies may change again right after."""
+        out = []
+        for key in sorted(self.dirty):
+            partition, offset = self.applied[key]
+            if partition in partitions:
+                out.append((self.table, partition, key.encode(),
+                            _APPLIED.pack(partition, offset) + dumps(self.live[key])))
+        for key, partition in sorted(self.deleted.items()):
+            if partition in partitions:
+                out.append((self.table, partition, key.encode(), None))
+        self.dirty.clear()
+        self.deleted.clear()
+        return out
+
+    def forget(self, partitions: set[int]) -> list[str]:
+        """Drop working copies of partitions this worker no longer owns; returns their keys."""
+        gone = [k for k, (p, _) in self.applied.items() if p in partitions]
+        for key in gone:
+            self.live.pop(key, None)
+            self.applied.pop(key, None)
+            self.dirty.discard(key)
+        for key in [k for k, p in self.deleted.items() if p in partitions]:
+            del self.deleted[key]  # its next owner still has it: it evicts by its own caps
+        return gone
+
+    def restored(self, partition: int) -> Iterator[tuple[str, object]]:
+        """Every stored key of a partition, loaded into the working copies."""
+        for raw_key, blob in list(self.table.items()):
+            if blob is None or _APPLIED.unpack_from(blob)[0] != partition:
+                continue
+            key = raw_key.decode()
+            if self._load(key):
+                yield key, self.live[key]
+
+
+class SharedSnapshots(MutableMapping):
+    """Population snapshots per "model/shard" in a global table; writes wait for
+    the next checkpoint, reads decode once per stored version."""
+
+    def __init__(self, table):
+        self.table = table
+        self.local: dict[str, Population] = {}
+        self.dirty: set[str] = set()
+        self.deleted: set[str] = set()  # an evicted unprofiled model's shards
+        self._decoded: dict[str, tuple[bytes, Population]] = {}
+
+    def __getitem__(self, key: str) -> Population:
+        if key in self.deleted:
+            raise KeyError(key)
+        if key in self.local:
+            return self.local[key]
+        blob = self.table.get(key.encode())
+        if blob is None:
+            raise KeyError(key)
+        cached = self._decoded.get(key)
+        if cached is None or cached[0] != blob:
+            cached = self._decoded[key] = (blob, loads(Population, blob))
+        return cached[1]
+
+    def __setitem__(self, key: str, snapshot: Population) -> None:
+        self.local[key] = snapshot
+        self.dirty.add(key)
+        self.deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        self.local.pop(key, None)
+        self.dirty.discard(key)
+        self._decoded.pop(key, None)
+        self.deleted.add(key)
+
+    def __iter__(self) -> Iterator[str]:
+        keys = {k.decode() for k in list(self.table.keys())} | set(self.local)
+        return iter(sorted(keys - self.deleted))
+
+    def __len__(self) -> int:
+        return len(set(self))
+
+    def snapshot(self, partitions: set[int]) -> list[tuple]:
+        """Like :meth:`KeyedStates.snapshot`; the snapshots stay readable here until
+        :meth:`written`."""
+        out = []
+        for key in sorted(self.dirty):
+            shard = int(key.rsplit("/", 1)[1])
+            if shard in partitions:
+                out.append((self.table, shard, key.encode(), dumps(self.local[key])))
+        for key in sorted(self.deleted):
+            shard = int(key.rsplit("/", 1)[1])
+            if shard in partitions:
+                out.append((self.table, shard, key.encode(), None))
+        self.dirty.clear()
+        return out
+
+    def written(self) -> None:
+        """The table holds every snapshot not changed since: read them from there."""
+        for key in [k for k in self.local if k not in self.dirty]:
+            del self.local[key]
+        self.deleted = {k for k in self.deleted if self.table.get(k.encode()) is not None}
+
+
+def write(table, partition: int, key: bytes, value: bytes | None):
+    """Set a table key outside an agent (``None`` deletes it: a changelog tombstone);
+    returns the changelog send to wait for.
+
+    Faust's own ``table[key] = value`` drops that future, and its producer flush
+    gives up after 0.1 s without a send: a commit could then run ahead of the state.
+    """
+    with _as_partition(partition):
+        if value is None:
+            sent = table.send_changelog(partition, key, None, value_serializer="raw")
+            with contextlib.suppress(KeyError):
+                del table.data[key]
+        else:
+            sent = table.send_changelog(partition, key, value)
+            table.data[key] = value  # the local store (RocksDB picks its partition database)
+    return sent
+
+
+class _as_partition:
+    """Table writes outside an agent: Faust picks the changelog partition (and the
+    RocksDB partition) from the current event, so stand in one of that partition."""
+
+    def __init__(self, partition: int):
+        self.event = _PartitionEvent(partition)
+
+    def __enter__(self):
+        self.token = _current_event.set(weakref.ref(self.event))
+
+    def __exit__(self, *exc):
+        _current_event.reset(self.token)
+
+
+class _PartitionMessage:
+    __slots__ = ("partition", "topic", "timestamp")
+
+    def __init__(self, partition: int):
+        self.partition, self.topic, self.timestamp = partition, None, time.time()
+
+
+class _PartitionEvent:
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, partition: int):
+        self.message = _PartitionMessage(partition)

@@ -1,0 +1,255 @@
+"""The checkpoint protocol's contract, in-process: plain fakes for Kafka and Faust.
+
+``tests/test_worker_faults.py`` shows the same rules end to end on the real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streams.worker.checkpoint import Checkpoint
+
+T = "inference-logs"
+
+
+class Message:
+    def __init__(self, topic: str, partition: int, offset: int, generation: int):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.generation_id = generation
+        self.refs = 0
+
+    def incref(self) -> None:
+        self.refs += 1
+
+
+class Event:
+    def __init__(self, log: list, topic: str, partition: int, offset: int, generation: int = 1):
+        self.message = Message(topic, partition, offset, generation)
+        self.log = log
+
+    def ack(self) -> None:
+        self.log.append(("ack", self.message.partition, self.message.offset))
+
+
+class Halted(Exception):
+    """The fake halt: the real one waits for the crash forever."""
+
+
+class World:
+    """The checkpoint's dependencies, recording what happens in one log."""
+
+    def __init__(self, failing_write: bytes | None = None):
+        self.log: list = []
+        self.generation = 1
+        self.crashes: list[BaseException] = []
+        self.forgotten: list[set] = []
+        self.failing_write = failing_write
+        self.writes: list[tuple] = []  # handed to the next cut
+        self.now = 100.0
+        self.in_flight = self.most_in_flight = 0
+
+    def checkpoint(self) -> Checkpoint:
+        async def halt():
+            raise Halted
+
+        async def crash(exc):
+            self.crashes.append(exc)
+
+        return Checkpoint(cut_state=self.cut, write=self.write, written=self.written,
+                          forget=self.forgotten.append, crash=crash,
+                          generation=lambda: self.generation, halt=halt,
+                          clock=lambda: self.now, interval_s=5.0, send_timeout_s=1.0,
+                          write_slice=2, write_pause_s=0)
+
+    def events(self, partition: int, *offsets: int, generation: int = 1) -> list[Event]:
+        return [Event(self.log, T, partition, o, generation) for o in offsets]
+
+    def cut(self, owned) -> list[tuple]:
+        self.log.append(("cut", tuple(sorted(owned(T)))))
+        writes, self.writes = self.writes, []
+        return writes
+
+    def write(self, table, partition, key, value):
+        async def written():
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(0)
+            self.in_flight -= 1
+            if key == self.failing_write:
+                raise OSError("changelog write refused")
+            self.log.append(("write", key))
+        return written()
+
+    def written(self) -> None:
+        self.log.append(("written",))
+
+    def send(self, name: str, fails: bool = False):
+        async def sent():
+            await asyncio.sleep(0)
+            if fails:
+                raise OSError("broker went away")
+            self.log.append(("sent", name))
+        return asyncio.ensure_future(sent())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_commit_runs_its_steps_in_order_sends_then_state_then_acks():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0), (T, 1)])
+        async with cp.judging("judge", world.events(1, 5) + world.events(0, 3, 4)) as judge:
+            assert [(e.message.partition, e.message.offset) for e in judge] == [
+                (0, 3), (0, 4), (1, 5)]  # offset order per partition
+            cp.sent(world.send("alert"))
+            cp.sent(world.send("dead letter"))
+        world.writes = [(None, 0, b"a", b"1"), (None, 1, b"b", b"2"), (None, 0, b"c", None)]
+        await cp.commit()
+        return cp
+
+    cp = run(scenario())
+    assert world.log == [("cut", (0, 1)), ("sent", "alert"), ("sent", "dead letter"),
+                         ("write", b"a"), ("write", b"b"), ("write", b"c"), ("written",),
+                         ("ack", 0, 3), ("ack", 0, 4), ("ack", 1, 5)]
+    assert world.most_in_flight == 2  # paced: write_slice at a time
+    assert cp.held == [] and cp.sends == [] and world.crashes == []
+
+
+def test_a_failed_send_stops_the_commit_before_any_state_or_ack():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0, 1)):
+            cp.sent(world.send("alert", fails=True))
+        world.writes = [(None, 0, b"a", b"1")]
+        with pytest.raises(OSError):
+            await cp.commit()
+        # Later batches are judged by no one here: nothing more is acknowledged.
+        with pytest.raises(Halted):
+            async with cp.judging("judge", world.events(0, 2)):
+                pass
+        await cp.commit()
+        return cp
+
+    cp = run(scenario())
+    assert [entry[0] for entry in world.log] == ["cut"]
+    assert len(world.crashes) == 1 and "sends not acknowledged" in str(world.crashes[0])
+    assert cp.failed
+
+
+def test_a_failed_state_write_acknowledges_nothing():
+    world = World(failing_write=b"b")
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0)):
+            pass
+        world.writes = [(None, 0, b"a", b"1"), (None, 0, b"b", b"2")]
+        with pytest.raises(OSError):
+            await cp.commit()
+
+    run(scenario())
+    assert not [e for e in world.log if e[0] in ("ack", "written")]
+    assert len(world.crashes) == 1
+
+
+def test_a_failed_agent_stops_the_worker_and_acknowledges_nothing_more(capsys):
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0)):
+            cp.sent(world.send("alert"))
+        with pytest.raises(Halted):
+            async with cp.judging("judge_inference", world.events(0, 1)):
+                cp.sent(world.send("alert of the failed batch"))
+                raise ValueError("a detector broke")
+        assert cp.held == [] and cp.sends == []
+        await cp.commit()  # nothing held: no cut, no ack (not even of the good batch)
+        with pytest.raises(Halted):  # the next batch is not judged
+            async with cp.judging("judge", world.events(0, 2)) as judge:
+                raise AssertionError(f"judged {judge}")
+
+    run(scenario())
+    assert not [e for e in world.log if e[0] in ("cut", "ack")]
+    assert [type(e) for e in world.crashes] == [ValueError]
+    assert "judge_inference failed (ValueError: a detector broke)" in capsys.readouterr().err
+
+
+def test_records_of_a_revoked_partition_are_never_acknowledged():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0), (T, 1)])
+        async with cp.judging("judge", world.events(0, 0) + world.events(1, 0, 1)):
+            pass
+        await cp.revoke([(T, 1)])
+        assert [e.message.partition for e in cp.held] == [0]
+        # Records of the revoked partition still in a buffer are not judged here.
+        async with cp.judging("judge", world.events(1, 2) + world.events(0, 1)) as judge:
+            assert [(e.message.partition, e.message.offset) for e in judge] == [(0, 1)]
+        await cp.commit()
+
+    run(scenario())
+    assert world.forgotten == [{(T, 1)}]
+    assert world.log == [("cut", (0,)), ("written",), ("ack", 0, 0), ("ack", 0, 1)]
+
+
+def test_records_already_judged_in_this_generation_are_not_judged_twice():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        first = world.events(0, 0, 1, 2)
+        async with cp.judging("judge", first) as judge:
+            assert [e.message.offset for e in judge] == [0, 1, 2]
+        again = world.events(0, 1, 2, 3)  # fetched again (a retry), overlapping
+        async with cp.judging("judge", again) as judge:
+            assert [e.message.offset for e in judge] == [3]
+        assert all(e.message.refs == 1 for e in first + again)  # held from Faust's ack
+        # A new generation: records fetched under the old one are neither judged nor
+        # acknowledged; once the partition is revoked and given back, it starts over.
+        world.generation = 2
+        async with cp.judging("judge", world.events(0, 4)) as judge:
+            assert judge == []
+        await cp.revoke([(T, 0)])
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 2, 3, generation=2)) as judge:
+            assert [e.message.offset for e in judge] == [2, 3]
+
+    run(scenario())
+
+
+def test_commits_are_due_at_once_after_an_assignment_then_every_interval():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0)):
+            pass
+        await cp.tick()                     # due at once
+        async with cp.judging("judge", world.events(0, 1)):
+            pass
+        world.now += 4.9
+        await cp.tick()                     # not yet
+        assert ("ack", 0, 1) not in world.log
+        world.now += 0.2
+        await cp.tick()
+        await cp.tick()                     # nothing held: no cut
+
+    run(scenario())
+    assert [e for e in world.log if e[0] in ("cut", "ack")] == [
+        ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1)]
