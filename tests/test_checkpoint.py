@@ -50,7 +50,7 @@ class World:
         self.now = 100.0
         self.in_flight = self.most_in_flight = 0
 
-    def checkpoint(self) -> Checkpoint:
+    def checkpoint(self, **pacing) -> Checkpoint:
         async def halt():
             raise Halted
 
@@ -61,7 +61,7 @@ class World:
                           forget=self.forgotten.append, crash=crash,
                           generation=lambda: self.generation, halt=halt,
                           clock=lambda: self.now, interval_s=5.0, send_timeout_s=1.0,
-                          write_slice=2, write_pause_s=0)
+                          **({"write_slice": 2, "write_pause_s": 0} | pacing))
 
     def events(self, partition: int, *offsets: int, generation: int = 1) -> list[Event]:
         return [Event(self.log, T, partition, o, generation) for o in offsets]
@@ -253,3 +253,26 @@ def test_commits_are_due_at_once_after_an_assignment_then_every_interval():
     run(scenario())
     assert [e for e in world.log if e[0] in ("cut", "ack")] == [
         ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1)]
+
+
+def test_state_writes_are_paced_by_bytes_as_well_as_by_count():
+    """Small values go many at a time, large ones few: states grow with use."""
+    def in_flight(values: list[bytes]) -> int:
+        world = World()
+
+        async def scenario():
+            cp = world.checkpoint(write_slice=100, write_bytes=10)
+            await cp.assign([(T, 0)])
+            async with cp.judging("judge", world.events(0, 1)):
+                pass
+            world.writes = [(None, 0, b"k%d" % i, v) for i, v in enumerate(values)]
+            await cp.commit()
+
+        run(scenario())
+        assert [e for e in world.log if e[0] == "write"] == [
+            ("write", b"k%d" % i) for i in range(len(values))]  # every write, in order
+        return world.most_in_flight
+
+    assert in_flight([b"12"] * 12) == 5           # 5 x 2 bytes fit in 10
+    assert in_flight([b"1234567890ab"] * 3) == 1  # one over the budget still goes, alone
+    assert in_flight([None] * 300) == 100         # tombstones: the count caps

@@ -8,7 +8,7 @@ runs four steps:
    letters sent for them, and the changed state (``cut_state``); judging goes
    on right after;
 2. wait until the broker acknowledged those alerts and dead letters;
-3. write the changed state to the changelog (``write``, ``WRITE_SLICE`` at a
+3. write the changed state to the changelog (``write``, ``WRITE_BYTES`` at a
    time) and wait for it;
 4. acknowledge the records, except those of partitions given away since.
 
@@ -34,7 +34,10 @@ from collections.abc import Awaitable, Callable, Iterable
 # 660 keys a second at 1 s, 200 at 5 s. The first after an assignment comes at once,
 # so a new worker commits within a second of its first batch.
 CHECKPOINT_S = 5.0
-WRITE_SLICE = 64         # changelog writes in flight at most (~1.3 MB)
+# Changelog writes in flight at most: this many bytes of values (a light client's state
+# is ~4 KiB, a heavy one's ~35 KiB), and this many writes.
+WRITE_BYTES = 1_300_000
+WRITE_SLICE = 1024
 WRITE_PAUSE_S = 0.02
 SEND_TIMEOUT_S = 30.0
 
@@ -77,11 +80,12 @@ class Checkpoint:
                  generation: Callable[[], int], halt: Callable[[], Awaitable] = halt,
                  clock: Callable[[], float] = time.monotonic,
                  interval_s: float = CHECKPOINT_S, send_timeout_s: float = SEND_TIMEOUT_S,
-                 write_slice: int = WRITE_SLICE, write_pause_s: float = WRITE_PAUSE_S):
+                 write_slice: int = WRITE_SLICE, write_pause_s: float = WRITE_PAUSE_S,
+                 write_bytes: int = WRITE_BYTES):
         self.cut_state, self.write, self.written, self.forget = cut_state, write, written, forget
         self.crash, self.generation, self.halt, self.clock = crash, generation, halt, clock
         self.interval_s, self.send_timeout_s = interval_s, send_timeout_s
-        self.write_slice, self.write_pause_s = write_slice, write_pause_s
+        self.write_slice, self.write_pause_s, self.write_bytes = write_slice, write_pause_s, write_bytes
         self.lock = asyncio.Lock()        # batches, cuts and rebalances, one at a time
         self.committing = asyncio.Lock()  # a commit from its cut until its records are acked
         self.held: list = []    # events judged but not yet acknowledged
@@ -186,14 +190,22 @@ class Checkpoint:
             raise
 
     async def write_paced(self, writes: list[tuple]) -> None:
-        """Write each (table, partition, key, value) and wait for them, ``write_slice``
-        at a time: a commit writes up to a few thousand ~20 KiB values, and sent in one
-        go they held up fetching (and so the alerts) for half a second."""
-        for start in range(0, len(writes), self.write_slice):
+        """Write each (table, partition, key, value) and wait for them, a slice of at most
+        ``write_bytes`` of values and ``write_slice`` writes at a time: a commit writes up
+        to thousands of values, and sent in one go they held up fetching (and so the
+        alerts) for half a second. Paced by bytes, since states grow with use."""
+        start = 0
+        while start < len(writes):
             if start:
                 await asyncio.sleep(self.write_pause_s)
-            await self.delivered([self.write(*item)
-                                  for item in writes[start:start + self.write_slice]])
+            stop, size = start + 1, len(writes[start][3] or b"")
+            while stop < len(writes) and stop - start < self.write_slice:
+                size += len(writes[stop][3] or b"")
+                if size > self.write_bytes:
+                    break
+                stop += 1
+            await self.delivered([self.write(*item) for item in writes[start:stop]])
+            start = stop
 
     async def assign(self, tps: Iterable[TP]) -> None:
         """Partitions assigned: judge their records; commit at the next tick."""
