@@ -140,6 +140,9 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt  # unwinds like Ctrl-C: children, then the broker
 
     signal.signal(signal.SIGTERM, stop)
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python keeps it so: run stops on SIGINT however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _state_folder(stack: ExitStack, settings: Settings) -> Path:
