@@ -154,10 +154,9 @@ class ClientState:
             self.z_sum = np.zeros(self.n_features)
             self.pooled_counts = np.zeros(5)
             self.ip_counts = np.zeros(5)
-        elif len(self.rates) < len(RATES):  # restored from before a rate was added
-            missing = len(RATES) - len(self.rates)
-            self.rates = np.vstack([self.rates, np.zeros((missing, 2))])
-            self.rate_bins = np.concatenate([self.rate_bins, np.full(missing, -1, np.int16)])
+        else:  # restored, maybe from before a rate was added
+            self.rates = with_rate_rows(self.rates, 0)
+            self.rate_bins = with_rate_rows(self.rate_bins, -1)
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
@@ -266,8 +265,10 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     moved = np.abs(diff)
     changed = moved > 1e-6
     sparse = has_nearest & (changed.sum(1) <= NEAR_REPEAT_CHANGED * changed.shape[1])
-    if precision is not None:  # every changed field moved by more than rounding would
-        edit = sparse & ~(changed & (moved <= EDIT_STEPS * precision + 1e-6)).any(1)
+    # A field moved by more than rounding would (without the data's precision: at all).
+    rounding = EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6
+    if precision is not None:  # every changed field moved by more than rounding
+        edit = sparse & ~(changed & (moved <= rounding)).any(1)
     else:
         edit = np.zeros(m, dtype=bool)
     near_repeat = sparse | (has_nearest & (nearest_d < near))
@@ -290,8 +291,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
         rows = np.flatnonzero(sparse)
         cols = h + rows[:, None] - PROBE_RECENT + np.arange(PROBE_RECENT)  # each row's recent columns
         compared = (cols >= 0) & np.isfinite(D[rows[:, None], np.maximum(cols, 0)])
-        probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared,
-                                  EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6)
+        probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared, rounding)
 
     keep = min(size, h + m)
     # The last `keep` columns become the window: whole arrays while the window grows,
@@ -348,9 +348,7 @@ class Population:
             self.volume_hist = np.zeros(40, dtype=np.int64)
         if self.minting_hist is None:  # absent from snapshots stored before key minting
             self.minting_hist = np.zeros(40, dtype=np.int64)
-        if len(self.rate_hist) < len(RATES):  # stored before a rate was added
-            self.rate_hist = np.vstack([self.rate_hist, np.zeros(
-                (len(RATES) - len(self.rate_hist), RATE_BINS), dtype=np.int64)])
+        self.rate_hist = with_rate_rows(self.rate_hist, 0)  # stored before a rate was added
 
     def baseline(self, rate: str, quantile: float, min_clients: int) -> float | None:
         """The ``quantile`` of per-client rates of ``rate`` over clients with a rate worth
@@ -462,6 +460,15 @@ class Population:
             if client_id not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
                 entry["ids"].append(client_id)
         entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + counts]
+
+
+def with_rate_rows(values: np.ndarray, fill) -> np.ndarray:
+    """``values`` (one row per rate test) with a ``fill`` row for each rate in RATES
+    after its last: state stored before a rate test was added."""
+    missing = len(RATES) - len(values)
+    if missing <= 0:
+        return values
+    return np.concatenate([values, np.full((missing, *values.shape[1:]), fill, values.dtype)])
 
 
 def split_key(key: str, model: str = "") -> tuple[str, str]:

@@ -145,16 +145,12 @@ def _prada(view, cfg) -> Candidate:
                 mask[hit], score[hit] = True, 1.0 - w[alarm]
                 details[hit] = {"shapiro_w": round(float(w[alarm]), 4), "delta": round(delta, 4),
                                 "distances": int(min(window, totals[alarm]))}
+        # Distance i sits in slot i % PRADA_RING: in order while the ring grows.
         if count <= PRADA_RING:
-            state.prada = series  # still in order, slot i = distance i
+            state.prada = series
         else:
-            if len(ring) < PRADA_RING:  # full now: lay the last PRADA_RING out as the ring
-                ring = np.zeros(PRADA_RING, dtype=np.float32)
-                ring[np.arange(count - PRADA_RING, count) % PRADA_RING] = series[-PRADA_RING:]
-            else:
-                slots = (start + np.arange(len(rows))) % PRADA_RING
-                ring[slots[-PRADA_RING:]] = new[rows][-PRADA_RING:]
-            state.prada = ring
+            state.prada = np.empty(PRADA_RING, dtype=np.float32)
+            state.prada[np.arange(count - PRADA_RING, count) % PRADA_RING] = series[-PRADA_RING:]
         state.prada_count = count
     return _candidate(view, "prada", mask, score, 1.0 - delta, description, details.get)
 
