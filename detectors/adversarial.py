@@ -26,6 +26,13 @@ against an expected rate calibrated from production (:func:`detectors.monitor.ex
     earlier queries of the client (:func:`detectors.clients.axis_probes`); an honest
     what-if edits a record a few times. The crowding, PRADA and low-margin rates
     leave these sparse re-sends out, so this rate test is what sees them.
+``adversarial.line_search``
+    Decision-based attacks search along lines: HopSkipJump's and Sign-OPT's binary
+    search between a point and an adversarial one and their step-size search,
+    Boundary's step from a candidate towards the original. Such a query lies between
+    its nearest earlier query and a farther one, on their line, with a dense move
+    (:func:`detectors.clients.line_steps`). Honest records are not interpolations of
+    a client's earlier records; re-scored entities move a few fields and are left out.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ def judge(view, cfg) -> list[Candidate]:
         rate_rule("coordinate_probing", "axis_probe", view.expected["axis_probe"],
                   "queries vary one point one or two features at a time, over many features, "
                   "as finite-difference gradient estimation does (ZOO)")
+        rate_rule("line_search", "line_step", view.expected["line_step"],
+                  "queries lie on lines through earlier queries, between them, as the binary "
+                  "and step-size searches of decision-based attacks do")
     rate_rule("low_margin", "low_margin", view.expected["low_margin"],
               "answers sit on the decision boundary far more often than the population's")
     return candidates
@@ -107,4 +117,5 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
         out["axis_probe"] = (nb.axis_probe, nb.has_nearest)
+        out["line_step"] = (nb.line_step, nb.has_nearest)
     return out

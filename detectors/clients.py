@@ -26,6 +26,11 @@ into batches). From it come
   ``PROBE_RECENT`` queries: the neighbourhood of one point explored axis by
   axis, as coordinate-wise finite differences do (ZOO). An honest what-if edits a record
   a few times; it does not vary one base along many single features.
+* ``line_step``: the query lies on the line from its nearest earlier distinct query
+  towards a farther earlier one, between them, with a dense change: a binary search
+  between a point and an adversarial one, a step search along a direction, or
+  Boundary's step towards the original (HopSkipJump, Boundary, Sign-OPT). Honest
+  records are not interpolations of the client's earlier ones.
 
 Memory per client is bounded: up to ``size`` × features float32 for the window (it
 grows with the client's queries) plus a few hundred numbers (see :func:`state_bytes`).
@@ -50,6 +55,10 @@ PROBE_NEIGHBOURS = 5
 #: ... among the client's last this many queries: finite differences come in bursts around
 #: one point, and the check stays cheap (a sixth of the window).
 PROBE_RECENT = 32
+#: A line step's direction may deviate from the line by this sine, plus what rounding to
+#: the data's precision explains (LINE_ROUNDING x the rounding error's norm over each length)...
+LINE_SINE = 0.01
+LINE_ROUNDING = 2.0
 
 
 @dataclass
@@ -81,6 +90,7 @@ class Neighbours:
     sign_step: np.ndarray       # bool: a gradient-sign-shaped step from the nearest query
     has_nearest: np.ndarray     # bool: there was an earlier distinct query to compare with
     axis_probe: np.ndarray      # bool: one or two features off many earlier queries (finite differences)
+    line_step: np.ndarray       # bool: between its nearest earlier query and a farther one, on their line
 
 
 #: A step changes at least this share of the live features...
@@ -160,7 +170,7 @@ class ClientState:
 
 
 #: Rate tests kept per client, as rows of ``ClientState.rates``.
-RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step", "axis_probe")
+RATES = ("ood", "bounds", "crowded", "low_margin", "sign_step", "axis_probe", "line_step")
 RATE_BINS = 101  # per-client rates in whole percent
 #: A client's rate joins the population's baseline once this many queries were eligible.
 RATE_MIN_ELIGIBLE = 20
@@ -207,14 +217,16 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     step = np.zeros(m, dtype=bool)
     has_nearest = np.zeros(m, dtype=bool)
     probe = np.zeros(m, dtype=bool)
+    line = np.zeros(m, dtype=bool)
     for start in range(0, len(rows), SUB_BATCH):
         sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, nr, sp, ed, st, hn, pr = _score_block(
+        r, nn, kn, mx, nr, sp, ed, st, hn, pr, ln = _score_block(
             state, batch.Z[sub].astype(np.float32), batch.label[sub], k, unit, near, precision)
         (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], sparse[sub],
-         edit[sub], step[sub], has_nearest[sub], probe[sub]) = r, nn, kn, mx, nr, sp, ed, st, hn, pr
+         edit[sub], step[sub], has_nearest[sub], probe[sub], line[sub]) = (
+            r, nn, kn, mx, nr, sp, ed, st, hn, pr, ln)
     return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest,
-                      probe)
+                      probe, line)
 
 
 @lru_cache(maxsize=256)
@@ -292,6 +304,18 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
         cols = h + rows[:, None] - PROBE_RECENT + np.arange(PROBE_RECENT)  # each row's recent columns
         compared = (cols >= 0) & np.isfinite(D[rows[:, None], np.maximum(cols, 0)])
         probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared, rounding)
+    line = np.zeros(m, dtype=bool)
+    if precision is not None:
+        # Dense moves only: an entity nudged field by field walks on axis lines.
+        dense = has_nearest & ((moved > rounding).sum(1) > NEAR_REPEAT_CHANGED * changed.shape[1])
+        step_norm = float(np.linalg.norm(precision))
+        error = step_norm / np.sqrt(12)  # the norm of rounding's error
+        # A move shorter than one precision step in every feature has its direction
+        # decided by rounding.
+        dense &= nearest_d >= step_norm
+        if dense.any():
+            rows = np.flatnonzero(dense)
+            line[rows] = line_steps(Q[rows], R, D[rows], diff[rows], nearest_d[rows], error)
 
     keep = min(size, h + m)
     # The last `keep` columns become the window: whole arrays while the window grows,
@@ -303,7 +327,27 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat = col_repeat[tail].copy() if copy else col_repeat
     state.window_hash = R_hash[tail].copy() if copy else R_hash
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest, probe
+    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest, probe, line
+
+
+def line_steps(Q: np.ndarray, R: np.ndarray, D: np.ndarray, step: np.ndarray,
+               step_length: np.ndarray, error: float) -> np.ndarray:
+    """Rows of ``Q`` that continue the line from their nearest earlier query towards a
+    farther column of ``R``: ``step`` is each query minus its nearest, ``D`` the
+    distances to the columns (inf where not visible), ``error`` rounding's error norm.
+
+    >>> R = np.array([[0.0, 0.0], [4.0, 4.0]]); Q = np.array([[1.0, 1.0]])
+    >>> D = np.array([[np.sqrt(2), np.sqrt(18)]])
+    >>> line_steps(Q, R, D, Q - R[:1], D[:, 0], 0.0).tolist()
+    [True]
+    """
+    # cos of the angle between (query - nearest) and (column - query), for every column.
+    dot = (R @ step.T).T - (Q * step).sum(1)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (D * step_length[:, None])
+        sine = np.minimum(LINE_SINE + LINE_ROUNDING * error * (1 / step_length[:, None] + 1 / D), 0.5)
+    beyond = np.isfinite(D) & (D > step_length[:, None])
+    return (beyond & (cos > np.sqrt(1 - sine ** 2))).any(1)
 
 
 def axis_probes(Q: np.ndarray, R: np.ndarray, compared: np.ndarray, tolerance) -> np.ndarray:

@@ -103,6 +103,7 @@ RANGES = {
     "adversarial.ood_p0": (0, 1, True),
     "adversarial.bounds_p0": (0, 1, True),
     "adversarial.probe_p0": (0, 1, True),
+    "adversarial.line_p0": (0, 1, True),
     "adversarial.low_margin": (0, 1, True),
     "adversarial.low_margin_floor": (0, 1, True),
     "adversarial.low_margin_min": (0, 1, True),

@@ -162,6 +162,7 @@ class QueryMonitor:
                 "bounds": (max(adv["bounds_p0"], profile.bounds_rate), None),
                 "sign_step": (max(self.ext["step_p0"], 2 * profile.sign_step_rate), None),
                 "axis_probe": (adv["probe_p0"], None),
+                "line_step": (adv["line_p0"], None),
             }
         return {rate: expected_rate(population, rate, cal, floor, minimum)
                 for rate, (floor, minimum) in floors.items()}

@@ -79,6 +79,14 @@ _RULES = (
          "axis probe = 1-2 features (beyond two precision steps) off at least 5 of the "
          "client's last 32 queries; expected share from production (floor probe_p0)",
          ("adversarial.probe_p0", *RATE, *PRODUCTION)),
+    Rule("adversarial.line_search", "adversarial", QUERY_BASED,
+         "queries lie on lines through earlier queries, between them: the binary and "
+         "step-size searches of decision-based attacks (HopSkipJump, Boundary, Sign-OPT)",
+         "-log10 binomial tail of the client's line-step share",
+         "line step = between the nearest earlier distinct query and a farther one, within "
+         "a sine of 0.01 plus rounding, moving more than a quarter of the features; expected "
+         "share from production (floor line_p0)",
+         ("adversarial.line_p0", *RATE, *PRODUCTION)),
     Rule("extraction.prada", "extraction", EXTRACT,
          "distances between a client's successive distinct queries far from normal (PRADA)",
          "1 - Shapiro-Wilk W (fires when W < delta)",

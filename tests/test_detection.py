@@ -269,3 +269,54 @@ def test_poisoning_events_seen_counts_the_datasets_batches_from_every_source(vic
         fired += pipeline.process_stats(msgspec.convert(raw, TrainingStatsEvent), T0 + 60 * i)
     assert [a.modelwatch.batch_id for a in fired] == ["b8"]
     assert fired[0].modelwatch.events_seen == 9  # not 4, feed-b's own count
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    """The binary cancer victim (30 real-valued features) and its profile."""
+    from detectors.profile import build_profile
+
+    victim = scenario.load_victim("cancer", seed=0)
+    return victim, build_profile(victim.X_train, victim.y_train, victim.feature_names,
+                                 model=victim.model_name, dataset="cancer")
+
+
+def test_art_boundary_attack_is_caught_by_line_search(cancer):
+    """Boundary steps from each candidate towards the original: the query lies on the line
+    from the candidate (its nearest earlier query) to the original, between them."""
+    from art.attacks.evasion import BoundaryAttack
+    from art.estimators.classification import BlackBoxClassifier
+
+    victim, profile = cancer
+    lo, span = victim.lo, victim.hi - victim.lo
+    targets = victim.X_benign[:2]
+    labels = victim.model.predict(targets)
+    starts = np.array([victim.X_attacker[np.flatnonzero(victim.model.predict(victim.X_attacker)
+                                                        != label)[0]] for label in labels])
+
+    def boundary(recorder, rng):
+        np.random.seed(5)
+        classifier = BlackBoxClassifier(  # unit space, as an attacker normalizes features
+            lambda U: recorder(lo + U * span), input_shape=(victim.n_features,),
+            nb_classes=len(victim.classes), clip_values=(0.0, 1.0))
+        BoundaryAttack(classifier, targeted=False, max_iter=20, num_trial=5, sample_size=10,
+                       verbose=False).generate(((targets - lo) / span).astype(np.float32),
+                                               x_adv_init=((starts - lo) / span).astype(np.float32))
+
+    events = attack_events(victim, boundary)
+    honest, kinds = production.honest_population(victim, np.random.default_rng(23), per_kind=6)
+    alerts = judge(profile, honest + events)
+    mine = [a for a in alerts if a.modelwatch.client_id == "attacker"]
+    assert [a.rule.name for a in mine][:1] == ["adversarial.line_search"], (len(events), mine[:2])
+    assert first_alert(alerts, "attacker") <= 30, len(events)  # 22 of ~730 queries
+    assert not {a.modelwatch.client_id for a in alerts} & set(kinds)
+
+
+def test_honest_clients_of_every_kind_do_not_search_lines(victim, profile, cancer):
+    """Re-scored entities, fan-outs, probes, batch jobs, noisy sites: records near each
+    other, never interpolations of the client's earlier records."""
+    for v, p, seed in ((victim, profile, 24), (*cancer, 25)):
+        events, kinds = production.honest_population(v, np.random.default_rng(seed), per_kind=10)
+        searching = {a.modelwatch.client_id for a in judge(p, events)
+                     if a.rule.name == "adversarial.line_search"}
+        assert not searching, sorted((c, kinds[c]) for c in searching)
