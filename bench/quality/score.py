@@ -134,23 +134,45 @@ def run_modelwatch(data: Path, work: Path, truth: dict) -> dict:
 class _Request(msgspec.Struct):
     client_id: str
     request_id: str | None = None
+    features: list[float] | None = None
 
 
-def group_order(inference_log: Path, truth: dict) -> dict[str, int]:
+def natural_rows(truth: dict) -> dict[str, tuple]:
+    """Per data set, its victim's rounding and the set of its data's rows as sent (bytes)."""
+    from streams.demo import scenario
+
+    out = {}
+    for dataset in sorted({c["dataset"] for c in truth["clients"].values()}):
+        victim = scenario.load_victim(dataset, seed=truth["seed"])
+        X = np.vstack([victim.X_train, victim.X_benign, victim.X_attacker, victim.X_batches])
+        out[dataset] = (victim.round, {row.tobytes() for row in victim.round(X)})
+    return out
+
+
+def group_order(inference_log: Path, truth: dict) -> tuple[dict[str, int], dict[str, int]]:
     """request_id -> 1-based position among all requests of its attacker (ids of one
-    attacker counted together), in time order. Honest clients are left out."""
-    group_of = {cid: c["group"] for cid, c in truth["clients"].items() if c["kind"] == "attack"}
+    attacker counted together), in time order, and per attacker the position of its
+    first crafted query: the first that is not a row of the data set (decision-based
+    attackers first ask about natural rows to find starting points). Honest clients
+    are left out."""
+    attackers = {cid: c for cid, c in truth["clients"].items() if c["kind"] == "attack"}
+    natural = natural_rows(truth)
     decoder = msgspec.json.Decoder(_Request)
     counts: Counter = Counter()
-    position = {}
+    position, crafted = {}, {}
     with open(inference_log, "rb") as lines:
         for line in lines:
             event = decoder.decode(line)
-            group = group_of.get(event.client_id)
-            if group is not None:
+            client = attackers.get(event.client_id)
+            if client is not None:
+                group = client["group"]
                 counts[group] += 1
                 position[event.request_id] = counts[group]
-    return position
+                if group not in crafted and event.features is not None:
+                    rounding, rows = natural[client["dataset"]]
+                    if rounding(np.array(event.features)).tobytes() not in rows:
+                        crafted[group] = counts[group]
+    return position, crafted
 
 
 def read_alerts(path: Path) -> list[dict]:
@@ -183,7 +205,8 @@ def query_kind(variant: str, family: str) -> str:
     return "extraction" if family == "extraction" else "evasion"
 
 
-def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
+def score(truth: dict, alerts: list[dict], position: dict[str, int],
+          crafted: dict[str, int] | None = None) -> dict:
     """Detection numbers from ground truth, alerts and each attacker request's position.
 
     Parameters
@@ -194,6 +217,8 @@ def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
         ECS alerts as ``modelwatch replay`` writes them.
     position : dict
         request_id -> 1-based index among its attacker's requests (see ``group_order``).
+    crafted : dict, optional
+        attacker group -> position of its first crafted query (see ``group_order``).
 
     Returns
     -------
@@ -232,6 +257,8 @@ def score(truth: dict, alerts: list[dict], position: dict[str, int]) -> dict:
             "right_family": bool(right),
             "queries_to_detection": _first_query(g["alerts"], position),
             "queries_to_right_family": _first_query(right, position),
+            "crafted_queries_to_detection": _after(_first_query(g["alerts"], position),
+                                                   (crafted or {}).get(name)),
             "rules": sorted({a["rule"]["name"] for a in g["alerts"]}),
         })
 
@@ -272,6 +299,13 @@ def _first_query(alerts: list[dict], position: dict[str, int]) -> int | None:
     return min(found) if found else None
 
 
+def _after(detected_at: int | None, first_crafted: int | None) -> int | None:
+    """Crafted queries sent up to the detection (1 when detected before any)."""
+    if detected_at is None or first_crafted is None:
+        return None
+    return max(1, detected_at - first_crafted + 1)
+
+
 def _honest(rows: list[dict]) -> dict:
     def summary(group):
         alerted = [r for r in group if r["alerted"]]
@@ -301,6 +335,7 @@ def _by_variant(attackers: list[dict]) -> dict:
             "right_family_rate": _rate(sum(a["right_family"] for a in group), len(group)),
             "queries_to_detection": _quantiles(queries("queries_to_detection")),
             "queries_to_right_family": _quantiles(queries("queries_to_right_family")),
+            "crafted_queries_to_detection": _quantiles(queries("crafted_queries_to_detection")),
             "rules": dict(Counter(r for a in group for r in a["rules"]).most_common()),
         }
     return out
@@ -410,11 +445,12 @@ def print_report(result: dict) -> None:
         render(f"[{name}] attackers by kind (queries: 1-based over all the actor's ids; "
                "median/p90 over every attacker, 'never' = not reached)",
                ["kind", "family", "n", "ids", "detected", "right fam", "median q", "p90 q",
-                "median q right", "rules fired (attackers)"],
+                "median q right", "median crafted", "rules fired (attackers)"],
                [[v, r["family"], str(r["attackers"]), str(r["ids_per_attacker"]),
                  _pct(r["detection_rate"]), _pct(r["right_family_rate"]),
                  _num(r["queries_to_detection"]["median"]), _num(r["queries_to_detection"]["p90"]),
-                 _num(r["queries_to_right_family"]["median"]), _rules(r["rules"])]
+                 _num(r["queries_to_right_family"]["median"]),
+                 _num(r["crafted_queries_to_detection"]["median"]), _rules(r["rules"])]
                 for v, r in table["attacks"].items()])
         render(f"[{name}] training batches (poisoned: detection rate; clean, drift: alert rate)",
                ["kind", "batches", "poisoned", "alerted", "rate", "rules fired (batches)"],
@@ -466,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     alerts = read_alerts(ran["alerts"])
     result = {"data": str(args.data), "seed": truth.get("seed"), "scale": truth.get("scale"),
               "code": code_version()}
-    result.update(score(truth, alerts, group_order(args.data / "inference.jsonl", truth)))
+    result.update(score(truth, alerts, *group_order(args.data / "inference.jsonl", truth)))
     result["targets"] = check_targets(result)
     result["alerts"] = len(alerts)
     result["deadletter"] = len(read_alerts(ran["deadletter"]))
