@@ -114,12 +114,17 @@ class GroupRun:
     load_start: str
     ceiling: float = float("nan")                 # events/s, median of the ceiling passes
     spawned: float = float("nan")
-    samples: list = field(default_factory=list)   # (wall time, events committed, CPU s)
+    samples: list = field(default_factory=list)   # (wall time, events committed, workers'
+    #                                                 CPU s, broker CPU s)
     cpu_total: list = field(default_factory=list)  # each worker's CPU s, spawn to end
     assigned: list = field(default_factory=list)   # each worker's [(wall time, partitions)]
     alerts: list = field(default_factory=list)
     done: bool = False
     load_end: str = ""
+
+    def broker_cpu_s(self) -> float:
+        """The broker's CPU seconds from the group's first commit to the last."""
+        return self.samples[-1][3] - self.samples[0][3] if self.samples else float("nan")
 
     def span(self):
         """(events, seconds, worker CPU s) from the group's first commit to the last."""
@@ -163,7 +168,7 @@ def run_group(n_workers: int, profiles: Path, lines, clients, batch_events: int,
             now, cpu = time.time(), sum(map(group_cpu_s, pgids))
             count = stream_speed.events_before(offsets, cumulative) if offsets else 0
             if count != seen and count > 0:
-                run.samples.append((now, count, cpu))
+                run.samples.append((now, count, cpu, stream_speed.cpu_s(broker.process.pid)))
                 seen = count
             if offsets and all(offsets.get(p, 0) >= end for p, end in ends.items()):
                 run.done = True
@@ -200,7 +205,8 @@ def describe_run(run: GroupRun) -> str:
                           f"partitions")
     return (f"{events:,} events from the first commit to the end in {seconds:.1f} s "
             f"({events / seconds:,.0f}/s; spawn to end {run.samples[-1][0] - run.spawned:.1f} s), "
-            f"{cpu:.1f} worker CPU-s ({events / cpu:,.0f} per CPU-s); "
+            f"{cpu:.1f} worker CPU-s ({events / cpu:,.0f} per CPU-s), broker "
+            f"{run.broker_cpu_s():.1f} CPU-s; "
             f"{len(run.alerts)} alerts ({len({a['event']['id'] for a in run.alerts})} ids); "
             + "; ".join(per_worker)
             + ("" if run.done else "; TIMED OUT before the end"))
@@ -268,15 +274,17 @@ def workers_part(profile: Path, log: Path, counts: list[int], runs: int, batch_e
              f"{statistics.median(cpu):,.1f}",
              f"runs {', '.join(f'{v:.1f}' for v in cpu)} (on average "
              f"{', '.join(f'{c / s:.0%}' for _, s, c in spans)} of one core: what the "
-             f"machine's other jobs left); from spawn {', '.join(f'{v:.1f}' for v in cpu_spawn)}"),
+             f"machine's other jobs left); from spawn {', '.join(f'{v:.1f}' for v in cpu_spawn)}; "
+             f"the broker meanwhile {', '.join(f'{g.broker_cpu_s():.1f}' for g in group)}"),
             (f"{label}: events per worker CPU-second", f"{statistics.median(per_cpu):,.0f}",
              f"runs {', '.join(f'{v:,.0f}' for v in per_cpu)}; all events per CPU-s from spawn "
              f"{', '.join(f'{g.events / c:,.0f}' for g, c in zip(group, cpu_spawn, strict=True))}"),
             (f"{label}: ceiling, bare aiokafka + msgspec", f"{statistics.median(ceilings):,.0f}",
              f"runs {', '.join(f'{v:,.0f}' for v in ceilings)}; load average "
              + "; ".join(f"{g.load_start} -> {g.load_end}" for g in group)),
-            (f"{label}: alerts", f"{len(alert_sets[0])}",
-             "; ".join(f"run {i + 1}: {len(ids)} ids ({id_hash(ids)}), {len(g.alerts)} sent, "
+            (f"{label}: alerts", ", ".join(str(len(ids)) for ids in alert_sets),
+             f"{len(set(map(id_hash, alert_sets)))} different id sets in {len(group)} runs; "
+             + "; ".join(f"run {i + 1}: {len(ids)} ids ({id_hash(ids)}), {len(g.alerts)} sent, "
                        f"vs replay: {compare(ids, replay, names)}, vs {counts[0]} worker "
                        f"run 1: {compare(ids, reference, names)}"
                        for i, (ids, g) in enumerate(zip(alert_sets, group, strict=True)))),
