@@ -103,6 +103,12 @@ async def _at(consumer, tp, mark: int) -> bool:
     return await consumer.position(tp) >= mark
 
 
+def alerted(alerts: list[dict]) -> set[str]:
+    """Which detector family alerted on which client: what an analyst sees, whichever
+    event triggered it."""
+    return {f"{a['modelwatch']['detector']} {a['modelwatch']['client_id']}" for a in alerts}
+
+
 def id_hash(ids) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:12]
 
@@ -176,6 +182,7 @@ def run_group(n_workers: int, profiles: Path, lines, clients, batch_events: int,
             time.sleep(stream_speed.POLL_S)
         run.cpu_total = [group_cpu_s(pgid) for pgid in pgids]
         run.alerts = asyncio.run(_read_alerts(broker.address))
+        (OUT / f"{tag}-alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in run.alerts))
         for worker in workers:
             worker.stop()  # closes its log: the assignments are all written
         run.assigned = [assignments(log) for log in logs]
@@ -284,6 +291,10 @@ def workers_part(profile: Path, log: Path, counts: list[int], runs: int, batch_e
              + "; ".join(f"{g.load_start} -> {g.load_end}" for g in group)),
             (f"{label}: alerts", ", ".join(str(len(ids)) for ids in alert_sets),
              f"{len(set(map(id_hash, alert_sets)))} different id sets in {len(group)} runs; "
+             f"(detector, client) pairs alerted vs replay's: "
+             + ", ".join("the same" if alerted(g.alerts) == alerted(replayed) else
+                         f"{len(alerted(g.alerts) ^ alerted(replayed))} differ" for g in group)
+             + "; "
              + "; ".join(f"run {i + 1}: {len(ids)} ids ({id_hash(ids)}), {len(g.alerts)} sent, "
                        f"vs replay: {compare(ids, replay, names)}, vs {counts[0]} worker "
                        f"run 1: {compare(ids, reference, names)}"
