@@ -19,6 +19,11 @@ Parts (``--parts``, each a few minutes at most):
   worker fed ~10-event records and one event per record, beside a bare aiokafka
   consumer reading the same records; event-to-alert latency at steady 5,000 and
   20,000 events/s in ~10-event records.
+- ``workers``: ``bench/workers_speed.py``: the same backlog judged by one worker and by
+  ``--workers`` workers in one consumer group (``--runs`` runs of each, interleaved, each on
+  a fresh broker): wall events/s until all is committed, the workers' CPU-seconds, events
+  per worker CPU-second, the bare-consumer ceiling of the same run, the partitions each
+  worker got, and the alert ids against one worker's and ``modelwatch replay``'s.
 - ``batches``: the replay pipeline in-process, fed the day in batches of ``--batch-sizes``
   events (a worker's batches: a few hundred events at a light load, thousands under a
   backlog), beside screening (decoding and validating) the same batches: the cost a
@@ -29,6 +34,7 @@ Parts (``--parts``, each a few minutes at most):
 
 Usage:
     .venv/bin/python bench/realistic_speed.py [--parts replay,batches,stream,memory] [--runs 3]
+    .venv/bin/python bench/realistic_speed.py --parts workers --workers 1,2 --runs 3
 """
 
 from __future__ import annotations
@@ -393,7 +399,8 @@ def main() -> None:
     parser.add_argument("--parts", default="replay,batches,stream,memory")
     parser.add_argument("--traffic", default="realistic,zipf",
                         help="replay part: realistic (this day), zipf (bench/replay_speed.py's)")
-    parser.add_argument("--runs", type=int, default=3, help="replay runs (median)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="replay, batches and workers runs (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", type=int, default=900, help="honest keys of the day")
     parser.add_argument("--zipf-events", type=int, default=500_000)
@@ -404,6 +411,8 @@ def main() -> None:
     parser.add_argument("--light-queries", type=int, default=10)
     parser.add_argument("--heavy", type=int, default=2_000, help="memory part: heavy clients")
     parser.add_argument("--heavy-queries", type=int, default=200)
+    parser.add_argument("--workers", type=lambda text: [int(v) for v in text.split(",")],
+                        default=[1, 2], help="workers part: workers in the group, per run")
     parser.add_argument("--stream-args", default="--worker-runs 1 --latency-s 20",
                         help="more arguments for bench/stream_speed.py")
     args = parser.parse_args()
@@ -431,6 +440,13 @@ def main() -> None:
     if "memory" in parts:
         rows += memory_part(profile, log, (args.light, args.light_queries),
                             (args.heavy, args.heavy_queries))
+
+    if "workers" in parts:
+        from bench import stream_speed
+        from bench.workers_speed import workers_part
+
+        rows += workers_part(profile, log, args.workers, args.runs,
+                             EVENTS_PER_RECORD * stream_speed.PARTITIONS)
 
     if "stream" in parts:  # it prints its own table of figures
         from bench import stream_speed
