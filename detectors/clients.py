@@ -312,7 +312,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
         error = step_norm / np.sqrt(12)  # the norm of rounding's error
         # A move shorter than one precision step in every feature has its direction
         # decided by rounding.
-        dense &= nearest_d >= step_norm
+        dense &= (nearest_d >= step_norm) & (nearest_d > 0)
         if dense.any():
             rows = np.flatnonzero(dense)
             line[rows] = line_steps(Q[rows], R, D[rows], diff[rows], nearest_d[rows], error)
@@ -340,6 +340,10 @@ def line_steps(Q: np.ndarray, R: np.ndarray, D: np.ndarray, step: np.ndarray,
     >>> D = np.array([[np.sqrt(2), np.sqrt(18)]])
     >>> line_steps(Q, R, D, Q - R[:1], D[:, 0], 0.0).tolist()
     [True]
+    >>> Q = np.array([[1.0, 1.5]])                  # off the line: not a line step
+    >>> D = np.linalg.norm(R - Q, axis=1)[None, :]
+    >>> line_steps(Q, R, D, Q - R[:1], D[:, 0], 0.0).tolist()
+    [False]
     """
     # cos of the angle between (query - nearest) and (column - query), for every column.
     dot = (R @ step.T).T - (Q * step).sum(1)[:, None]
