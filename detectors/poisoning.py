@@ -34,6 +34,11 @@ from detectors.base import Verdict, rate_surprise
 from detectors.profile import Profile
 from detectors.rules import RULES
 
+#: The smallest share of a label's rows that the flip test expects in another class: the
+#: profile's estimate is already shrunk toward the overall rate (see
+#: ``profile.neighbour_classifier``); this only keeps a tail finite.
+MIN_EXPECTED_SHARE = 1e-4
+
 
 @dataclass
 class BatchStats:
@@ -156,7 +161,7 @@ class PoisoningDetector:
         rows = counts.sum(1, keepdims=True)
         off = ~np.eye(n_classes, dtype=bool) & (rows >= 10)
         surprise = np.where(off, rate_surprise(counts, np.broadcast_to(rows, counts.shape),
-                                               np.minimum(expected + 0.002, 0.99)), 0.0)
+                                               np.clip(expected, MIN_EXPECTED_SHARE, 0.99)), 0.0)
         a, b = np.unravel_index(int(np.argmax(surprise)), surprise.shape)
         corrected = float(surprise[a, b]) - np.log10(n_classes * (n_classes - 1))
         if corrected <= 0:
