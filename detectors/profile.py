@@ -386,10 +386,10 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     variance between classes when that is clearly better (balanced leave-one-out accuracy
     of the neighbours' majority, +0.01): uninformative features then stop diluting the
     distance. The agreement is the share of rows labelled c (row) put in each class
-    (column); an off-diagonal cell is shrunk toward the overall rate of confident
-    disagreement spread over the other classes, with one class's worth of rows as the
-    prior's weight (and one disagreement added to that rate), so that a pair never seen
-    confused in a small training set is not promised zero."""
+    (column); an off-diagonal cell is at least the typical pair's rate (confident
+    disagreements, plus one, over rows and over the other classes), so that a pair never
+    seen confused in a small training set is not promised zero. The flip test allows for
+    the estimate's own uncertainty (a beta-binomial tail over the class's training rows)."""
     keep = np.arange(len(Z))
     if len(Z) > NEIGHBOURS_MAX_ROWS:
         # Stratified: every class keeps its share.
@@ -418,9 +418,8 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     np.add.at(confusion, (lk, assigned), 1.0)
     rows = confusion.sum(1, keepdims=True)
     off = confusion.sum() - np.trace(confusion)
-    prior = (off + 1.0) / (len(lk) + 1.0) / max(n_classes - 1, 1)
-    weight = len(lk) / n_classes
-    agreement = (confusion + prior * weight) / (rows + weight)
+    typical = (off + 1.0) / (len(lk) + 1.0) / max(n_classes - 1, 1)
+    agreement = np.maximum(confusion / np.maximum(rows, 1.0), typical)
     diagonal = np.eye(n_classes, dtype=bool)
     agreement[diagonal] = 0.0
     agreement[diagonal] = 1.0 - agreement.sum(1)
