@@ -11,7 +11,12 @@ with recent clean batches of the same dataset and source. Rules:
     rows that are really *b*'s, with a standard error from the reference
     within-class spreads. A shift common to all classes — a new, legitimate
     sub-population, where features and labels move together — cancels in
-    ``δa - δb``; that is how benign drift is told apart.
+    ``δa - δb``; that is how benign drift is told apart. Flipped rows also keep
+    their features: the profile's reference classifier (the label's nearest training
+    rows) confidently puts them in the class they came from, so rows of one label go
+    to one other class far more often than on the training set (leave-one-out) and
+    on the source's clean batches: a binomial tail per class pair, corrected over
+    the pairs.
 ``poisoning.trigger_spike``
     A histogram bin holding many times its reference mass (and that of recent
     clean batches), where the reference is nearly empty: backdoor triggers set
@@ -148,7 +153,7 @@ class PoisoningDetector:
 
     def _flip_by_agreement(self, state, batch, profile) -> tuple:
         """Rows labelled a that the profile's reference classifier puts in class b, far
-        more often than it did on the training set (cross-validated) and on this
+        more often than it did on the training set (left out one at a time) and on this
         source's clean batches: (surprise, excess share, a, b, evidence). The surprise
         is -log10 of a binomial tail, Bonferroni-corrected over the class pairs."""
         if batch.reference_classes is None or profile.label_agreement is None:

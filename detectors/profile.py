@@ -46,8 +46,7 @@ SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
 OOD_LEVEL = 0.99
 #: The reference classifier of profiles made before nearest neighbours (Gaussian
-#: discriminants): covariance poolings it picked from, and its ridge.
-CLASSIFIER_POOLINGS = (1.0, 0.5)
+#: discriminants, still read from such profiles): its ridge.
 CLASSIFIER_RIDGE = 0.05
 #: The reference classifier (label-flip test): a row's NEIGHBOURS_K nearest training rows;
 #: it is put in another class than its label only when NEIGHBOURS_VOTES of them carry that
@@ -424,43 +423,6 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     agreement[diagonal] = 0.0
     agreement[diagonal] = 1.0 - agreement.sum(1)
     return keep, weights, agreement
-
-
-def _class_moments(Z: np.ndarray, label_idx: np.ndarray, n_classes: int):
-    """Per-class counts, centroids and covariances, and the pooled within-class covariance."""
-    d = Z.shape[1]
-    counts = np.bincount(label_idx, minlength=n_classes).astype(np.float64)
-    centroids = np.zeros((n_classes, d))
-    np.add.at(centroids, label_idx, Z)
-    centroids /= np.maximum(counts, 1.0)[:, None]
-    within = Z - centroids[label_idx]
-    pooled = np.cov(within.T, bias=True).reshape(d, d)
-    class_cov = np.array([np.cov(within[label_idx == c].T, bias=True).reshape(d, d)
-                          if counts[c] > 1 else pooled for c in range(n_classes)])
-    return counts, centroids, class_cov, pooled
-
-
-def reference_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
-                         rng: np.random.Generator, folds: int = 5) -> tuple[float, np.ndarray]:
-    """Pick the reference classifier's pooling by cross-validated balanced accuracy and
-    return it with its cross-validated label agreement: the shares of rows labelled c
-    (row) that it, fitted without them, assigns to each class (column), Laplace-smoothed
-    so that a small training set does not promise zero errors."""
-    fold = rng.permutation(len(Z)) % folds
-    best = (-1.0, 1.0, None)
-    for pooling in CLASSIFIER_POOLINGS:
-        confusion = np.zeros((n_classes, n_classes))
-        for k in range(folds):
-            fit, held = fold != k, fold == k
-            counts, centroids, class_cov, pooled = _class_moments(Z[fit], label_idx[fit], n_classes)
-            model = Discriminants.fit(centroids, class_cov, pooled, counts, pooling)
-            np.add.at(confusion, (label_idx[held], model.classes(Z[held])), 1.0)
-        confusion += 1.0 / n_classes
-        confusion /= confusion.sum(1, keepdims=True)
-        accuracy = float(np.mean(np.diag(confusion)))
-        if accuracy > best[0] + 0.01:  # the simpler, linear one unless clearly worse
-            best = (accuracy, pooling, confusion)
-    return best[1], best[2]
 
 
 def histogram_edges(values: np.ndarray) -> np.ndarray:
