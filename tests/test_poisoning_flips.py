@@ -3,6 +3,8 @@ scikit-learn data (breast cancer): a flipped batch is caught and named, a clean 
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import numpy as np
 import pytest
@@ -106,3 +108,19 @@ def test_a_label_the_profile_never_saw_is_not_counted_in_another_class(cancer):
                       batch_id="b", ts=T0)
     assert set(raw["reference_classes"]["unknown"]) <= {"unknown", "0", "1"}
     assert sum(raw["reference_classes"]["unknown"].values()) <= 5
+
+
+def test_a_profile_made_before_the_neighbours_still_classifies(cancer):
+    """Profiles made before carry Gaussian discriminants instead: stats still counts every
+    in-bounds row once, and rows go to classes regardless of their label."""
+    profile, X, y = cancer
+    old = dataclasses.replace(profile, neighbour_rows=None, neighbour_labels=None,
+                              neighbour_weights=None)
+    flipped_labels = 1 - y[:150]
+    raw = stats_event(X[:150], flipped_labels.astype(str), old, dataset="cancer", source="feed",
+                      batch_id="b", ts=T0)
+    counts = raw["reference_classes"]
+    assert sum(sum(c.values()) for c in counts.values()) <= 150
+    # Every label flipped: most rows of each label go to the other class.
+    assert counts["0"].get("1", 0) > counts["0"].get("0", 0)
+    assert counts["1"].get("0", 0) > counts["1"].get("1", 0)
