@@ -11,7 +11,12 @@ with recent clean batches of the same dataset and source. Rules:
     rows that are really *b*'s, with a standard error from the reference
     within-class spreads. A shift common to all classes — a new, legitimate
     sub-population, where features and labels move together — cancels in
-    ``δa - δb``; that is how benign drift is told apart.
+    ``δa - δb``; that is how benign drift is told apart. Flipped rows also keep
+    their features: the profile's reference classifier (the label's nearest training
+    rows) confidently puts them in the class they came from, so rows of one label go
+    to one other class far more often than on the training set (leave-one-out) and
+    on the source's clean batches: a binomial tail per class pair, corrected over
+    the pairs.
 ``poisoning.trigger_spike``
     A histogram bin holding many times its reference mass (and that of recent
     clean batches), where the reference is nearly empty: backdoor triggers set
@@ -33,6 +38,11 @@ import numpy as np
 from detectors.base import Verdict, rate_surprise
 from detectors.profile import Profile
 from detectors.rules import RULES
+
+#: The smallest share of a label's rows that the flip test expects in another class: the
+#: profile's estimate is already shrunk toward the overall rate (see
+#: ``profile.neighbour_classifier``); this only keeps a tail finite.
+MIN_EXPECTED_SHARE = 1e-4
 
 
 @dataclass
@@ -143,7 +153,7 @@ class PoisoningDetector:
 
     def _flip_by_agreement(self, state, batch, profile) -> tuple:
         """Rows labelled a that the profile's reference classifier puts in class b, far
-        more often than it did on the training set (cross-validated) and on this
+        more often than it did on the training set (left out one at a time) and on this
         source's clean batches: (surprise, excess share, a, b, evidence). The surprise
         is -log10 of a binomial tail, Bonferroni-corrected over the class pairs."""
         if batch.reference_classes is None or profile.label_agreement is None:
@@ -156,7 +166,7 @@ class PoisoningDetector:
         rows = counts.sum(1, keepdims=True)
         off = ~np.eye(n_classes, dtype=bool) & (rows >= 10)
         surprise = np.where(off, rate_surprise(counts, np.broadcast_to(rows, counts.shape),
-                                               np.minimum(expected + 0.002, 0.99)), 0.0)
+                                               np.clip(expected, MIN_EXPECTED_SHARE, 0.99)), 0.0)
         a, b = np.unravel_index(int(np.argmax(surprise)), surprise.shape)
         corrected = float(surprise[a, b]) - np.log10(n_classes * (n_classes - 1))
         if corrected <= 0:

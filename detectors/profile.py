@@ -45,9 +45,16 @@ PRADA_OFF = {"0.001": 0.0, "0.01": 0.0, "0.5": 1.0}
 SMALL_SET_KNN_SHARE = 0.5
 KNN_K = 5
 OOD_LEVEL = 0.99
-#: The reference classifier (label-flip test): covariance poolings it picks from, and its ridge.
-CLASSIFIER_POOLINGS = (1.0, 0.5)
+#: The reference classifier of profiles made before nearest neighbours (Gaussian
+#: discriminants, still read from such profiles): its ridge.
 CLASSIFIER_RIDGE = 0.05
+#: The reference classifier (label-flip test): a row's NEIGHBOURS_K nearest training rows;
+#: it is put in another class than its label only when NEIGHBOURS_VOTES of them carry that
+#: class (a confident disagreement), else in its own.
+NEIGHBOURS_K = 10
+NEIGHBOURS_VOTES = 9
+#: Training rows kept in the profile for it (a stratified sample beyond that).
+NEIGHBOURS_MAX_ROWS = 4000
 
 
 class ProfileError(ValueError):
@@ -90,6 +97,12 @@ class Profile:
     label_agreement: np.ndarray | None = None
     classifier_pooling: float = 1.0
     class_cov: np.ndarray | None = None  # (classes, features, features), scaled; when pooling < 1
+    # The nearest-neighbour reference classifier (profiles made before it have the
+    # discriminants above): training rows (raw units), their class indices, and the
+    # per-feature weights on scaled units of its distance.
+    neighbour_rows: np.ndarray | None = None
+    neighbour_labels: np.ndarray | None = None
+    neighbour_weights: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -103,6 +116,7 @@ class Profile:
         self._class_lookup = {c: i for i, c in enumerate(self.classes)}
         self._within_precision = None
         self._discriminants = None
+        self._neighbours = None
 
     def scaled(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean) / self.scale
@@ -124,9 +138,18 @@ class Profile:
             self._within_precision = ridged_inverse(self.within_cov)
         return self._within_precision
 
-    def reference_classes(self, X: np.ndarray) -> np.ndarray:
+    def reference_classes(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The reference classifier's class index for each row of ``X`` (raw units; a
-        missing value counts as the training mean)."""
+        missing value counts as the training mean) labelled with class indices ``labels``
+        (-1: a label the profile never saw). The nearest-neighbour classifier keeps a
+        row's own label unless it confidently disagrees."""
+        if self.neighbour_rows is not None:
+            if self._neighbours is None:
+                self._neighbours = Neighbours.fit(self.scaled(self.neighbour_rows),
+                                                  self.neighbour_labels, self.neighbour_weights,
+                                                  len(self.classes))
+            Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
+            return self._neighbours.classes(Z, np.asarray(labels))
         if self._discriminants is None:
             self._discriminants = Discriminants.fit(
                 self.class_mean / self.scale - self.mean / self.scale, self.class_cov,
@@ -180,6 +203,11 @@ class Profile:
                     "label_agreement": self.label_agreement.tolist(),
                     "classifier_pooling": self.classifier_pooling}),
                 **({} if self.class_cov is None else {"class_covariance": self.class_cov.tolist()}),
+                **({} if self.neighbour_rows is None else {"neighbours": {
+                    "k": NEIGHBOURS_K, "votes": NEIGHBOURS_VOTES,
+                    "weights": self.neighbour_weights.tolist(),
+                    "labels": self.neighbour_labels.tolist(),
+                    "rows": self.neighbour_rows.tolist()}}),
             },
         }
 
@@ -226,6 +254,7 @@ class Profile:
                 classifier_pooling=float(cal.get("classifier_pooling", 1.0)),
                 class_cov=(np.asarray(cal["class_covariance"], dtype=np.float64)
                            if "class_covariance" in cal else None),
+                **_neighbours_from(cal.get("neighbours"), d, len(classes)),
             )
         except KeyError as exc:
             raise ProfileError(f"missing field {exc.args[0]!r}") from None
@@ -246,6 +275,22 @@ class Profile:
         if any(len(e) != len(h) + 1 for e, h in zip(profile.edges, profile.hist, strict=True)):
             raise ProfileError("a histogram has len(edges) != len(counts) + 1")
         return profile
+
+
+def _neighbours_from(doc: dict | None, d: int, n_classes: int) -> dict:
+    """The nearest-neighbour classifier's fields from ``calibration.neighbours``."""
+    if doc is None:
+        return {}
+    if (int(doc["k"]), int(doc["votes"])) != (NEIGHBOURS_K, NEIGHBOURS_VOTES):
+        raise ProfileError(f"calibration.neighbours: made with k={doc['k']}, votes={doc['votes']}; "
+                           f"this version uses {NEIGHBOURS_K}, {NEIGHBOURS_VOTES}: rebuild the profile")
+    rows = np.asarray(doc["rows"], dtype=np.float64).reshape(-1, d)
+    labels = np.asarray(doc["labels"], dtype=np.int64)
+    weights = np.asarray(doc["weights"], dtype=np.float64)
+    if (len(labels) != len(rows) or len(rows) <= NEIGHBOURS_K or weights.shape != (d,)
+            or labels.min() < 0 or labels.max() >= n_classes):
+        raise ProfileError("calibration.neighbours: rows, labels and weights do not match")
+    return {"neighbour_rows": rows, "neighbour_labels": labels, "neighbour_weights": weights}
 
 
 def ridged_inverse(cov: np.ndarray, share: float = 0.25) -> np.ndarray:
@@ -285,41 +330,99 @@ class Discriminants:
         return np.argmax(-0.5 * (score + self.log_dets) + self.log_priors, axis=1)
 
 
-def _class_moments(Z: np.ndarray, label_idx: np.ndarray, n_classes: int):
-    """Per-class counts, centroids and covariances, and the pooled within-class covariance."""
-    d = Z.shape[1]
-    counts = np.bincount(label_idx, minlength=n_classes).astype(np.float64)
-    centroids = np.zeros((n_classes, d))
-    np.add.at(centroids, label_idx, Z)
-    centroids /= np.maximum(counts, 1.0)[:, None]
-    within = Z - centroids[label_idx]
-    pooled = np.cov(within.T, bias=True).reshape(d, d)
-    class_cov = np.array([np.cov(within[label_idx == c].T, bias=True).reshape(d, d)
-                          if counts[c] > 1 else pooled for c in range(n_classes)])
-    return counts, centroids, class_cov, pooled
+@dataclass(frozen=True)
+class Neighbours:
+    """The reference classifier: the ``NEIGHBOURS_K`` nearest training rows, in scaled
+    units times per-feature ``weights``. A row goes to another class than its label
+    only when ``NEIGHBOURS_VOTES`` of its neighbours carry that class.
+
+    >>> rng = np.random.default_rng(0)
+    >>> Z = np.r_[rng.normal(0, 1, (50, 2)), rng.normal(6, 1, (50, 2))]
+    >>> nn = Neighbours.fit(Z, np.repeat([0, 1], 50), np.ones(2), 2)
+    >>> nn.classes(np.array([[6.0, 6.0], [0.0, 0.0], [3.0, 3.0]]), np.array([0, 0, 1])).tolist()
+    [1, 0, 1]
+    """
+
+    rows: np.ndarray     # (n, features), weighted scaled units
+    labels: np.ndarray   # class index per row
+    weights: np.ndarray
+    n_classes: int
+
+    @classmethod
+    def fit(cls, Z, labels, weights, n_classes: int) -> Neighbours:
+        return cls(np.asarray(Z) * weights, np.asarray(labels), np.asarray(weights), n_classes)
+
+    def votes(self, Z: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """(rows, classes): how many of each row's nearest training rows carry each class;
+        ``exclude`` (row -> training row index) leaves a row's own copy out."""
+        Q = np.asarray(Z) * self.weights
+        out = np.zeros((len(Q), self.n_classes))
+        norms = np.einsum("ij,ij->i", self.rows, self.rows)
+        for start in range(0, len(Q), 512):  # bounded memory: 512 x training rows at a time
+            part = Q[start:start + 512]
+            dist = norms[None, :] - 2.0 * part @ self.rows.T
+            if exclude is not None:
+                dist[np.arange(len(part)), exclude[start:start + 512]] = np.inf
+            nearest = np.argpartition(dist, NEIGHBOURS_K - 1, axis=1)[:, :NEIGHBOURS_K]
+            np.add.at(out, (np.repeat(np.arange(len(part)) + start, NEIGHBOURS_K),
+                            self.labels[nearest].ravel()), 1.0)
+        return out
+
+    def classes(self, Z: np.ndarray, labels: np.ndarray,
+                exclude: np.ndarray | None = None) -> np.ndarray:
+        """Each row's label, or the class that ``NEIGHBOURS_VOTES`` of its neighbours carry."""
+        votes = self.votes(Z, exclude)
+        best = votes.argmax(1)
+        return np.where(votes.max(1) >= NEIGHBOURS_VOTES, best, labels)
 
 
-def reference_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
-                         rng: np.random.Generator, folds: int = 5) -> tuple[float, np.ndarray]:
-    """Pick the reference classifier's pooling by cross-validated balanced accuracy and
-    return it with its cross-validated label agreement: the shares of rows labelled c
-    (row) that it, fitted without them, assigns to each class (column), Laplace-smoothed
-    so that a small training set does not promise zero errors."""
-    fold = rng.permutation(len(Z)) % folds
-    best = (-1.0, 1.0, None)
-    for pooling in CLASSIFIER_POOLINGS:
-        confusion = np.zeros((n_classes, n_classes))
-        for k in range(folds):
-            fit, held = fold != k, fold == k
-            counts, centroids, class_cov, pooled = _class_moments(Z[fit], label_idx[fit], n_classes)
-            model = Discriminants.fit(centroids, class_cov, pooled, counts, pooling)
-            np.add.at(confusion, (label_idx[held], model.classes(Z[held])), 1.0)
-        confusion += 1.0 / n_classes
-        confusion /= confusion.sum(1, keepdims=True)
-        accuracy = float(np.mean(np.diag(confusion)))
-        if accuracy > best[0] + 0.01:  # the simpler, linear one unless clearly worse
-            best = (accuracy, pooling, confusion)
-    return best[1], best[2]
+def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
+                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nearest-neighbour reference classifier: which training rows it keeps, its
+    feature weights, and its leave-one-out label agreement.
+
+    The weights are 1 (scaled units), or the square root of each feature's share of
+    variance between classes when that is clearly better (balanced leave-one-out accuracy
+    of the neighbours' majority, +0.01): uninformative features then stop diluting the
+    distance. The agreement is the share of rows labelled c (row) put in each class
+    (column); an off-diagonal cell is at least the typical pair's rate (confident
+    disagreements, plus one, over rows and over the other classes), so that a pair never
+    seen confused in a small training set is not promised zero. The flip test allows for
+    the estimate's own uncertainty (a beta-binomial tail over the class's training rows)."""
+    keep = np.arange(len(Z))
+    if len(Z) > NEIGHBOURS_MAX_ROWS:
+        # Stratified: every class keeps its share.
+        keep = np.sort(np.concatenate([
+            rng.permutation(np.flatnonzero(label_idx == c))[
+                :max(1, round(NEIGHBOURS_MAX_ROWS * np.mean(label_idx == c)))]
+            for c in range(n_classes)]))
+    Zk, lk = Z[keep], label_idx[keep]
+    centroids = np.array([Zk[lk == c].mean(0) if (lk == c).any() else np.zeros(Z.shape[1])
+                          for c in range(n_classes)])
+    within = ((Zk - centroids[lk]) ** 2).mean(0)
+    total = ((Zk - Zk.mean(0)) ** 2).mean(0)
+    eta = np.sqrt(np.clip(1 - within / np.maximum(total, 1e-12), 0.0, 1.0))
+    best = None
+    for weights in (np.ones(Z.shape[1]), np.maximum(eta, 1e-3)):
+        model = Neighbours.fit(Zk, lk, weights, n_classes)
+        votes = model.votes(Zk, exclude=np.arange(len(Zk)))
+        majority = votes.argmax(1)
+        accuracy = float(np.mean([np.mean(majority[lk == c] == c)
+                                  for c in range(n_classes) if (lk == c).any()]))
+        if best is None or accuracy > best[0] + 0.01:
+            assigned = np.where(votes.max(1) >= NEIGHBOURS_VOTES, majority, lk)
+            best = (accuracy, weights, assigned)
+    _, weights, assigned = best
+    confusion = np.zeros((n_classes, n_classes))
+    np.add.at(confusion, (lk, assigned), 1.0)
+    rows = confusion.sum(1, keepdims=True)
+    off = confusion.sum() - np.trace(confusion)
+    typical = (off + 1.0) / (len(lk) + 1.0) / max(n_classes - 1, 1)
+    agreement = np.maximum(confusion / np.maximum(rows, 1.0), typical)
+    diagonal = np.eye(n_classes, dtype=bool)
+    agreement[diagonal] = 0.0
+    agreement[diagonal] = 1.0 - agreement.sum(1)
+    return keep, weights, agreement
 
 
 def histogram_edges(values: np.ndarray) -> np.ndarray:
@@ -533,7 +636,7 @@ def build_profile(
         if prada_w == PRADA_OFF:
             notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
                          f"{PRADA_MIN_TESTS} honest tests its delta needs; {prada_off}")
-    pooling, agreement = reference_classifier(Z, label_idx, len(classes), rng)
+    keep, weights, agreement = neighbour_classifier(Z, label_idx, len(classes), rng)
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(
@@ -562,6 +665,7 @@ def build_profile(
         step=step,
         notes=tuple(notes),
         label_agreement=agreement,
-        classifier_pooling=pooling,
-        class_cov=_class_moments(Z, label_idx, len(classes))[2] if pooling < 1 else None,
+        neighbour_rows=X[keep],
+        neighbour_labels=label_idx[keep],
+        neighbour_weights=weights,
     )

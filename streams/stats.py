@@ -7,7 +7,9 @@ bin with the reference. Beyond the contract's required fields it writes
 beyond the edges by more than their whole span: injected outliers) and
 ``duplicates`` (rows that repeat an earlier row of the batch) and
 ``reference_classes`` (per label, how many distinct rows within the training bounds the
-profile's reference classifier puts in each class).
+profile's reference classifier puts in each class: with the nearest-neighbour classifier,
+a row stays in its own label's class unless its training neighbours all but agree on
+another).
 """
 
 from __future__ import annotations
@@ -64,10 +66,17 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
     first = np.zeros(len(X), dtype=bool)
     first[np.unique(with_labels, axis=0, return_index=True)[1]] = True
     inside = first & (np.isnan(X) | ((X >= profile.lower) & (X <= profile.upper))).all(1)
-    assigned = np.asarray(profile.classes)[profile.reference_classes(X)]
+    labels_as_str = y.astype(str)
+    label_idx = np.array([profile.class_index(v) for v in labels_as_str], dtype=np.int64)
+    assigned_idx = np.full(len(X), -1, dtype=np.int64)
+    assigned_idx[inside] = profile.reference_classes(X[inside], label_idx[inside])
+    # A label the profile never saw keeps its own name unless the classifier is sure.
+    assigned = np.where(assigned_idx >= 0, np.asarray(profile.classes, dtype=object)[assigned_idx],
+                        labels_as_str.astype(object))
     reference_classes = {}
     for label in labels:
-        names, n = np.unique(assigned[inside & (y.astype(str) == label)], return_counts=True)
+        names, n = np.unique(assigned[inside & (labels_as_str == label)].astype(str),
+                             return_counts=True)
         reference_classes[str(label)] = {str(c): int(k) for c, k in zip(names, n, strict=True)}
     return {
         "ts": format_ts(ts),
