@@ -387,8 +387,7 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     distance. The agreement is the share of rows labelled c (row) put in each class
     (column); an off-diagonal cell is at least the typical pair's rate (confident
     disagreements, plus one, over rows and over the other classes), so that a pair never
-    seen confused in a small training set is not promised zero. The flip test allows for
-    the estimate's own uncertainty (a beta-binomial tail over the class's training rows)."""
+    seen confused in a small training set is not promised zero."""
     keep = np.arange(len(Z))
     if len(Z) > NEIGHBOURS_MAX_ROWS:
         # Stratified: every class keeps its share.
