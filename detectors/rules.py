@@ -138,7 +138,7 @@ _RULES = (
          "classes; -log10 tail of rows of one label that the profile's reference classifier "
          "puts in another class",
          "against recent clean batches of the source, else the profile (its classifier's "
-         "cross-validated agreement with the labels)",
+         "leave-one-out agreement with the labels)",
          ("poisoning.flip_z", "poisoning.flip_surprise", "poisoning.min_rows",
           "poisoning.recent_batches")),
     Rule("poisoning.trigger_spike", "poisoning", POISON,
