@@ -31,7 +31,7 @@ def create_topics(broker) -> None:
 def start_worker(broker, profiles: Path, state_dir: Path, log: Path,
                  *flags: str) -> subprocess.Popen:
     """A worker in its own process group (so kill -9 takes all of it)."""
-    flags = flags or ("--metrics-port", "0")
+    flags = flags or ("--metrics-port", "0", "--log-level", "info")
     return subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "worker", "--broker", broker.url,
          "--profiles", str(profiles), "--state-dir", str(state_dir), *flags],

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 
 import pytest
 
 from detectors.clients import ClientState
 from detectors.poisoning import SourceState
+from streams.cli.tail import partition_of
 from streams.worker.broker import EmbeddedBroker
 from tests.conftest import run_cli
 from tests.streaming import (
+    PARTITIONS,
     create_topics,
     kill9,
     latest_states,
+    read_topic,
     send_stats,
     start_worker,
     state_differences,
@@ -40,8 +44,14 @@ def state_mismatch(broker, pipeline) -> str | None:
                                   ("sources", SourceState, pipeline.sources)):
         stored = latest_states(broker, table, cls)
         if set(stored) != set(reference):
-            return f"{table}: {len(set(reference) - set(stored))} keys missing, " \
-                   f"{len(set(stored) - set(reference))} extra"
+            missing = sorted(set(reference) - set(stored))
+            # Which partitions they hash to, and how far each changelog partition goes:
+            # enough to tell a write never made from a read that stopped short.
+            where = {k: partition_of(k.rsplit("/", 1)[-1], PARTITIONS) for k in missing[:5]}
+            ends = Counter(r.partition for r in read_topic(broker, f"modelwatch-{table}-changelog"))
+            return (f"{table}: {len(missing)} keys missing, {len(set(stored) - set(reference))} "
+                    f"extra; missing (partition): {where}; changelog records per partition: "
+                    f"{dict(sorted(ends.items()))}")
         differing = {k: d for k in stored if (d := state_differences(stored[k], reference[k]))}
         if differing:
             counts = {k: (getattr(stored[k], "events", None), getattr(reference[k], "events", None))
