@@ -40,7 +40,7 @@ from detectors.profile import Profile
 from detectors.rules import RULES
 
 #: The smallest share of a label's rows that the flip test expects in another class: the
-#: profile's estimate is already shrunk toward the overall rate (see
+#: profile's estimate is already floored at the typical pair's rate (see
 #: ``profile.neighbour_classifier``); this only keeps a tail finite.
 MIN_EXPECTED_SHARE = 1e-4
 

@@ -145,7 +145,7 @@ class Profile:
         row's own label unless it confidently disagrees."""
         if self.neighbour_rows is not None:
             if self._neighbours is None:
-                self._neighbours = Neighbours.fit(self.scaled(self.neighbour_rows),
+                self._neighbours = NeighbourClassifier.fit(self.scaled(self.neighbour_rows),
                                                   self.neighbour_labels, self.neighbour_weights,
                                                   len(self.classes))
             Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
@@ -331,14 +331,14 @@ class Discriminants:
 
 
 @dataclass(frozen=True)
-class Neighbours:
+class NeighbourClassifier:
     """The reference classifier: the ``NEIGHBOURS_K`` nearest training rows, in scaled
     units times per-feature ``weights``. A row goes to another class than its label
     only when ``NEIGHBOURS_VOTES`` of its neighbours carry that class.
 
     >>> rng = np.random.default_rng(0)
     >>> Z = np.r_[rng.normal(0, 1, (50, 2)), rng.normal(6, 1, (50, 2))]
-    >>> nn = Neighbours.fit(Z, np.repeat([0, 1], 50), np.ones(2), 2)
+    >>> nn = NeighbourClassifier.fit(Z, np.repeat([0, 1], 50), np.ones(2), 2)
     >>> nn.classes(np.array([[6.0, 6.0], [0.0, 0.0], [3.0, 3.0]]), np.array([0, 0, 1])).tolist()
     [1, 0, 1]
     """
@@ -347,20 +347,22 @@ class Neighbours:
     labels: np.ndarray   # class index per row
     weights: np.ndarray
     n_classes: int
+    norms: np.ndarray    # squared length of each row: every distance needs them
 
     @classmethod
-    def fit(cls, Z, labels, weights, n_classes: int) -> Neighbours:
-        return cls(np.asarray(Z) * weights, np.asarray(labels), np.asarray(weights), n_classes)
+    def fit(cls, Z, labels, weights, n_classes: int) -> NeighbourClassifier:
+        rows = np.asarray(Z) * weights
+        return cls(rows, np.asarray(labels), np.asarray(weights), n_classes,
+                   np.einsum("ij,ij->i", rows, rows))
 
     def votes(self, Z: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
         """(rows, classes): how many of each row's nearest training rows carry each class;
         ``exclude`` (row -> training row index) leaves a row's own copy out."""
         Q = np.asarray(Z) * self.weights
         out = np.zeros((len(Q), self.n_classes))
-        norms = np.einsum("ij,ij->i", self.rows, self.rows)
         for start in range(0, len(Q), 512):  # bounded memory: 512 x training rows at a time
             part = Q[start:start + 512]
-            dist = norms[None, :] - 2.0 * part @ self.rows.T
+            dist = self.norms[None, :] - 2.0 * part @ self.rows.T
             if exclude is not None:
                 dist[np.arange(len(part)), exclude[start:start + 512]] = np.inf
             nearest = np.argpartition(dist, NEIGHBOURS_K - 1, axis=1)[:, :NEIGHBOURS_K]
@@ -403,7 +405,7 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     eta = np.sqrt(np.clip(1 - within / np.maximum(total, 1e-12), 0.0, 1.0))
     best = None
     for weights in (np.ones(Z.shape[1]), np.maximum(eta, 1e-3)):
-        model = Neighbours.fit(Zk, lk, weights, n_classes)
+        model = NeighbourClassifier.fit(Zk, lk, weights, n_classes)
         votes = model.votes(Zk, exclude=np.arange(len(Zk)))
         majority = votes.argmax(1)
         accuracy = float(np.mean([np.mean(majority[lk == c] == c)

@@ -12,7 +12,13 @@ from sklearn.datasets import load_breast_cancer
 
 from detectors.config import load_thresholds
 from detectors.poisoning import PoisoningDetector
-from detectors.profile import NEIGHBOURS_VOTES, Neighbours, Profile, ProfileError, build_profile
+from detectors.profile import (
+    NEIGHBOURS_VOTES,
+    NeighbourClassifier,
+    Profile,
+    ProfileError,
+    build_profile,
+)
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
@@ -79,7 +85,7 @@ def test_a_flipped_batch_is_caught_and_named_and_clean_ones_are_quiet(cancer):
 def test_only_confident_disagreement_moves_a_row():
     rng = np.random.default_rng(0)
     Z = np.r_[rng.normal(0, 1, (60, 2)), rng.normal(8, 1, (60, 2))]
-    model = Neighbours.fit(Z, np.repeat([0, 1], 60), np.ones(2), 2)
+    model = NeighbourClassifier.fit(Z, np.repeat([0, 1], 60), np.ones(2), 2)
     rows = np.array([[8.0, 8.0], [8.0, 8.0], [4.0, 4.0], [0.0, 0.0]])
     assigned = model.classes(rows, np.array([0, 1, 0, 1]))
     assert assigned.tolist() == [1, 1, 0, 0]

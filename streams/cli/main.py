@@ -207,7 +207,7 @@ def tail_checkpoint(settings, path: str) -> Path:
 
 
 def _tail(args) -> int:
-    from streams.cli.tail import Checkpoint, Shipper, follow
+    from streams.cli.tail import Checkpoint, follow
 
     settings = resolve(args)
     if settings.broker is None:
@@ -229,8 +229,7 @@ def _tail(args) -> int:
         if args.profile is None:
             raise UserError("tail --format oip: needs --profile (it says how to read the tensors)")
         convert = oip_converter(load_profile(args.profile), args.client_field)
-    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000,
-                      convert=convert)
+    shipper = _shipper(settings, args, convert=convert)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped as a service: flush and checkpoint first
     try:
         follow(args.path, shipper, Checkpoint(checkpoint_path), once=args.once)
@@ -241,10 +240,17 @@ def _tail(args) -> int:
     return 0
 
 
+def _shipper(settings, args, **options):
+    """A Shipper sized by the command's --batch-events and --linger-ms flags."""
+    from streams.cli.tail import Shipper
+
+    return Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000,
+                   **options)
+
+
 def _intake_kserve(args) -> int:
     import asyncio
 
-    from streams.cli.tail import Shipper
     from streams.files import load_profile
     from streams.intake.kserve import Receiver, serve
 
@@ -257,7 +263,7 @@ def _intake_kserve(args) -> int:
     if args.pair_timeout <= 0 or args.max_pending < 1:
         raise UserError("--pair-timeout and --max-pending must be positive")
     profile = load_profile(args.profile)
-    shipper = Shipper(settings, batch_events=args.batch_events, linger_s=args.linger_ms / 1000)
+    shipper = _shipper(settings, args)
     receiver = Receiver(shipper, profile, args.client_header, wait_s=args.pair_timeout,
                         max_pending=args.max_pending, source_header=args.source_header)
 
