@@ -604,21 +604,24 @@ class _Honest:
         rng = self.rng
         fixed = self.records(int(rng.integers(1, 6)), w, distinct=True)
         jitter = rng.random() < 0.5
-        times, rows = [], []
-        for start in self.every(rng.uniform(60, 600)):
-            times.append(self.burst(start, len(fixed), 0.003))
-            rows.append(self.steps(fixed, 2) if jitter else fixed)
-        return np.concatenate(times), np.vstack(rows), {"rows": len(fixed), "jitter": jitter}
+        return self.repeated(fixed, rng.uniform(60, 600), lambda: 0.003, 2, jitter)
 
     def qa_suite(self, w):
         """A QA suite: the same 10-60 rows in the same order every 10-30 minutes, fast."""
         rng = self.rng
         fixed = self.records(int(rng.integers(10, 61)), w, distinct=True)
         jitter = rng.random() < 0.3
+        return self.repeated(fixed, rng.uniform(600, 1800), lambda: rng.uniform(0.005, 0.05), 1,
+                             jitter)
+
+    def repeated(self, fixed, period, gap, fields, jitter):
+        """``fixed`` sent again every ``period`` seconds all day, its rows ``gap()`` seconds
+        apart, each time with a precision step of jitter on up to ``fields`` features if
+        ``jitter``."""
         times, rows = [], []
-        for start in self.every(rng.uniform(600, 1800)):
-            times.append(self.burst(start, len(fixed), rng.uniform(0.005, 0.05)))
-            rows.append(self.steps(fixed, 1) if jitter else fixed)
+        for start in self.every(period):
+            times.append(self.burst(start, len(fixed), gap()))
+            rows.append(self.steps(fixed, fields) if jitter else fixed)
         return np.concatenate(times), np.vstack(rows), {"rows": len(fixed), "jitter": jitter}
 
     def entity_rescore(self, w):
