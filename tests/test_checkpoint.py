@@ -49,6 +49,7 @@ class World:
         self.writes: list[tuple] = []  # handed to the next cut
         self.now = 100.0
         self.in_flight = self.most_in_flight = 0
+        self.committed: dict = {}  # (topic, partition) -> committed offset
 
     def checkpoint(self, **pacing) -> Checkpoint:
         async def halt():
@@ -60,11 +61,15 @@ class World:
         return Checkpoint(cut_state=self.cut, write=self.write, written=self.written,
                           forget=self.forgotten.append, crash=crash,
                           generation=lambda: self.generation, halt=halt,
+                          committed=self.committed.get, rewind=self.rewind,
                           clock=lambda: self.now, interval_s=5.0, send_timeout_s=1.0,
                           **({"write_slice": 2, "write_pause_s": 0} | pacing))
 
     def events(self, partition: int, *offsets: int, generation: int = 1) -> list[Event]:
         return [Event(self.log, T, partition, o, generation) for o in offsets]
+
+    async def rewind(self, tp, offset) -> None:
+        self.log.append(("seek", tp[1], offset))
 
     def cut(self, owned) -> list[tuple]:
         self.log.append(("cut", tuple(sorted(owned(T)))))
@@ -276,3 +281,75 @@ def test_state_writes_are_paced_by_bytes_as_well_as_by_count():
     assert in_flight([b"12"] * 12) == 5           # 5 x 2 bytes fit in 10
     assert in_flight([b"1234567890ab"] * 3) == 1  # one over the budget still goes, alone
     assert in_flight([None] * 300) == 100         # tombstones: the count caps
+
+
+def test_stalled_counts_from_the_oldest_record_waiting_for_a_commit():
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0), (T, 1)])
+        assert cp.stalled_s() == 0.0  # nothing waits
+        async with cp.judging("judge", world.events(0, 0)):
+            pass
+        world.now += 30
+        async with cp.judging("judge", world.events(0, 1)):
+            pass
+        world.now += 40
+        assert cp.stalled_s() == 70.0  # from the first batch, not the last
+        await cp.commit()
+        assert cp.stalled_s() == 0.0
+        async with cp.judging("judge", world.events(1, 0)):
+            pass
+        world.now += 10
+        assert cp.stalled_s() == 10.0
+        await cp.revoke([(T, 1)])  # its records are no longer this worker's to commit
+        assert cp.stalled_s() == 0.0
+
+    run(scenario())
+
+
+def test_a_partition_is_judged_from_its_committed_offset_without_holes(capsys):
+    """Records after a hole are not judged: the partition is read again from the hole."""
+    world = World()
+    world.committed[(T, 0)] = 10
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 13, 14)) as judge:
+            assert judge == []  # 10-12 never came
+        async with cp.judging("judge", world.events(0, 15)) as judge:
+            assert judge == []  # still fetched before the seek: not asked again at once
+        async with cp.judging("judge", world.events(0, 10, 11, 12, 13)) as judge:
+            assert [e.message.offset for e in judge] == [10, 11, 12, 13]
+        async with cp.judging("judge", world.events(0, 12, 13, 15)) as judge:
+            assert [e.message.offset for e in judge] == []  # 12, 13 again; 14 missing
+        world.now += 5
+        async with cp.judging("judge", world.events(0, 15)) as judge:
+            assert judge == []
+        await cp.commit()
+
+    run(scenario())
+    assert world.log == [("seek", 0, 10), ("seek", 0, 14), ("seek", 0, 14), ("cut", (0,)),
+                         ("written",), ("ack", 0, 10), ("ack", 0, 11), ("ack", 0, 12),
+                         ("ack", 0, 13)]
+    assert "offsets 10-12 never reached the worker; reading from 10 again" in capsys.readouterr().err
+
+
+def test_a_hole_that_stays_is_taken_as_deleted_by_retention(capsys):
+    world = World()
+    world.committed[(T, 0)] = 10
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 40)) as judge:
+            assert judge == []
+        world.now += 61
+        async with cp.judging("judge", world.events(0, 40, 41)) as judge:
+            assert [e.message.offset for e in judge] == [40, 41]
+
+    run(scenario())
+    assert world.log[:1] == [("seek", 0, 10)]
+    assert "offsets 10-39 are not on the broker; judging from 40" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections import Counter
 
@@ -12,6 +14,7 @@ from detectors.clients import ClientState
 from detectors.poisoning import SourceState
 from streams.cli.tail import partition_of
 from streams.worker.broker import EmbeddedBroker
+from streams.worker.tables import _APPLIED
 from tests.conftest import run_cli
 from tests.streaming import (
     PARTITIONS,
@@ -56,8 +59,16 @@ def state_mismatch(broker, pipeline) -> str | None:
         if differing:
             counts = {k: (getattr(stored[k], "events", None), getattr(reference[k], "events", None))
                       for k in differing}
+            # The (partition, offset) each stored state says it applied last, against
+            # each input partition's end: a stale state loaded, or judging stopped short.
+            applied = {r.key.decode(): _APPLIED.unpack_from(r.value) for r
+                       in read_topic(broker, f"modelwatch-{table}-changelog") if r.value}
+            topic = "inference-logs" if table == "clients" else "training-stats"
+            ends = Counter(r.partition for r in read_topic(broker, topic))
             return (f"{table}: {len(differing)} keys differ, e.g. {next(iter(differing.items()))};"
-                    f" events stored/expected: {counts}")
+                    f" events stored/expected: {counts}; applied (partition, offset): "
+                    f"{ {k: applied.get(k) for k in differing} }; input records per partition: "
+                    f"{dict(sorted(ends.items()))}")
     return None
 
 
@@ -67,6 +78,13 @@ def wait_for_state(broker, pipeline, timeout_s: float = 300.0) -> str | None:
     while (mismatch := state_mismatch(broker, pipeline)) and time.monotonic() < deadline:
         time.sleep(1)
     return mismatch
+
+
+def stacks_to_log(worker) -> None:
+    """Have a live worker print every task's and thread's stack to its log (SIGUSR1)."""
+    if worker.poll() is None:
+        os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(2)
 
 
 def assert_alerts_once_each(alerts: list[dict], expected_ids: set[str]) -> None:
@@ -100,6 +118,8 @@ def test_kill_9_mid_stream_loses_nothing_and_state_is_exact(demo, expected, tmp_
             worker = start_worker(broker, folder / "profiles", state, tmp_path / "worker.log")
             mismatch = wait_for_state(broker, expected.pipeline)
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            if mismatch:
+                stacks_to_log(worker)
         finally:
             stop(worker)
         assert mismatch is None, mismatch
@@ -136,6 +156,8 @@ def test_two_workers_split_partitions_and_survive_one_leaving(demo, expected, tm
             ship(broker, lines[len(lines) // 2:], log, checkpoint)
             mismatch = wait_for_state(broker, expected.pipeline)
             assert workers[0].poll() is None, logs[0].read_text()[-3000:]
+            if mismatch:
+                stacks_to_log(workers[0])
             assert assigned_partitions(logs[0])[-1] == list(range(8))
         finally:
             for worker in workers:

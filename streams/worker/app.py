@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import sys
 import time
 
@@ -64,6 +65,9 @@ WITHIN_S = 0.05      # ... or what arrived within this time
 # backlog, batches must be large, so fetch far more than Faust's 1 MiB per partition.
 FETCH_BYTES = 16 << 20
 TICK_S = 1.0
+# A judged record that has waited this long for a commit means something is stuck: say
+# so, with every task's and thread's stack (what ``kill -USR1`` prints at any time).
+STALL_S = 60.0
 
 
 def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
@@ -116,7 +120,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     checkpoint = Checkpoint(cut_state=cut_state, write=write, written=shared.written,
                             forget=forget, crash=app.crash,
-                            generation=lambda: app.consumer_generation_id)
+                            generation=lambda: app.consumer_generation_id,
+                            committed=lambda tp: app.consumer.committed_offset(faust.types.TP(*tp)),
+                            rewind=lambda tp, offset: app.consumer.seek(faust.types.TP(*tp), offset))
 
     async def send(judged: Judged) -> None:
         for dead in judged.dead_letters:
@@ -185,6 +191,36 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         report_state()
         await checkpoint.tick()
 
+    def where() -> None:
+        """What the worker is doing: the checkpoint's state and every task's await chain."""
+        print(f"worker: {len(checkpoint.held)} judged records wait for a checkpoint "
+              f"(oldest {checkpoint.stalled_s():.0f} s); next offsets "
+              f"{dict(sorted(checkpoint.next_offset.items()))}; owned "
+              f"{sorted(checkpoint.assigned)}; generation {app.consumer_generation_id}",
+              file=sys.stderr)
+        for task in asyncio.all_tasks():
+            print(f"  task {task.get_name()}: {' -> '.join(await_chain(task))}", file=sys.stderr)
+        sys.stderr.flush()
+
+    stall_reported = False
+
+    @app.timer(STALL_S / 4)
+    async def stall_watch() -> None:
+        nonlocal stall_reported
+        stalled = checkpoint.stalled_s()
+        if stalled < STALL_S:
+            stall_reported = False
+        elif not stall_reported:
+            stall_reported = True
+            print(f"worker: judged records have waited {stalled:.0f} s for a checkpoint",
+                  file=sys.stderr)
+            where()
+
+    @app.task
+    async def answer_usr1() -> None:
+        # Replaces the generic dump of the worker framework (mode) with ours.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, where)
+
     @app.on_partitions_assigned.connect
     async def take_on(app, assigned_now, **kwargs) -> None:
         await checkpoint.assign((tp.topic, tp.partition) for tp in assigned_now)
@@ -201,6 +237,20 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     app.modelwatch_pipeline = pipeline
     return app
+
+
+def await_chain(task: asyncio.Task) -> list[str]:
+    """Where a task waits: each coroutine it awaits, outermost first."""
+    chain, awaited = [], task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}"
+                         f":{frame.f_lineno})")
+        else:
+            chain.append(type(awaited).__name__)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return chain
 
 
 def state_size(state) -> int:

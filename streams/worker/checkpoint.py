@@ -40,6 +40,10 @@ WRITE_BYTES = 1_300_000
 WRITE_SLICE = 1024
 WRITE_PAUSE_S = 0.02
 SEND_TIMEOUT_S = 30.0
+# A hole in a partition's records is read again (at most every HOLE_RETRY_S) until it
+# has lasted HOLE_GIVE_UP_S: then its records count as deleted by retention.
+HOLE_RETRY_S = 5.0
+HOLE_GIVE_UP_S = 60.0
 
 TP = tuple[str, int]  # (topic, partition)
 
@@ -71,19 +75,27 @@ class Checkpoint:
     generation
         The consumer group generation now; a record fetched in an older one is
         never judged nor acknowledged.
+    committed
+        A partition's committed offset (None: not known), where its records must start.
+    rewind
+        Seeks a partition back to an offset, so its records are read again from there.
     """
 
     def __init__(self, *, cut_state: Callable[[Callable[[str], set[int]]], list[tuple]],
                  write: Callable[..., Awaitable], written: Callable[[], None],
                  forget: Callable[[set[TP]], None],
                  crash: Callable[[BaseException], Awaitable],
-                 generation: Callable[[], int], halt: Callable[[], Awaitable] = halt,
+                 generation: Callable[[], int],
+                 committed: Callable[[TP], int | None] = lambda tp: None,
+                 rewind: Callable[[TP, int], Awaitable] = lambda tp, offset: asyncio.sleep(0),
+                 halt: Callable[[], Awaitable] = halt,
                  clock: Callable[[], float] = time.monotonic,
                  interval_s: float = CHECKPOINT_S, send_timeout_s: float = SEND_TIMEOUT_S,
                  write_slice: int = WRITE_SLICE, write_pause_s: float = WRITE_PAUSE_S,
                  write_bytes: int = WRITE_BYTES):
         self.cut_state, self.write, self.written, self.forget = cut_state, write, written, forget
         self.crash, self.generation, self.halt, self.clock = crash, generation, halt, clock
+        self.committed, self.rewind = committed, rewind
         self.interval_s, self.send_timeout_s = interval_s, send_timeout_s
         self.write_slice, self.write_pause_s, self.write_bytes = write_slice, write_pause_s, write_bytes
         self.lock = asyncio.Lock()        # batches, cuts and rebalances, one at a time
@@ -93,7 +105,10 @@ class Checkpoint:
         self.failed: list[BaseException] = []  # nothing is acknowledged any more
         self.assigned: set[TP] = set()
         self.next_offset: dict[TP, int] = {}  # per partition, in this generation
+        self.rewinds: dict[TP, tuple] = {}  # a hole: (first offset, since, last asked)
+        self.pending_rewinds: dict[TP, int] = {}
         self.due = 0.0  # clock time of the next commit
+        self.waiting_since: float | None = None  # clock time the oldest held record was judged
 
     def owned(self, topic: str) -> set[int]:
         return {p for t, p in self.assigned if t == topic}
@@ -110,18 +125,26 @@ class Checkpoint:
             if self.failed:
                 await self.halt()
             try:
-                yield self.hold(batch)
+                events = self.hold(batch)
+                await self.rewind_pending()
+                yield events
             except Exception as exc:
                 await self.fail(agent, exc)
                 await self.halt()
 
     def hold(self, batch) -> list:
         """Keep a batch's records from being acknowledged until a checkpoint holds their
-        effects; return those to judge, in offset order per partition, each once.
+        effects; return those to judge, in offset order per partition, each once and
+        with none skipped.
 
         Records fetched before a rebalance can still sit in the batch: they are never
         acknowledged (their partition is read again from its committed offset), and a
-        record already judged in this generation is not judged twice.
+        record already judged in this generation is not judged twice. A partition's
+        records must follow on from its committed offset without a hole: Faust's
+        consumer can lose the first records after a restart (a fetch made before its
+        seek to the committed offsets, delivered after it) and then counts them as
+        read. Records after a hole are left unjudged and the partition is read again
+        from the hole (:meth:`rewind_pending`).
         """
         for event in batch:
             event.message.incref()  # take_events acknowledges on return; we do after commit
@@ -131,12 +154,54 @@ class Checkpoint:
                        key=lambda e: (e.message.topic, e.message.partition, e.message.offset))
         judge = []
         for event in fresh:
-            tp = (event.message.topic, event.message.partition)
-            if event.message.offset >= self.next_offset.get(tp, 0):
-                self.next_offset[tp] = event.message.offset + 1
+            tp, offset = (event.message.topic, event.message.partition), event.message.offset
+            expected = self.next_offset.get(tp)
+            if expected is None:
+                expected = self.committed(tp)
+            if expected is not None and offset > expected and not self._missing(tp, expected, offset):
+                continue
+            if expected is None or offset >= expected:
+                self.next_offset[tp] = offset + 1
+                self.rewinds.pop(tp, None)
                 judge.append(event)
+        if judge and not self.held:
+            self.waiting_since = self.clock()
         self.held.extend(judge)
         return judge
+
+    def _missing(self, tp: TP, expected: int, offset: int) -> bool:
+        """Records ``expected`` to ``offset - 1`` of a partition never came: ask for them
+        again (False), or, once that has failed for ``HOLE_GIVE_UP_S``, take them as gone
+        from the broker (retention) and go on from ``offset`` (True)."""
+        now = self.clock()
+        hole, since, asked = self.rewinds.get(tp, (None, now, None))
+        if hole != expected:
+            since, asked = now, None
+        if now - since >= HOLE_GIVE_UP_S:
+            print(f"worker: {tp[0]}[{tp[1]}] offsets {expected}-{offset - 1} are not on the "
+                  f"broker; judging from {offset}", file=sys.stderr, flush=True)
+            return True
+        # Records fetched before the seek still arrive for a while: seek again only later.
+        if asked is None or now - asked >= HOLE_RETRY_S:
+            asked = now
+            self.pending_rewinds[tp] = expected
+            print(f"worker: {tp[0]}[{tp[1]}] offsets {expected}-{offset - 1} never reached the "
+                  f"worker; reading from {expected} again", file=sys.stderr, flush=True)
+        self.rewinds[tp] = (expected, since, asked)
+        return False
+
+    async def rewind_pending(self) -> None:
+        """Seek each partition with a hole back to it (under the batch lock)."""
+        pending, self.pending_rewinds = self.pending_rewinds, {}
+        for tp, offset in pending.items():
+            if tp in self.assigned:
+                await self.rewind(tp, offset)
+
+    def stalled_s(self) -> float:
+        """How long the oldest judged record has waited for a commit (0: none waits)."""
+        if self.waiting_since is None or self.failed:
+            return 0.0
+        return self.clock() - self.waiting_since
 
     async def fail(self, agent: str, exc: BaseException) -> None:
         """An agent could not judge a batch: stop the worker, acknowledging nothing
@@ -161,6 +226,7 @@ class Checkpoint:
                 self.due = self.clock() + self.interval_s
                 sends, self.sends = self.sends, []
                 events, self.held = self.held, []
+                self.waiting_since = None
                 writes = self.cut_state(self.owned)
             # A state that holds a record is never stored before the record's alerts.
             await self.delivered(sends)                      # 2. alerts, dead letters
@@ -224,5 +290,9 @@ class Checkpoint:
             self.forget(revoked)
             for tp in revoked:
                 self.next_offset.pop(tp, None)
+                self.rewinds.pop(tp, None)
+                self.pending_rewinds.pop(tp, None)
             self.held = [e for e in self.held
                          if (e.message.topic, e.message.partition) not in revoked]
+            if not self.held:
+                self.waiting_since = None

@@ -80,6 +80,12 @@ class Consumer(fa.Consumer):
     def _new_consumer_thread(self):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def committed_offset(self, tp) -> int | None:
+        """The next offset to read that the group committed for a partition, as this
+        consumer last learnt it (at its seek after an assignment, or its own commit);
+        None if unknown or 0."""
+        return self._committed_offset.get(tp)
+
 
 class Transport(fa.Transport):
     Consumer = Consumer
