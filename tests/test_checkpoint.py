@@ -353,3 +353,30 @@ def test_a_hole_that_stays_is_taken_as_deleted_by_retention(capsys):
     run(scenario())
     assert world.log[:1] == [("seek", 0, 10)]
     assert "offsets 10-39 are not on the broker; judging from 40" in capsys.readouterr().err
+
+
+def test_records_on_the_broker_that_never_arrive_are_read_again(capsys):
+    world = World()
+    world.committed[(T, 0)] = 10
+    ends = {(T, 0): 20, (T, 1): 0}
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0), (T, 1)])
+        async with cp.judging("judge", world.events(0, 10, 11)):
+            pass
+        world.now += 29
+        await cp.refetch_stalled(ends.get, [T])
+        assert [x for x in world.log if x[0] == "seek"] == []  # not yet: records may be on the way
+        world.now += 1
+        await cp.refetch_stalled(ends.get, [T])
+        await cp.refetch_stalled(ends.get, [T])  # asked: wait again before the next seek
+        async with cp.judging("judge", world.events(0, 12)):
+            pass
+        ends[(T, 0)] = 13
+        world.now += 60
+        await cp.refetch_stalled(ends.get, [T])  # all judged: nothing to read again
+
+    run(scenario())
+    assert [x for x in world.log if x[0] == "seek"] == [("seek", 0, 12)]
+    assert "offsets 12-19 are on the broker but none reached the worker for 30 s" in capsys.readouterr().err

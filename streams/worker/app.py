@@ -198,6 +198,12 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
               f"{dict(sorted(checkpoint.next_offset.items()))}; owned "
               f"{sorted(checkpoint.assigned)}; generation {app.consumer_generation_id}",
               file=sys.stderr)
+        consumer = app.consumer
+        print(f"worker: consumer flow {'on' if consumer.flow_active else 'off'}, paused "
+              f"{sorted(getattr(consumer, '_paused_partitions', ()))}, read up to "
+              f"{ {tuple(tp): o for tp, o in getattr(consumer, '_read_offset', {}).items()} }, "
+              f"high watermarks { {tuple(tp): consumer.highwater(tp) for tp in consumer.assignment()} }",
+              file=sys.stderr)
         for task in asyncio.all_tasks():
             print(f"  task {task.get_name()}: {' -> '.join(await_chain(task))}", file=sys.stderr)
         sys.stderr.flush()
@@ -207,6 +213,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.timer(STALL_S / 4)
     async def stall_watch() -> None:
         nonlocal stall_reported
+        await checkpoint.refetch_stalled(
+            lambda tp: app.consumer.highwater(faust.types.TP(*tp)),
+            (settings.topic_inference, settings.topic_stats))
         stalled = checkpoint.stalled_s()
         if stalled < STALL_S:
             stall_reported = False

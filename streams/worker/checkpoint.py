@@ -44,6 +44,8 @@ SEND_TIMEOUT_S = 30.0
 # has lasted HOLE_GIVE_UP_S: then its records count as deleted by retention.
 HOLE_RETRY_S = 5.0
 HOLE_GIVE_UP_S = 60.0
+# Records on the broker that reach the worker for none of this long are read again.
+STALE_S = 30.0
 
 TP = tuple[str, int]  # (topic, partition)
 
@@ -107,6 +109,7 @@ class Checkpoint:
         self.next_offset: dict[TP, int] = {}  # per partition, in this generation
         self.rewinds: dict[TP, tuple] = {}  # a hole: (first offset, since, last asked)
         self.pending_rewinds: dict[TP, int] = {}
+        self.progress_at: dict[TP, float] = {}  # when a record of the partition was last judged
         self.due = 0.0  # clock time of the next commit
         self.waiting_since: float | None = None  # clock time the oldest held record was judged
 
@@ -163,6 +166,7 @@ class Checkpoint:
             if expected is None or offset >= expected:
                 self.next_offset[tp] = offset + 1
                 self.rewinds.pop(tp, None)
+                self.progress_at[tp] = self.clock()
                 judge.append(event)
         if judge and not self.held:
             self.waiting_since = self.clock()
@@ -276,8 +280,30 @@ class Checkpoint:
     async def assign(self, tps: Iterable[TP]) -> None:
         """Partitions assigned: judge their records; commit at the next tick."""
         async with self.lock:
+            tps = set(tps)
             self.assigned.update(tps)
             self.due = 0.0
+            for tp in tps:
+                self.progress_at[tp] = self.clock()
+
+    async def refetch_stalled(self, highwater: Callable[[TP], int | None],
+                              topics: Iterable[str]) -> None:
+        """Read again a partition of ``topics`` whose records are on the broker (below its
+        high watermark) but none of which reached the worker for ``STALE_S``: the consumer
+        lost them after a restart under load (they were fetched, never delivered)."""
+        async with self.lock:
+            now = self.clock()
+            for tp in sorted(tp for tp in self.assigned if tp[0] in set(topics)):
+                expected = self.next_offset.get(tp, self.committed(tp))
+                end = highwater(tp)
+                if (expected is None or end is None or end <= expected
+                        or now - self.progress_at.get(tp, now) < STALE_S):
+                    continue
+                print(f"worker: {tp[0]}[{tp[1]}] offsets {expected}-{end - 1} are on the broker "
+                      f"but none reached the worker for {now - self.progress_at[tp]:.0f} s; "
+                      f"reading from {expected} again", file=sys.stderr, flush=True)
+                self.progress_at[tp] = now
+                await self.rewind(tp, expected)
 
     async def revoke(self, tps: Iterable[TP]) -> None:
         """Partitions taken away: drop their working state and un-acknowledged records
@@ -292,6 +318,7 @@ class Checkpoint:
                 self.next_offset.pop(tp, None)
                 self.rewinds.pop(tp, None)
                 self.pending_rewinds.pop(tp, None)
+                self.progress_at.pop(tp, None)
             self.held = [e for e in self.held
                          if (e.message.topic, e.message.partition) not in revoked]
             if not self.held:
