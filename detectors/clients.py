@@ -38,6 +38,7 @@ grows with the client's queries) plus a few hundred numbers (see :func:`state_by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -265,10 +266,9 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     visible = _visible(h, m, size)
     same_row = visible & (q_hash[:, None] == R_hash[None, :])
     repeat = same_row.any(1)
-    D = np.where(visible & ~same_row, _pairwise(Q, R), np.inf)
     # A column that repeats an earlier query stands for nothing new: drop it.
     col_repeat = np.concatenate([state.window_repeat[:h], repeat])
-    D[:, col_repeat] = np.inf
+    D = np.where(visible & ~same_row & ~col_repeat, _pairwise(Q, R), np.inf)
     nearest = D.argmin(1)
     nearest_d = D[np.arange(m), nearest]
     has_nearest = np.isfinite(nearest_d) & ~repeat
@@ -284,17 +284,14 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     else:
         edit = np.zeros(m, dtype=bool)
     near_repeat = sparse | (has_nearest & (nearest_d < near))
-    nn_same = np.where(R_label[None, :] == labels[:, None], D, np.inf).min(1)
+    same_label = R_label[None, :] == labels[:, None]
+    nn_same = np.where(same_label, D, np.inf).min(1)
     nn_same[~np.isfinite(nn_same) | repeat | near_repeat] = np.nan
     kk = min(k, D.shape[1])
     # Repeats keep their distance to the *other* distinct queries: an honest
     # client re-asks far-apart records, an attacker's rounded probes repeat
     # among near-identical ones.
-    idx = np.argpartition(D, kk - 1, axis=1)[:, :kk]
-    near_d = np.take_along_axis(D, idx, 1)
-    knn = near_d.sum(1) / kk  # np.mean's own arithmetic, without its Python overhead
-    knn[~np.isfinite(knn)] = np.nan
-    mixed = ((R_label[idx] != labels[:, None]) & np.isfinite(near_d)).any(1)
+    knn, mixed = _nearest_k(D, ~same_label, kk)
     step = np.zeros(m, dtype=bool)
     if unit is not None and has_nearest.any():
         step[has_nearest] = sign_steps(diff[has_nearest], unit)
@@ -308,7 +305,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     if precision is not None:
         # Dense moves only: an entity nudged field by field walks on axis lines.
         dense = has_nearest & ((moved > rounding).sum(1) > NEAR_REPEAT_CHANGED * changed.shape[1])
-        step_norm = float(np.linalg.norm(precision))
+        step_norm = math.sqrt(precision @ precision)  # np.linalg.norm's arithmetic, without its overhead
         error = step_norm / np.sqrt(12)  # the norm of rounding's error
         # A move shorter than one precision step in every feature has its direction
         # decided by rounding.
@@ -328,6 +325,37 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_hash = R_hash[tail].copy() if copy else R_hash
     state.window_len = keep
     return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest, probe, line
+
+
+def _nearest_k(D: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean distance of each row's ``k`` nearest columns of ``D`` (NaN unless all are
+    finite), and whether one of the finite ones is ``other`` (answered otherwise).
+
+    The distances come from one partition, several times cheaper than argpartition;
+    the neighbours are the columns nearer than the k-th, and those tied with it when
+    all of them fit. When they do not, argpartition picks, as it always did.
+
+    >>> D = np.array([[1.0, 2.0, 2.0, np.inf]]); other = np.array([[0, 0, 1, 1]], bool)
+    >>> knn, mixed = _nearest_k(D, other, 2)
+    >>> knn.tolist(), mixed.tolist() == [bool(other[0, np.argpartition(D[0], 1)[:2]].any())]
+    ([1.5], True)
+    """
+    kth_values = np.partition(D, k - 1, axis=1)
+    knn = kth_values[:, :k].sum(1) / k  # np.mean's own arithmetic, without its Python overhead
+    knn[~np.isfinite(knn)] = np.nan
+    kth = kth_values[:, k - 1:k]
+    nearer = D < kth
+    mixed = (nearer & other).any(1)
+    # Rows where a column tied with the k-th (never an inf one: no neighbour) decides.
+    rows = np.flatnonzero(~mixed & ((D == kth) & other).any(1) & np.isfinite(kth[:, 0]))
+    if len(rows):
+        fits = (D[rows] == kth[rows]).sum(1) <= k - nearer[rows].sum(1)
+        mixed[rows[fits]] = True
+        unsure = rows[~fits]
+        if len(unsure):
+            idx = np.argpartition(D[unsure], k - 1, axis=1)[:, :k]
+            mixed[unsure] = np.take_along_axis(other[unsure], idx, 1).any(1)
+    return knn, mixed
 
 
 def line_steps(Q: np.ndarray, R: np.ndarray, D: np.ndarray, step: np.ndarray,

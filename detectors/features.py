@@ -63,9 +63,10 @@ class Featurizer:
                 Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
             ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
             out_of_bounds = ((self.low > X) | (self.high < X)).any(1) & has_features
-            if labels is None:
-                labels = np.fromiter((profile.class_index(p) for p in predictions),
-                                     dtype=np.int64, count=m)
+            if labels is None:  # a batch answers with a few classes: look each up once
+                index: dict = {}
+                labels = np.fromiter((index[p] if p in index else index.setdefault(
+                    p, profile.class_index(p)) for p in predictions), dtype=np.int64, count=m)
         else:
             Z, ood = np.clip(X, -Z_LIMIT, Z_LIMIT), np.full(m, np.nan)
             out_of_bounds = np.zeros(m, dtype=bool)
@@ -79,13 +80,25 @@ def margins(probabilities: list | None, m: int) -> np.ndarray:
     margin = np.full(m, np.nan)
     if not probabilities:
         return margin
-    with_p = [i for i, p in enumerate(probabilities) if p and len(p) >= 2]
-    if with_p:
+    try:  # the common case: all alike, one conversion
+        P = np.array(probabilities, dtype=np.float64)
+    except (ValueError, TypeError):
+        P = None
+    if P is not None and P.ndim == 2 and P.shape[1] >= 2:
+        same = slice(None)
+    else:
+        with_p = [i for i, p in enumerate(probabilities) if p and len(p) >= 2]
+        if not with_p:
+            return margin
         width = len(probabilities[with_p[0]])
         same = [i for i in with_p if len(probabilities[i]) == width]
         P = np.array([probabilities[i] for i in same])
-        top2 = -np.partition(-P, 1, axis=1)[:, :2]
-        margin[same] = top2[:, 0] - top2[:, 1]
+    # Top-1 minus top-2: the largest, then the largest of the rest (ties give 0).
+    rows = np.arange(len(P))
+    top = P.argmax(1)
+    first = P[rows, top]
+    P[rows, top] = -np.inf
+    margin[same] = first - P.max(1)
     return margin
 
 

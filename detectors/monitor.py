@@ -175,10 +175,10 @@ class QueryMonitor:
         """
         if "ood" not in view.series:
             return []
-        ips = [ip for ip in view.batch.source_ip if ip]
-        if not ips:
+        ip = next((ip for ip in reversed(view.batch.source_ip) if ip), None)  # the latest
+        if ip is None:
             return []
-        ip = ips[-1][:MAX_IP_LENGTH]
+        ip = ip[:MAX_IP_LENGTH]
         client = split_key(view.key, view.state.model)[1]
         ood, ood_eligible = view.flags["ood"]
         step, step_eligible = view.flags["sign_step"]
@@ -229,10 +229,10 @@ class QueryMonitor:
         (``pending``); the threshold calibrates from past epochs' counts of every
         source (``population``). One alert per source per cooldown.
         """
-        ips = [ip for ip in view.batch.source_ip if ip]
-        if not ips:
+        ip = next((ip for ip in view.batch.source_ip if ip), None)
+        if ip is None:
             return []  # a client id's own prefix is the attacker's choice: no source without an IP
-        ip = view.state.origin = ips[0][:MAX_IP_LENGTH]
+        ip = view.state.origin = ip[:MAX_IP_LENGTH]
         entry = pending.new_id(ip)
         if entry is None:
             return []

@@ -325,6 +325,7 @@ class Pipeline:
         order = np.argsort(client_code, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(client_code[order]) != 0])
         bounds = np.r_[starts, len(order)]
+        source_ips = [e.source_ip for e in events]
         alerts = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             rows = order[a:b]
@@ -343,7 +344,7 @@ class Pipeline:
                 ts=columns.ts[rows], Z=columns.Z[rows], has_features=columns.has_features[rows],
                 label=columns.label[rows], margin=columns.margin[rows], ood=columns.ood[rows],
                 out_of_bounds=columns.out_of_bounds[rows],
-                source_ip=[events[i].source_ip for i in rows],
+                source_ip=[source_ips[i] for i in rows.tolist()],
             )
             trace = [] if self.scores is not None else None
             verdicts = self.query.update(key, state, batch, profile, population, pending, trace,
