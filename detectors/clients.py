@@ -73,7 +73,7 @@ class QueryBatch:
     margin: np.ndarray              # top-1 minus top-2 probability, NaN when absent
     ood: np.ndarray                 # Mahalanobis distance to the profile, NaN when unknown
     out_of_bounds: np.ndarray       # bool: a feature beyond the profile's bounds
-    source_ip: list
+    source_ip: list | np.ndarray    # of str or None
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -204,10 +204,14 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     """
     rows = np.flatnonzero(batch.has_features)
     m = len(batch)
+    # Row-wise work (hashes, sign steps) is done for the whole batch at once: its
+    # blocks share only the window.
     if 0 < m == len(rows) <= SUB_BATCH:  # the common case in a stream: one block, all featured
-        r, nn, kn, *rest = _score_block(state, batch.Z.astype(np.float32), batch.label, k, unit,
-                                        near, precision)
-        return Neighbours(r, nn.astype(np.float64), kn.astype(np.float64), *rest)
+        Q = batch.Z.astype(np.float32)
+        r, nn, kn, mx, nr, sp, ed, diff, hn, pr, ln = _score_block(
+            state, Q, row_hashes(Q), batch.label, k, near, precision)
+        return Neighbours(r, nn.astype(np.float64), kn.astype(np.float64), mx, nr, sp, ed,
+                          _sign_steps_where(diff, hn, unit), hn, pr, ln)
     repeat = np.zeros(m, dtype=bool)
     nn_same = np.full(m, np.nan)
     knn = np.full(m, np.nan)
@@ -219,15 +223,30 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     has_nearest = np.zeros(m, dtype=bool)
     probe = np.zeros(m, dtype=bool)
     line = np.zeros(m, dtype=bool)
+    Q = batch.Z[rows].astype(np.float32)
+    hashes = row_hashes(Q)
+    diff = np.empty_like(Q)
     for start in range(0, len(rows), SUB_BATCH):
-        sub = rows[start:start + SUB_BATCH]
-        r, nn, kn, mx, nr, sp, ed, st, hn, pr, ln = _score_block(
-            state, batch.Z[sub].astype(np.float32), batch.label[sub], k, unit, near, precision)
+        block = slice(start, start + SUB_BATCH)
+        sub = rows[block]
+        r, nn, kn, mx, nr, sp, ed, diff[block], hn, pr, ln = _score_block(
+            state, Q[block], hashes[block], batch.label[sub], k, near, precision)
         (repeat[sub], nn_same[sub], knn[sub], mixed[sub], near_repeat[sub], sparse[sub],
-         edit[sub], step[sub], has_nearest[sub], probe[sub], line[sub]) = (
-            r, nn, kn, mx, nr, sp, ed, st, hn, pr, ln)
+         edit[sub], has_nearest[sub], probe[sub], line[sub]) = (
+            r, nn, kn, mx, nr, sp, ed, hn, pr, ln)
+    step[rows] = _sign_steps_where(diff, has_nearest[rows], unit)
     return Neighbours(repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest,
                       probe, line)
+
+
+def _sign_steps_where(diff: np.ndarray, has_nearest: np.ndarray,
+                      unit: np.ndarray | None) -> np.ndarray:
+    """:func:`sign_steps` of the rows that have a nearest query; False elsewhere (and
+    everywhere without ``unit``)."""
+    step = np.zeros(len(diff), dtype=bool)
+    if unit is not None and has_nearest.any():
+        step[has_nearest] = sign_steps(diff[has_nearest], unit)
+    return step
 
 
 @lru_cache(maxsize=256)
@@ -255,13 +274,12 @@ def _multipliers(width: int) -> np.ndarray:
     return np.random.default_rng(0x6D77).integers(1, 2**63, size=width, dtype=np.uint64) | 1
 
 
-def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
-                 unit: np.ndarray | None, near: float, precision: np.ndarray | None):
+def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: np.ndarray,
+                 k: int, near: float, precision: np.ndarray | None):
     size, h = state.size, state.window_len
     m = len(Q)
     R = np.concatenate([state.window[:h], Q])
     R_label = np.concatenate([state.window_label[:h], labels.astype(np.int16)])
-    q_hash = row_hashes(Q)
     R_hash = np.concatenate([state.window_hash[:h], q_hash])
     visible = _visible(h, m, size)
     same_row = visible & (q_hash[:, None] == R_hash[None, :])
@@ -292,9 +310,6 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     # client re-asks far-apart records, an attacker's rounded probes repeat
     # among near-identical ones.
     knn, mixed = _nearest_k(D, ~same_label, kk)
-    step = np.zeros(m, dtype=bool)
-    if unit is not None and has_nearest.any():
-        step[has_nearest] = sign_steps(diff[has_nearest], unit)
     probe = np.zeros(m, dtype=bool)
     if sparse.any():  # only sparse re-sends can be axis probes: the cost stays with them
         rows = np.flatnonzero(sparse)
@@ -324,7 +339,7 @@ def _score_block(state: ClientState, Q: np.ndarray, labels: np.ndarray, k: int,
     state.window_repeat = col_repeat[tail].copy() if copy else col_repeat
     state.window_hash = R_hash[tail].copy() if copy else R_hash
     state.window_len = keep
-    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, step, has_nearest, probe, line
+    return repeat, nn_same, knn, mixed, near_repeat, sparse, edit, diff, has_nearest, probe, line
 
 
 def _nearest_k(D: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

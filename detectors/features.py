@@ -116,13 +116,13 @@ def own_calibrated_ood(state: ClientState, batch: QueryBatch, profile: Profile) 
     rows = np.flatnonzero(batch.has_features)
     if not len(rows):
         return out
-    Z = batch.Z[rows]
+    Z = batch.Z if len(rows) == m else batch.Z[rows]
     n = state.featured + np.arange(1, len(rows) + 1)
     sums = state.z_sum + np.cumsum(Z, axis=0)
     own = Z - sums / n[:, None]
-    ready = n > OWN_CALIBRATION_MIN
-    if ready.any():
-        out[rows[ready]] = profile.mahalanobis(own[ready])
+    first = max(OWN_CALIBRATION_MIN - state.featured, 0)  # n > OWN_CALIBRATION_MIN from here on
+    if first < len(rows):
+        out[rows[first:]] = profile.mahalanobis(own[first:])
     state.featured = int(n[-1])
     state.z_sum = sums[-1].copy()  # a view would keep the whole batch's cumsum alive
     return out

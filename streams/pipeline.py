@@ -325,9 +325,14 @@ class Pipeline:
         order = np.argsort(client_code, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(client_code[order]) != 0])
         bounds = np.r_[starts, len(order)]
-        source_ips = [e.source_ip for e in events]
+        # Columns in client order, so each client's batch is a slice of them.
+        by_client = QueryBatch(
+            ts=columns.ts[order], Z=columns.Z[order], has_features=columns.has_features[order],
+            label=columns.label[order], margin=columns.margin[order], ood=columns.ood[order],
+            out_of_bounds=columns.out_of_bounds[order],
+            source_ip=np.array([e.source_ip for e in events], dtype=object)[order])
         alerts = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             rows = order[a:b]
             client = events[rows[0]].client_id
             key = f"{model}/{client}"
@@ -341,11 +346,9 @@ class Pipeline:
                 state = self.query.new_state(n_classes, columns.Z.shape[1])
             state.model = model  # states stored before they kept it learn it here
             batch = QueryBatch(
-                ts=columns.ts[rows], Z=columns.Z[rows], has_features=columns.has_features[rows],
-                label=columns.label[rows], margin=columns.margin[rows], ood=columns.ood[rows],
-                out_of_bounds=columns.out_of_bounds[rows],
-                source_ip=[source_ips[i] for i in rows.tolist()],
-            )
+                ts=by_client.ts[a:b], Z=by_client.Z[a:b], has_features=by_client.has_features[a:b],
+                label=by_client.label[a:b], margin=by_client.margin[a:b], ood=by_client.ood[a:b],
+                out_of_bounds=by_client.out_of_bounds[a:b], source_ip=by_client.source_ip[a:b])
             trace = [] if self.scores is not None else None
             verdicts = self.query.update(key, state, batch, profile, population, pending, trace,
                                          new=new, expected=expected)
