@@ -61,7 +61,8 @@ class Featurizer:
             # Absurd values (1e300) must not overflow float32 windows or reach alerts as inf.
             with np.errstate(over="ignore", invalid="ignore"):
                 Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
-            ood = np.where(has_features, profile.mahalanobis(np.nan_to_num(Z)), np.nan)
+            # Featureless rows are NaN (clipped rows hold no inf): zeros to the product.
+            ood = np.where(has_features, profile.mahalanobis(np.where(np.isnan(Z), 0.0, Z)), np.nan)
             out_of_bounds = ((self.low > X) | (self.high < X)).any(1) & has_features
             if labels is None:  # a batch answers with a few classes: look each up once
                 index: dict = {}
@@ -80,19 +81,15 @@ def margins(probabilities: list | None, m: int) -> np.ndarray:
     margin = np.full(m, np.nan)
     if not probabilities:
         return margin
-    try:  # the common case: all alike, one conversion
-        P = np.array(probabilities, dtype=np.float64)
-    except (ValueError, TypeError):
-        P = None
-    if P is not None and P.ndim == 2 and P.shape[1] >= 2:
-        same = slice(None)
-    else:
-        with_p = [i for i, p in enumerate(probabilities) if p and len(p) >= 2]
-        if not with_p:
-            return margin
-        width = len(probabilities[with_p[0]])
-        same = [i for i in with_p if len(probabilities[i]) == width]
-        P = np.array([probabilities[i] for i in same])
+    same = [i for i, p in enumerate(probabilities) if p and len(p) >= 2]
+    if not same:
+        return margin
+    try:  # the common case: one width, one conversion
+        P = np.array([probabilities[i] for i in same], dtype=np.float64)
+    except ValueError:
+        width = len(probabilities[same[0]])
+        same = [i for i in same if len(probabilities[i]) == width]
+        P = np.array([probabilities[i] for i in same], dtype=np.float64)
     # Top-1 minus top-2: the largest, then the largest of the rest (ties give 0).
     rows = np.arange(len(P))
     top = P.argmax(1)
