@@ -187,8 +187,12 @@ def state_bytes(state: ClientState) -> int:
 
 
 def _pairwise(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
-    sq = (Q * Q).sum(1)[:, None] + (R * R).sum(1)[None, :] - 2.0 * (Q @ R.T)
-    return np.sqrt(np.maximum(sq, 0.0))
+    product = Q @ R.T
+    product *= 2.0
+    sq = (Q * Q).sum(1)[:, None] + (R * R).sum(1)[None, :]
+    sq -= product
+    np.maximum(sq, 0.0, out=sq)
+    return np.sqrt(sq, out=sq)
 
 
 def neighbours(state: ClientState, batch: QueryBatch, k: int,
@@ -286,7 +290,7 @@ def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: 
     repeat = same_row.any(1)
     # A column that repeats an earlier query stands for nothing new: drop it.
     col_repeat = np.concatenate([state.window_repeat[:h], repeat])
-    D = np.where(visible & ~same_row & ~col_repeat, _pairwise(Q, R), np.inf)
+    D = np.where((visible ^ same_row) & ~col_repeat, _pairwise(Q, R), np.inf)  # same_row: within visible
     nearest = D.argmin(1)
     nearest_d = D[np.arange(m), nearest]
     has_nearest = np.isfinite(nearest_d) & ~repeat
@@ -346,9 +350,9 @@ def _nearest_k(D: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Mean distance of each row's ``k`` nearest columns of ``D`` (NaN unless all are
     finite), and whether one of the finite ones is ``other`` (answered otherwise).
 
-    The distances come from one partition, several times cheaper than argpartition;
-    the neighbours are the columns nearer than the k-th, and those tied with it when
-    all of them fit. When they do not, argpartition picks, as it always did.
+    The distances come from one partition, several times cheaper than argpartition.
+    The neighbours are the columns up to the k-th distance; where more columns tie
+    with it than there are places, argpartition picks, as it always did.
 
     >>> D = np.array([[1.0, 2.0, 2.0, np.inf]]); other = np.array([[0, 0, 1, 1]], bool)
     >>> knn, mixed = _nearest_k(D, other, 2)
@@ -359,17 +363,16 @@ def _nearest_k(D: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np
     knn = kth_values[:, :k].sum(1) / k  # np.mean's own arithmetic, without its Python overhead
     knn[~np.isfinite(knn)] = np.nan
     kth = kth_values[:, k - 1:k]
-    nearer = D < kth
-    mixed = (nearer & other).any(1)
-    # Rows where a column tied with the k-th (never an inf one: no neighbour) decides.
-    rows = np.flatnonzero(~mixed & ((D == kth) & other).any(1) & np.isfinite(kth[:, 0]))
-    if len(rows):
-        fits = (D[rows] == kth[rows]).sum(1) <= k - nearer[rows].sum(1)
-        mixed[rows[fits]] = True
-        unsure = rows[~fits]
-        if len(unsure):
-            idx = np.argpartition(D[unsure], k - 1, axis=1)[:, :k]
-            mixed[unsure] = np.take_along_axis(other[unsure], idx, 1).any(1)
+    near = D <= kth
+    mixed = (near & other).any(1)
+    finite = np.isfinite(kth[:, 0])
+    few = np.flatnonzero(~finite)  # fewer than k finite columns: those are the neighbours
+    if len(few):
+        mixed[few] = (np.isfinite(D[few]) & other[few]).any(1)
+    unsure = np.flatnonzero(finite & (near.sum(1) > k))
+    if len(unsure):
+        idx = np.argpartition(D[unsure], k - 1, axis=1)[:, :k]
+        mixed[unsure] = np.take_along_axis(other[unsure], idx, 1).any(1)
     return knn, mixed
 
 
