@@ -380,3 +380,22 @@ def test_records_on_the_broker_that_never_arrive_are_read_again(capsys):
     run(scenario())
     assert [x for x in world.log if x[0] == "seek"] == [("seek", 0, 12)]
     assert "offsets 12-19 are on the broker but none reached the worker for 30 s" in capsys.readouterr().err
+
+
+def test_a_hole_sought_back_to_is_asked_again_soon_if_nothing_comes():
+    world = World()
+    world.committed[(T, 0)] = 4
+    ends = {(T, 0): 20}
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 9, 10)):
+            pass  # 4-8 missing: sought back to 4
+        world.now += 4
+        await cp.refetch_stalled(ends.get, [T])
+        world.now += 1
+        await cp.refetch_stalled(ends.get, [T])  # the re-read never came either
+
+    run(scenario())
+    assert [x for x in world.log if x[0] == "seek"] == [("seek", 0, 4), ("seek", 0, 4)]

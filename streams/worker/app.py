@@ -54,7 +54,7 @@ from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
 from streams.settings import Settings
 from streams.sinks.base import Outbox
-from streams.worker.checkpoint import Checkpoint
+from streams.worker.checkpoint import HOLE_RETRY_S, Checkpoint
 from streams.worker.decode import InferenceJudge, Judged, StatsJudge, dead_letter_record
 from streams.worker.tables import KeyedStates, SharedSnapshots, write
 from streams.worker.transport import faust_broker_urls
@@ -210,12 +210,15 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     stall_reported = False
 
-    @app.timer(STALL_S / 4)
-    async def stall_watch() -> None:
-        nonlocal stall_reported
+    @app.timer(HOLE_RETRY_S)
+    async def refetch_stalled() -> None:
         await checkpoint.refetch_stalled(
             lambda tp: app.consumer.highwater(faust.types.TP(*tp)),
             (settings.topic_inference, settings.topic_stats))
+
+    @app.timer(STALL_S / 4)
+    async def stall_watch() -> None:
+        nonlocal stall_reported
         stalled = checkpoint.stalled_s()
         if stalled < STALL_S:
             stall_reported = False

@@ -289,20 +289,26 @@ class Checkpoint:
     async def refetch_stalled(self, highwater: Callable[[TP], int | None],
                               topics: Iterable[str]) -> None:
         """Read again a partition of ``topics`` whose records are on the broker (below its
-        high watermark) but none of which reached the worker for ``STALE_S``: the consumer
-        lost them after a restart under load (they were fetched, never delivered)."""
+        high watermark) but none of which reached the worker for ``STALE_S`` (for
+        ``HOLE_RETRY_S`` after a hole): the consumer lost them after a restart under load
+        (they were fetched, never delivered). Called every ``HOLE_RETRY_S``."""
         async with self.lock:
             now = self.clock()
             for tp in sorted(tp for tp in self.assigned if tp[0] in set(topics)):
                 expected = self.next_offset.get(tp, self.committed(tp))
                 end = highwater(tp)
+                # A hole already sought back to was likely lost again (records fetched
+                # before the seek land after it): ask sooner.
+                patience = HOLE_RETRY_S if tp in self.rewinds else STALE_S
                 if (expected is None or end is None or end <= expected
-                        or now - self.progress_at.get(tp, now) < STALE_S):
+                        or now - self.progress_at.get(tp, now) < patience):
                     continue
                 print(f"worker: {tp[0]}[{tp[1]}] offsets {expected}-{end - 1} are on the broker "
                       f"but none reached the worker for {now - self.progress_at[tp]:.0f} s; "
                       f"reading from {expected} again", file=sys.stderr, flush=True)
                 self.progress_at[tp] = now
+                if tp in self.rewinds:
+                    self.rewinds[tp] = (*self.rewinds[tp][:2], now)
                 await self.rewind(tp, expected)
 
     async def revoke(self, tps: Iterable[TP]) -> None:
