@@ -358,11 +358,11 @@ def test_a_hole_that_stays_is_taken_as_deleted_by_retention(capsys):
 def test_records_on_the_broker_that_never_arrive_are_read_again(capsys):
     world = World()
     world.committed[(T, 0)] = 10
-    ends = {(T, 0): 20, (T, 1): 0}
+    ends = {(T, 0): 20, (T, 1): 0, (T, 2): 3}  # partition 2: no commit known, no record came
 
     async def scenario():
         cp = world.checkpoint()
-        await cp.assign([(T, 0), (T, 1)])
+        await cp.assign([(T, 0), (T, 1), (T, 2)])
         async with cp.judging("judge", world.events(0, 10, 11)):
             pass
         world.now += 29
@@ -378,7 +378,7 @@ def test_records_on_the_broker_that_never_arrive_are_read_again(capsys):
         await cp.refetch_stalled(ends.get, [T])  # all judged: nothing to read again
 
     run(scenario())
-    assert [x for x in world.log if x[0] == "seek"] == [("seek", 0, 12)]
+    assert [x for x in world.log if x[0] == "seek"] == [("seek", 0, 12), ("seek", 2, 0), ("seek", 2, 0)]
     assert "offsets 12-19 are on the broker but none reached the worker for 30 s" in capsys.readouterr().err
 
 

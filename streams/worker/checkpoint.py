@@ -295,13 +295,16 @@ class Checkpoint:
         async with self.lock:
             now = self.clock()
             for tp in sorted(tp for tp in self.assigned if tp[0] in set(topics)):
-                expected = self.next_offset.get(tp, self.committed(tp))
+                expected = self.next_offset.get(tp)
+                if expected is None:
+                    # Nothing judged yet and no commit known: the group starts at the
+                    # beginning. Records already applied are skipped per key if read again.
+                    expected = self.committed(tp) or 0
                 end = highwater(tp)
                 # A hole already sought back to was likely lost again (records fetched
                 # before the seek land after it): ask sooner.
                 patience = HOLE_RETRY_S if tp in self.rewinds else STALE_S
-                if (expected is None or end is None or end <= expected
-                        or now - self.progress_at.get(tp, now) < patience):
+                if end is None or end <= expected or now - self.progress_at.get(tp, now) < patience:
                     continue
                 print(f"worker: {tp[0]}[{tp[1]}] offsets {expected}-{end - 1} are on the broker "
                       f"but none reached the worker for {now - self.progress_at[tp]:.0f} s; "
