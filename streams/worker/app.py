@@ -45,6 +45,7 @@ import time
 import faust
 import msgspec
 import numpy as np
+from faust.types import TP
 
 from detectors.clients import ClientState
 from detectors.config import Thresholds
@@ -121,8 +122,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     checkpoint = Checkpoint(cut_state=cut_state, write=write, written=shared.written,
                             forget=forget, crash=app.crash,
                             generation=lambda: app.consumer_generation_id,
-                            committed=lambda tp: app.consumer.committed_offset(faust.types.TP(*tp)),
-                            rewind=lambda tp, offset: app.consumer.seek(faust.types.TP(*tp), offset))
+                            committed=lambda tp: app.consumer.committed_offset(TP(*tp)),
+                            rewind=lambda tp, offset: app.consumer.seek(TP(*tp), offset))
 
     async def send(judged: Judged) -> None:
         for dead in judged.dead_letters:
@@ -150,7 +151,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     def report_state() -> None:
         for (topic, partition), offset in list(read_up_to.items()):
-            highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            highwater = app.consumer.highwater(TP(topic, partition))
             if highwater is not None:
                 metrics.consumer_lag(topic, partition, max(0, highwater - offset))
         metrics.tracked("client", len(clients.live))
@@ -213,7 +214,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.timer(HOLE_RETRY_S)
     async def refetch_stalled() -> None:
         await checkpoint.refetch_stalled(
-            lambda tp: app.consumer.highwater(faust.types.TP(*tp)),
+            lambda tp: app.consumer.highwater(TP(*tp)),
             (settings.topic_inference, settings.topic_stats))
 
     @app.timer(STALL_S / 4)

@@ -158,9 +158,7 @@ class Checkpoint:
         judge = []
         for event in fresh:
             tp, offset = (event.message.topic, event.message.partition), event.message.offset
-            expected = self.next_offset.get(tp)
-            if expected is None:
-                expected = self.committed(tp)
+            expected = self.next_to_judge(tp)
             if expected is not None and offset > expected and not self._missing(tp, expected, offset):
                 continue
             if expected is None or offset >= expected:
@@ -172,6 +170,12 @@ class Checkpoint:
             self.waiting_since = self.clock()
         self.held.extend(judge)
         return judge
+
+    def next_to_judge(self, tp: TP) -> int | None:
+        """The offset a partition's next record must have: after the last one judged,
+        else its committed offset (None: not known)."""
+        expected = self.next_offset.get(tp)
+        return self.committed(tp) if expected is None else expected
 
     def _missing(self, tp: TP, expected: int, offset: int) -> bool:
         """Records ``expected`` to ``offset - 1`` of a partition never came: ask for them
@@ -294,12 +298,11 @@ class Checkpoint:
         (they were fetched, never delivered). Called every ``HOLE_RETRY_S``."""
         async with self.lock:
             now = self.clock()
-            for tp in sorted(tp for tp in self.assigned if tp[0] in set(topics)):
-                expected = self.next_offset.get(tp)
-                if expected is None:
-                    # Nothing judged yet and no commit known: the group starts at the
-                    # beginning. Records already applied are skipped per key if read again.
-                    expected = self.committed(tp) or 0
+            topics = set(topics)
+            for tp in sorted(tp for tp in self.assigned if tp[0] in topics):
+                # No commit known: the group starts at the beginning. Records already
+                # applied are skipped per key if read again.
+                expected = self.next_to_judge(tp) or 0
                 end = highwater(tp)
                 # A hole already sought back to was likely lost again (records fetched
                 # before the seek land after it): ask sooner.
