@@ -112,8 +112,9 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         own = view.own_ood
         # A record re-sent with a few fields changed (a what-if, a correction) can break the
         # data's correlations without being synthetic: it says nothing about the client.
+        # Nor does a record sent again as it was (a probe, a QA suite): it counts once.
         out["ood"] = ((view.batch.ood > threshold) & (own > threshold),
-                      ~np.isnan(own) & ~nb.sparse_resend)
+                      ~np.isnan(own) & ~nb.sparse_resend & ~nb.repeat)
         out["bounds"] = (view.batch.out_of_bounds, feats)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
         out["axis_probe"] = (nb.axis_probe, nb.has_nearest)

@@ -474,6 +474,21 @@ def _rows_for(level: float) -> int:
     return int(np.ceil(1 / min(level, 1 - level)))
 
 
+def gaussian_ood_threshold(held_ood: np.ndarray, n_features: int) -> float:
+    """The OOD_LEVEL distance of a Gaussian of the data's dimension, widened by the ratio
+    of the held-out median distance to the Gaussian median when that is above one.
+
+    >>> round(gaussian_ood_threshold(np.full(20, 3.0), 13), 2)   # below the median: Gaussian
+    5.26
+    >>> round(gaussian_ood_threshold(np.full(20, 7.0), 13), 2)   # twice as spread: twice as far
+    10.49
+    """
+    from scipy import stats
+
+    widen = max(1.0, float(np.median(held_ood)) / float(np.sqrt(stats.chi2.ppf(0.5, n_features))))
+    return float(np.sqrt(stats.chi2.ppf(OOD_LEVEL, n_features))) * widen
+
+
 def upper_rate(hits: int, n: int) -> float:
     """An upper bound (about 95 %) on a rate seen ``hits`` times in ``n`` rows: with few
     held-out rows the honest rate is not known better than that.
@@ -599,14 +614,13 @@ def build_profile(
     notes = []
     ood_threshold = float(np.quantile(held_ood, OOD_LEVEL))
     if len(held) < _rows_for(OOD_LEVEL):
-        # Too few held-out rows for a 99th percentile: take the Gaussian one if larger.
-        from scipy import stats
-
-        gaussian = float(np.sqrt(stats.chi2.ppf(OOD_LEVEL, X.shape[1])))
-        ood_threshold = max(ood_threshold, gaussian, float(held_ood.max()))
+        # Too few held-out rows for a 99th percentile, and their maximum is one row's
+        # accident: the Gaussian quantile, scaled by how far the held-out median sits
+        # beyond the Gaussian median (a robust fit of the spread, never below Gaussian).
+        ood_threshold = gaussian_ood_threshold(held_ood, X.shape[1])
         notes.append(f"adversarial.out_of_distribution: {len(held)} held-out rows are too few to "
                      f"calibrate the {OOD_LEVEL:.0%} distance (needs {_rows_for(OOD_LEVEL)}); it uses "
-                     "the larger of the held-out maximum and the Gaussian quantile")
+                     "the Gaussian quantile scaled to the held-out median")
     knn_quantiles = {str(q): float(np.quantile(knn, q)) for q in knn_levels}
     too_few = [q for q in knn_levels if len(knn) < _rows_for(q)]
     if too_few:

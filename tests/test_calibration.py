@@ -139,3 +139,44 @@ def test_a_150_row_profile_does_not_flag_honest_clients(wine):
     # ... and still catches uniform-random extraction on it.
     attack = uniform_keys(victim, 1, 300, np.random.default_rng(14), prefix="thief")
     assert "thief-0" in alerted(judge(profile, events + attack))
+
+
+def test_a_106_row_profile_catches_uniform_extraction_early():
+    """With 21 held-out rows the 99th-percentile distance cannot be estimated, and the
+    held-out maximum is one row's accident (here far beyond every honest client's
+    typical distance): the fallback must not let uniform-random queries under it."""
+    from tests.test_detection import first_alert
+
+    victim = scenario.load_victim("wine", seed=0)
+    profile = build_profile(victim.X_train, victim.y_train, victim.feature_names,
+                            model=victim.model_name, dataset="wine")
+    assert profile.n_rows < 120
+    events, kinds = production.honest_population(victim, np.random.default_rng(15), per_kind=5)
+    attack = uniform_keys(victim, 1, 300, np.random.default_rng(16), prefix="thief")
+    alerts = judge(profile, events + attack)
+    assert len(alerted(alerts) & set(kinds)) <= 1
+    assert first_alert(alerts, "thief-0") <= 60
+
+
+def test_a_probe_resending_an_unusual_record_counts_it_once():
+    """A health check sends the same three records all day, one of them an honest but
+    unusual one beyond the off-distribution distance: one off record, not a third."""
+    victim = scenario.load_victim("cancer", seed=0)
+    profile = build_profile(victim.X_train, victim.y_train, victim.feature_names,
+                            model=victim.model_name, dataset="cancer")
+    rows = np.vstack([victim.X_benign, victim.X_batches])
+    distance = profile.mahalanobis(profile.scaled(rows))
+    low, high = victim.X_train.min(0), victim.X_train.max(0)
+    slack = (high - low) / 4  # well inside the bounds rule's half range
+    inside = ~((rows < low - slack) | (rows > high + slack)).any(1)
+    unusual = int(np.flatnonzero(inside)[np.argmax(distance[inside])])
+    assert distance[unusual] > 1.5 * profile.ood_threshold
+    ordinary = np.random.default_rng(19).choice(
+        np.flatnonzero(distance < np.median(distance)), 2, replace=False)
+    fixed = rows[[unusual, *ordinary]]
+    X = np.tile(fixed, (150, 1))
+    times = T0 + np.repeat(np.arange(150) * 40.0, 3) + np.tile([0.0, 0.01, 0.02], 150)
+    events = scenario.client_events(victim, "probe", "198.51.100.9", times, X,
+                                    np.random.default_rng(17))
+    # Alone: the expected rate is the profile's, not moved by other clients.
+    assert "probe" not in alerted(judge(profile, events))
