@@ -18,7 +18,7 @@ from streams.tabular import UserError
 def load_profile(path: str | Path) -> Profile:
     path = Path(path)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = _json_document(path.read_bytes())
     except OSError as exc:
         raise UserError(f"{path}: cannot read profile: {exc.strerror}") from None
     except ValueError as exc:
@@ -29,6 +29,15 @@ def load_profile(path: str | Path) -> Profile:
         return Profile.from_dict(doc)
     except ProfileError as exc:
         raise UserError(f"{path}: not a modelwatch profile: {exc}") from None
+
+
+def _json_document(blob: bytes):
+    """msgspec parses a profile ~3x faster; ``json`` reads what it refuses (NaN, which
+    ``json.dumps`` may write) and words the error."""
+    try:
+        return msgspec.json.decode(blob)
+    except msgspec.DecodeError:
+        return json.loads(blob)
 
 
 def read_thresholds(path: str | Path | None) -> Thresholds:

@@ -43,16 +43,16 @@ def read_table(path: str | Path, label_column: str,
     for line, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise UserError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
-    cells = np.array(rows, dtype=str)
     columns = [header.index(n) for n in names]
-    try:  # all cells numbers (numpy's parser skips the spaces around them): one cast
-        X = cells[:, columns].astype(np.float64)
-    except ValueError:  # empty cells (NaN) or a bad one: column by column
-        X = _numbers(cells, columns, names, path)
+    try:  # all cells numbers: Python's float() is ~3x numpy's cast from strings
+        X = np.array([[float(row[c]) for c in columns] for row in rows], dtype=np.float64)
+    except ValueError:  # empty cells (NaN) or a bad one: column by column, to name it
+        X = _numbers(np.array(rows, dtype=str), columns, names, path)
     if not np.isfinite(X[~np.isnan(X)]).all():
         line = int(np.flatnonzero(np.isinf(X).any(1))[0]) + 2
         raise UserError(f"{path}:{line}: infinite value")
-    labels = np.char.strip(cells[:, header.index(label_column)])
+    label_at = header.index(label_column)
+    labels = np.array([row[label_at].strip() for row in rows], dtype=str)
     empty = np.flatnonzero(labels == "")
     if len(empty):
         raise UserError(f"{path}:{int(empty[0]) + 2}: field {label_column!r}: empty label")
