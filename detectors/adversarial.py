@@ -87,6 +87,9 @@ def judge(view, cfg) -> list[Candidate]:
     return candidates
 
 
+DENSE_CROWDING_QUANTILE = "0.01"  # of the profile's k-NN distances, for dense moves
+
+
 def crowding_threshold(profile, cfg) -> float:
     """The k-NN distance below which a query counts as crowded (scaled units)."""
     return profile.knn_quantiles[str(cfg["crowding_quantile"])]
@@ -106,8 +109,12 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         at_boundary = nb.mixed
         # An entity edited field by field (re-scored with a changed amount) that drifts
         # across the boundary is not a walk along it.
-        out["crowded"] = ((knn < crowding_threshold(view.profile, cfg)) & at_boundary,
-                          ~np.isnan(knn) & ~nb.sparse_edit)
+        # Blinded queries (fresh noise on each) stay outside the 0.1 % distance, but move
+        # densely; honest re-sends change a field or two. Dense moves crowd at the 1 %.
+        dense = nb.has_nearest & ~nb.sparse_resend
+        crowded = (knn < crowding_threshold(view.profile, cfg)) | (
+            dense & (knn < view.profile.knn_quantiles[DENSE_CROWDING_QUANTILE]))
+        out["crowded"] = (crowded & at_boundary, ~np.isnan(knn) & ~nb.sparse_edit)
         threshold = view.profile.ood_threshold
         own = view.own_ood
         # A record re-sent with a few fields changed (a what-if, a correction) can break the

@@ -50,8 +50,9 @@ _RULES = (
          "queries crowd around each other at the decision boundary (Chen et al.): "
          "decision-based black-box attacks",
          "-log10 binomial tail of the client's crowded share",
-         "crowded = k-NN distance below the profile's quantile and a neighbour answered "
-         "otherwise; expected share from production (floor crowding_p0)",
+         "crowded = k-NN distance below the profile's quantile (its 1 % one for a dense "
+         "move) and a neighbour answered otherwise; expected share from production "
+         "(floor crowding_p0)",
          ("adversarial.knn_k", "adversarial.crowding_quantile", "adversarial.crowding_p0",
           *RATE, *PRODUCTION)),
     Rule("adversarial.low_margin", "adversarial", QUERY_BASED,

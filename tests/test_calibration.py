@@ -180,3 +180,42 @@ def test_a_probe_resending_an_unusual_record_counts_it_once():
                                     np.random.default_rng(17))
     # Alone: the expected rate is the profile's, not moved by other clients.
     assert "probe" not in alerted(judge(profile, events))
+
+
+def test_a_blinded_decision_based_attack_on_integer_pixels_is_caught(victim, profile, honest):
+    """Query blinding (the OARS attacks on stateful defenses): every query carries fresh
+    noise within the data's range, so queries no longer crowd within the 0.1 % k-NN
+    distance, and the requests are dealt over six keys. Its moves are dense (noise in
+    every pixel), unlike honest re-sends, which change a field or two."""
+    from art.attacks.evasion import HopSkipJump
+    from art.estimators.classification import BlackBoxClassifier
+
+    from tests.test_detection import first_alert
+
+    recorder = scenario.QueryRecorder(victim)
+    rng = np.random.default_rng(21)
+    noise = 0.041 * (victim.hi - victim.lo)  # 1 % of the range plus half a pixel step
+
+    def blinded(X):
+        X = np.asarray(X, dtype=float)
+        shift = rng.uniform(-1, 1, size=X.shape[1]) * noise
+        return recorder(np.clip(X + shift + rng.normal(size=X.shape) * noise, victim.lo, victim.hi))
+
+    row = 40
+    label = victim.model.predict(victim.X_benign[row:row + 1])[0]
+    start = victim.X_attacker[victim.model.predict(victim.X_attacker) != label][:1]
+    np.random.seed(row)
+    classifier = BlackBoxClassifier(blinded, input_shape=(victim.n_features,),
+                                    nb_classes=len(victim.classes), clip_values=(0.0, 16.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        HopSkipJump(classifier, max_iter=10, max_eval=200, init_eval=20, verbose=False).generate(
+            victim.X_benign[row:row + 1], x_adv_init=start)
+    times = scenario.paced_times([len(r) for r, _ in recorder.requests], T0 + 900, rng)
+    keys = [f"blinded-{k}" for k in range(6)]  # requests dealt over six keys
+    attack = scenario.recorded_events(recorder, keys, "198.51.100.10", times, rng)
+    events, kinds = honest
+    alerts = judge(profile, events + attack)
+    caught = [k for k in keys if (first_alert(alerts, k, "adversarial") or 999) <= 60]
+    assert len(caught) >= 4, caught  # of ~100 queries a key
+    assert len(alerted(alerts) & set(kinds)) <= 1
