@@ -122,7 +122,8 @@ def flags(view, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         # Nor does a record sent again as it was (a probe, a QA suite): it counts once.
         out["ood"] = ((view.batch.ood > threshold) & (own > threshold),
                       ~np.isnan(own) & ~nb.sparse_resend & ~nb.repeat)
-        out["bounds"] = (view.batch.out_of_bounds, feats)
+        # Likewise a record sent again as it was stays out of bounds if it was: once.
+        out["bounds"] = (view.batch.out_of_bounds, feats & ~nb.repeat)
         out["sign_step"] = (view.neighbours.sign_step, view.neighbours.has_nearest)
         out["axis_probe"] = (nb.axis_probe, nb.has_nearest)
         out["line_step"] = (nb.line_step, nb.has_nearest)

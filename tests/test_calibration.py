@@ -219,3 +219,22 @@ def test_a_blinded_decision_based_attack_on_integer_pixels_is_caught(victim, pro
     caught = [k for k in keys if (first_alert(alerts, k, "adversarial") or 999) <= 60]
     assert len(caught) >= 4, caught  # of ~100 queries a key
     assert len(alerted(alerts) & set(kinds)) <= 1
+
+
+def test_a_probe_resending_an_out_of_bounds_record_counts_it_once(victim, profile):
+    """A health check on digits sends the same three records all day, one of them with
+    a pixel lit that was blank in every training image: one such record, not a third."""
+    from detectors.config import load_thresholds
+    from detectors.features import Featurizer
+
+    rows = np.vstack([victim.X_benign, victim.X_batches])
+    featurizer = Featurizer(profile, load_thresholds().section("adversarial")["bounds_tolerance"])
+    beyond = np.flatnonzero((rows < featurizer.low).any(1) | (rows > featurizer.high).any(1))
+    assert len(beyond)
+    inside = np.setdiff1d(np.arange(len(rows)), beyond)[:2]
+    fixed = rows[[beyond[0], *inside]]
+    X = np.tile(fixed, (150, 1))
+    times = T0 + np.repeat(np.arange(150) * 40.0, 3) + np.tile([0.0, 0.01, 0.02], 150)
+    events = scenario.client_events(victim, "probe", "198.51.100.11", times, X,
+                                    np.random.default_rng(22))
+    assert "probe" not in alerted(judge(profile, events))
