@@ -139,7 +139,11 @@ def test_stats_writes_one_training_stats_event(files, digits, tmp_path):
 def test_inputs_that_used_to_crash_replay_are_dead_lettered(files, digits, tmp_path):
     _, _, profile = files
     good = digits.events("alice", digits.X_pool[:5])
-    huge = digits.events("mallory", np.full((12, 64), 1e300))
+    # Twelve distinct absurd rows: an exact repeat counts once in the rate tests, and
+    # 1e300 and 2e300 are both clipped to the same bound, so one pixel tells them apart.
+    absurd = np.full((12, 64), 1e300)
+    absurd[:, 0] = np.arange(12)
+    huge = digits.events("mallory", absurd)
     lines = [json.dumps(e) for e in good]
     lines += [json.dumps({**good[0], "ts": 3e11}), json.dumps({**good[0], "ts": "20000-01-01T00:00:00Z"}),
               json.dumps({**good[0], "ts": "NaTZ"})]
