@@ -10,6 +10,7 @@ training batch. Sending is the caller's: it runs in the detector thread.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -88,8 +89,12 @@ class InferenceJudge:
         dead, alerts = [], []
         for partition, records in by_partition.items():
             if partition not in self.restored:
+                started, before = time.perf_counter(), len(self.clients.live)
                 self.pipeline.restore_shard(partition, self.clients.restored(partition))
                 self.restored.add(partition)
+                print(f"worker: {self.topic}[{partition}]: {len(self.clients.live) - before:,} "
+                      f"clients restored in {time.perf_counter() - started:.1f} s",
+                      file=sys.stderr, flush=True)
             result = screen(((e.value, (e.key, e.message.offset)) for e in records),
                             self.pipeline.reject_reason)
             dead += [DeadLetter(self.topic, partition, offset, element, key, raw, reason)

@@ -111,12 +111,32 @@ class KeyedStates(MutableMapping):
 
     def restored(self, partition: int) -> Iterator[tuple[str, object]]:
         """Every stored key of a partition, loaded into the working copies."""
-        for raw_key, blob in list(self.table.items()):
-            if blob is None or _APPLIED.unpack_from(blob)[0] != partition:
+        for raw_key, blob in self._stored(partition):
+            if blob is None:
                 continue
             key = raw_key.decode()
-            if self._load(key):
+            if key in self.live:
                 yield key, self.live[key]
+                continue
+            applied = _APPLIED.unpack_from(blob)
+            if applied[0] != partition or key in self.deleted:
+                continue
+            # Decoded from the blob in hand: a table read per key costs a look in
+            # every partition's database.
+            self.live[key] = loads(self.cls, blob[_APPLIED.size:])
+            self.applied[key] = applied
+            yield key, self.live[key]
+
+    def _stored(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        """A partition's stored (key, value) pairs: from its own RocksDB database
+        (Faust's ``items()`` reads every assigned partition's, so restoring 8
+        partitions read each value 8 times), else (a dict in tests) all of them."""
+        store = getattr(self.table, "data", None)
+        dbs = getattr(store, "_dbs", None)  # faust.stores.rocksdb.Store, 0.15.3
+        if dbs is None:
+            return iter(list(self.table.items()))
+        db = dbs.get(partition)
+        return iter(()) if db is None else store._visible_items(db)
 
 
 class SharedSnapshots(MutableMapping):
