@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+
 import aiokafka
 import aiokafka.admin
 import pytest
