@@ -30,6 +30,8 @@ os.chdir(ROOT)
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -91,6 +93,20 @@ def until_committed(commits: stream_speed.Commits, ends: dict[int, int], process
     raise RuntimeError(f"not committed within {timeout_s:.0f} s")
 
 
+def phases(log: Path, since: int, spawned: float) -> str:
+    """From the worker's log (written after byte ``since``): seconds from spawn until its
+    partitions were assigned, and the restores' seconds summed."""
+    text = log.read_bytes()[since:].decode(errors="replace")
+    assigned = re.search(r"^\[([\d-]+ [\d:,]+)\] .*worker: \S+ partitions \[", text, re.M)
+    restores = [float(s) for s in re.findall(r"clients restored in ([\d.]+) s", text)]
+    clients = sum(int(n.replace(",", "")) for n in re.findall(r"(\S+) clients restored in", text))
+    if assigned is None:
+        return "no assignment in the log"
+    at = datetime.datetime.strptime(assigned.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return (f"assigned {at - spawned:.1f} s after spawn; {clients:,} clients restored in "
+            f"{sum(restores):.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100_000)
@@ -140,13 +156,17 @@ def main() -> None:
                 templates, 0, args.fresh, 1, t0 + 3600.0 * (seed - 1), 60.0, seed)
             new_ends, _ = stream_speed.produce_batched(broker.address, fresh, fresh_clients, 800)
             ends = {p: max(ends.get(p, 0), new_ends.get(p, 0)) for p in set(ends) | set(new_ends)}
+            worker_log.flush()
+            since, spawned = (out / "worker.log").stat().st_size, time.time()
             worker = spawn(broker.url, profiles, state, thresholds, worker_log)
             first, took = until_committed(commits, ends, worker, args.timeout_s)
+            where = phases(out / "worker.log", since, spawned)
             print(f"  {phase}: first commit {first:.1f} s, new events judged {took:.1f} s "
-                  f"after spawn; peak RSS {stream_speed.peak_rss_mib(worker.pid):,.0f} MiB", flush=True)
+                  f"after spawn ({where}); peak RSS "
+                  f"{stream_speed.peak_rss_mib(worker.pid):,.0f} MiB", flush=True)
             rows.append((phase, f"{took:.1f} s",
                          f"spawn to {args.fresh:,} new events judged and committed "
-                         f"(first commit {first:.1f} s)"))
+                         f"(first commit {first:.1f} s; {where})"))
         kill9(worker)
 
     print(f"\nrestart_speed figures (command: {' '.join(sys.argv)}; load average "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import msgspec
@@ -127,3 +128,30 @@ def test_stats_dead_letters_bad_batches_and_skips_held_ones(digits):
     assert pipeline.counters.batches == 1
     assert metrics.value("modelwatch_records_consumed_total", topic=STATS,
                          model="digits-train") == 2
+
+
+def test_a_restore_reads_stored_clients_without_decoding_them_and_rebuilds_the_same_population(digits):
+    """A restarted worker restores every client of a partition to rebuild its population,
+    but decodes a client's whole state only when its key comes back."""
+    values = [e for c in range(4) for e in digits.events(f"c{c}", digits.X_pool[3 * c:3 * c + 3])]
+    first, _, _ = inference_judge(digits.profile, {})
+    first(records(0, values))
+    table = {key: value for _, _, key, value in first.clients.snapshot({0})}
+    [(key, state)] = [(k, s) for k, s in first.clients.live.items() if k == "digits/c1"]
+
+    again, _, _ = inference_judge(digits.profile, table)
+    restored = dict(again.clients.restored(0))
+    again.pipeline.restore_shard(0, restored.items())
+
+    assert set(restored) == set(first.clients.live) and not again.clients.live
+    for field in dataclasses.fields(ClientState):
+        stored, kept = getattr(restored[key], field.name), getattr(state, field.name)
+        if isinstance(kept, np.ndarray):
+            assert stored.dtype == kept.dtype and np.array_equal(stored, kept, equal_nan=True)
+        else:
+            assert stored == kept or (stored != stored and kept != kept)
+    ours, theirs = again.pipeline.pending[0]["digits"], first.pipeline.pending[0]["digits"]
+    assert np.array_equal(ours.class_counts, theirs.class_counts)
+    assert np.array_equal(ours.rate_hist, theirs.rate_hist) and ours.ips == theirs.ips
+    assert again.clients.holds("digits/c1", 0, 0) and set(again.clients.live) == {"digits/c1"}
+    assert set(again.clients.forget({0})) == set(first.clients.live)

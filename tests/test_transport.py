@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 
 import aiokafka
+import aiokafka.admin
 import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from streams.worker.broker import EmbeddedBroker
-from streams.worker.transport import fetched_highwaters
+from streams.worker.transport import (
+    dead_members,
+    fetched_highwaters,
+    member_client_id,
+    remove_dead_members,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +56,67 @@ def test_highwater_is_the_true_end_when_the_last_batch_holds_many_records():
     p0, p1 = (aiokafka.TopicPartition("changelog", p) for p in (0, 1))
     assert fetched[p0] == 150 and fetched[p1] == 1
     assert listed[p0] <= 150  # (101 on Tansu 0.6.0; 150 on a broker without the quirk)
+
+
+def test_dead_members_are_workers_of_this_host_whose_process_is_gone():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its id names no process now
+    alive = os.getppid()
+    prefix = member_client_id().removesuffix(str(os.getpid()))
+    members = [f"{prefix}{child.pid}-u1", f"{prefix}{alive}-u2", f"{prefix}{os.getpid()}-u3",
+               f"modelwatch-elsewhere-1-{child.pid}-u4", f"{prefix}x-u5", "faust-0.15.3-u6"]
+    assert dead_members(members) == [f"{prefix}{child.pid}-u1"]
+
+
+JOIN_AND_WAIT = """
+import asyncio, os, sys
+import aiokafka
+async def main():
+    consumer = aiokafka.AIOKafkaConsumer("topic", bootstrap_servers=sys.argv[1], group_id="g",
+                                         client_id=sys.argv[2] + str(os.getpid()),
+                                         session_timeout_ms=30000)
+    await consumer.start()
+    while not consumer.assignment():
+        await consumer.getmany(timeout_ms=100)
+    print("joined", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def group_members(broker) -> list[str]:
+    async def describe():
+        admin = aiokafka.admin.AIOKafkaAdminClient(bootstrap_servers=broker.address)
+        await admin.start()
+        try:
+            [answer] = await admin.describe_consumer_groups(["g"])
+        finally:
+            await admin.close()
+        [group] = answer.groups
+        return [member[0] for member in group[5]]  # (member_id, client_id, ...)
+
+    return asyncio.run(describe())
+
+
+def test_a_killed_member_is_removed_so_the_group_need_not_wait_for_its_session():
+    """A rebalance waits until every member rejoined or its session expired: after a
+    kill -9, 10-23 s for the worker's next start. A worker of this host whose process
+    is gone is removed from the group instead."""
+    with EmbeddedBroker() as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.address, request_timeout_ms=5000)
+        admin.create_topics([NewTopic("topic", num_partitions=2, replication_factor=1)])
+        admin.close()
+        # A worker of this host: its client id is built as the worker's, with its own pid.
+        prefix = member_client_id().removesuffix(str(os.getpid()))
+        child = subprocess.Popen([sys.executable, "-c", JOIN_AND_WAIT, broker.address, prefix],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "joined"
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        [member] = group_members(broker)
+        removed = asyncio.run(remove_dead_members(broker.address, "g"))
+        left = group_members(broker)
+    assert member.startswith(f"{prefix}{child.pid}-") and removed == [member]
+    assert left == []

@@ -58,7 +58,7 @@ from streams.sinks.base import Outbox
 from streams.worker.checkpoint import HOLE_RETRY_S, Checkpoint
 from streams.worker.decode import InferenceJudge, Judged, StatsJudge, dead_letter_record
 from streams.worker.tables import KeyedStates, SharedSnapshots, write
-from streams.worker.transport import faust_broker_urls
+from streams.worker.transport import faust_broker_urls, member_client_id
 
 TAKE = 10_000        # records per processing batch at most
 WITHIN_S = 0.05      # ... or what arrived within this time
@@ -80,6 +80,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         "modelwatch",
         broker=faust_broker_urls(settings.broker),
         broker_credentials=_credentials(settings),
+        broker_client_id=member_client_id(),  # a restart removes its killed predecessor
         store="rocksdb://",
         datadir=str(settings.state_dir),
         broker_session_timeout=10,  # a new group joins in ~5 s on Tansu, not ~30 s

@@ -10,6 +10,7 @@ training batch. Sending is the caller's: it runs in the detector thread.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -88,8 +89,12 @@ class InferenceJudge:
         dead, alerts = [], []
         for partition, records in by_partition.items():
             if partition not in self.restored:
-                self.pipeline.restore_shard(partition, self.clients.restored(partition))
+                started, count = time.perf_counter(), Counter()
+                self.pipeline.restore_shard(partition, counted(self.clients.restored(partition),
+                                                               count))
                 self.restored.add(partition)
+                print(f"worker: {self.topic}[{partition}]: {count['n']:,} clients restored in "
+                      f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             result = screen(((e.value, (e.key, e.message.offset)) for e in records),
                             self.pipeline.reject_reason)
             dead += [DeadLetter(self.topic, partition, offset, element, key, raw, reason)
@@ -119,6 +124,13 @@ class InferenceJudge:
         self.restored -= partitions
         for partition in partitions:
             self.pipeline.pending.pop(partition, None)
+
+
+def counted(items, count: Counter):
+    """``items``, counting them in ``count["n"]`` as they pass."""
+    for item in items:
+        count["n"] += 1
+        yield item
 
 
 class StatsJudge:
