@@ -48,7 +48,9 @@ def uniform_keys(victim, keys, per_key, rng, prefix="sybil"):
     return events
 
 
-def hopskipjump(victim, row, client, start):
+def hopskipjump(victim, row, client, start, *, clients=None, blind=None, **budget):
+    """ART's HopSkipJump on benign row ``row`` as events of ``client`` (or dealt over
+    ``clients``) from ``start``; ``blind(recorder)`` wraps the victim's API."""
     from art.attacks.evasion import HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
 
@@ -56,15 +58,17 @@ def hopskipjump(victim, row, client, start):
     label = victim.model.predict(victim.X_benign[row:row + 1])[0]
     others = victim.X_attacker[victim.model.predict(victim.X_attacker) != label]
     np.random.seed(row)
-    classifier = BlackBoxClassifier(recorder, input_shape=(victim.n_features,),
+    classifier = BlackBoxClassifier(blind(recorder) if blind else recorder,
+                                    input_shape=(victim.n_features,),
                                     nb_classes=len(victim.classes), clip_values=(0.0, 16.0))
+    budget = {"max_iter": 3, "max_eval": 60, "init_eval": 10} | budget
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        HopSkipJump(classifier, max_iter=3, max_eval=60, init_eval=10, verbose=False).generate(
+        HopSkipJump(classifier, verbose=False, **budget).generate(
             victim.X_benign[row:row + 1], x_adv_init=others[:1])
     rng = np.random.default_rng(row)
     times = scenario.paced_times([len(r) for r, _ in recorder.requests], start, rng)
-    return scenario.recorded_events(recorder, [client], "198.51.100.9", times, rng)
+    return scenario.recorded_events(recorder, clients or [client], "198.51.100.9", times, rng)
 
 
 def test_production_like_honest_clients_stay_quiet(profile, honest):
@@ -187,33 +191,22 @@ def test_a_blinded_decision_based_attack_on_integer_pixels_is_caught(victim, pro
     noise within the data's range, so queries no longer crowd within the 0.1 % k-NN
     distance, and the requests are dealt over six keys. Its moves are dense (noise in
     every pixel), unlike honest re-sends, which change a field or two."""
-    from art.attacks.evasion import HopSkipJump
-    from art.estimators.classification import BlackBoxClassifier
-
     from tests.test_detection import first_alert
 
-    recorder = scenario.QueryRecorder(victim)
     rng = np.random.default_rng(21)
     noise = 0.041 * (victim.hi - victim.lo)  # 1 % of the range plus half a pixel step
 
-    def blinded(X):
-        X = np.asarray(X, dtype=float)
-        shift = rng.uniform(-1, 1, size=X.shape[1]) * noise
-        return recorder(np.clip(X + shift + rng.normal(size=X.shape) * noise, victim.lo, victim.hi))
+    def blind(recorder):
+        def blinded(X):
+            X = np.asarray(X, dtype=float)
+            shift = rng.uniform(-1, 1, size=X.shape[1]) * noise
+            return recorder(np.clip(X + shift + rng.normal(size=X.shape) * noise,
+                                    victim.lo, victim.hi))
+        return blinded
 
-    row = 40
-    label = victim.model.predict(victim.X_benign[row:row + 1])[0]
-    start = victim.X_attacker[victim.model.predict(victim.X_attacker) != label][:1]
-    np.random.seed(row)
-    classifier = BlackBoxClassifier(blinded, input_shape=(victim.n_features,),
-                                    nb_classes=len(victim.classes), clip_values=(0.0, 16.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        HopSkipJump(classifier, max_iter=10, max_eval=200, init_eval=20, verbose=False).generate(
-            victim.X_benign[row:row + 1], x_adv_init=start)
-    times = scenario.paced_times([len(r) for r, _ in recorder.requests], T0 + 900, rng)
     keys = [f"blinded-{k}" for k in range(6)]  # requests dealt over six keys
-    attack = scenario.recorded_events(recorder, keys, "198.51.100.10", times, rng)
+    attack = hopskipjump(victim, 40, None, T0 + 900, clients=keys, blind=blind,
+                         max_iter=10, max_eval=200, init_eval=20)
     events, kinds = honest
     alerts = judge(profile, events + attack)
     caught = [k for k in keys if (first_alert(alerts, k, "adversarial") or 999) <= 60]
