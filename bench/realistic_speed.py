@@ -334,7 +334,10 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
     from streams.pipeline import Pipeline
     from streams.records import format_ts, screen
 
-    pipeline = Pipeline([load_profile(profile_path)], load_thresholds())
+    # Caps at the client count: under the default caps (10,000 per model) the longest idle
+    # are evicted and the slope measures churn, not growth.
+    caps = f"[state]\nmax_clients_per_model = {n_clients}\nmax_clients = {n_clients}\n"
+    pipeline = Pipeline([load_profile(profile_path)], load_thresholds(caps))
     rest = _templates(log)
     rng = np.random.default_rng(0)
     t0, samples, k = 1.79e9, [], 0
