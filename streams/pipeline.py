@@ -192,7 +192,7 @@ class Pipeline:
         self.shard_epochs[shard] = epoch
         for model, pending in self.pending.get(shard, {}).items():
             pending.close_epoch()
-            snapshot = copy.deepcopy(pending)
+            snapshot = pending.snapshot()
             snapshot.epoch = epoch
             self.shared[f"{model}/{shard}"] = snapshot
         self.refresh_populations()
@@ -210,13 +210,17 @@ class Pipeline:
                 for (key, snapshot), (k, s) in zip(sources, self._merged_from, strict=True)):
             return
         self._merged_from = sources
-        merged: dict[str, Population] = {}
+        by_model: dict[str, list[Population]] = {}
         for key, snapshot in sources:
-            model = key.rsplit("/", 1)[0]
-            if model in merged:
+            by_model.setdefault(key.rsplit("/", 1)[0], []).append(snapshot)
+        merged: dict[str, Population] = {}
+        for model, snapshots in by_model.items():
+            if len(snapshots) == 1:  # rules only set its epoch: a shallow copy will do
+                merged[model] = copy.copy(snapshots[0])
+                continue
+            merged[model] = snapshots[0].snapshot()
+            for snapshot in snapshots[1:]:
                 merged[model].merge(snapshot)
-            else:
-                merged[model] = copy.deepcopy(snapshot)
         self.populations = merged
 
     def restore_shard(self, shard: int, clients) -> None:
