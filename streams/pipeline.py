@@ -14,7 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,7 @@ from detectors.features import Z_LIMIT, Featurizer
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
+from detectors.state import pack, unpack
 from streams.alerts import build_alert
 from streams.explain import Scores
 from streams.metrics import EVICTION_REASONS, MAX_MODEL_LABELS
@@ -52,6 +53,52 @@ class Counters:
     suppressed: int = 0      # poisoning rules that fired on a batch beside the strongest
     unprofiled_batches: int = 0
     evictions: dict = field(default_factory=lambda: dict.fromkeys(EVICTION_REASONS, 0))
+
+
+class PackedStates(MutableMapping):
+    """Client states of replay, packed (:func:`detectors.state.pack`) once a whole batch
+    went by without them.
+
+    Most tracked clients are idle at any time, and an object of a dozen small arrays
+    costs several times its numbers in headers and allocator slack. Clients of the
+    last two batches stay objects: a busy client is not packed and unpacked each batch.
+    Reading a packed key unpacks a copy: write it back to keep a change.
+    """
+
+    def __init__(self):
+        self.packed: dict[str, bytes] = {}
+        self.live: dict[str, ClientState] = {}  # written in this batch or the one before
+        self.written: set[str] = set()          # ... in this batch
+
+    def __getitem__(self, key: str) -> ClientState:
+        state = self.live.get(key)
+        return state if state is not None else unpack(ClientState, self.packed[key])
+
+    def __setitem__(self, key: str, state: ClientState) -> None:
+        self.live[key] = state
+        self.written.add(key)
+        self.packed.pop(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        if self.live.pop(key, None) is None:
+            del self.packed[key]
+        self.written.discard(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.live or key in self.packed
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.live
+        yield from self.packed
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.packed)
+
+    def settle(self) -> None:
+        """A batch is done: pack the states it did not write."""
+        for key in [k for k in self.live if k not in self.written]:
+            self.packed[key] = pack(self.live.pop(key))
+        self.written.clear()
 
 
 class Tracked:
@@ -113,7 +160,7 @@ class Pipeline:
         self.thresholds = thresholds
         self.query = QueryMonitor(thresholds)
         self.poisoning = PoisoningDetector(thresholds)
-        self.clients: MutableMapping[str, ClientState] = {} if clients is None else clients
+        self.clients: MutableMapping[str, ClientState] = PackedStates() if clients is None else clients
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
         # Population baselines, per shard (a Kafka partition in the worker; replay has
         # one): each shard sums its own clients in ``pending``; when its events enter
@@ -182,6 +229,8 @@ class Pipeline:
                 by_model.setdefault(events[i].model, []).append(int(i))
             for model, rows in by_model.items():
                 alerts += self._model_batch(model, [events[i] for i in rows], ts[rows], shard)
+        if isinstance(self.clients, PackedStates):  # a worker's table keeps its own copies
+            self.clients.settle()
         return alerts
 
     def _advance_to(self, shard: int, epoch: float) -> None:
