@@ -105,12 +105,14 @@ class Tracked:
     """Tracked client keys per model with the event time of their last event, to find
     the longest idle: (last time, key) is the order, so replay and a worker that see the
     same batches evict the same keys. Heaps with lazy deletion: a key's older entries
-    are skipped when they come up, and the heaps are rebuilt once half stale."""
+    are skipped when they come up, and the heaps are rebuilt once half stale. A heap is
+    built when a cap first asks for the oldest key: below the caps it would be an entry
+    per client for nothing."""
 
     def __init__(self):
         self.last: dict[str, dict[str, tuple[float, int]]] = {}  # model -> key -> (time, shard)
-        self.heaps: dict[str, list] = {}   # model -> [(time, key)]
-        self.all: list = []                # [(time, key, model)]
+        self.heaps: dict[str, list] = {}   # model -> [(time, key)], once asked
+        self.all: list | None = None       # [(time, key, model)], once asked
         self.count = 0
 
     def touch(self, model: str, key: str, ts: float, shard: int) -> None:
@@ -118,19 +120,34 @@ class Tracked:
         keys = self.last.setdefault(model, {})
         self.count += key not in keys
         keys[key] = (ts, shard)
-        heap = self.heaps.setdefault(model, [])
-        heapq.heappush(heap, (ts, key))
-        heapq.heappush(self.all, (ts, key, model))
-        if len(heap) > 2 * len(keys) + 64:
-            heap[:] = [(t, k) for k, (t, _) in keys.items()]
-            heapq.heapify(heap)
-        if len(self.all) > 2 * self.count + 64:
-            self.all = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
-            heapq.heapify(self.all)
+        heap = self.heaps.get(model)
+        if heap is not None:
+            heapq.heappush(heap, (ts, key))
+            if len(heap) > 2 * len(keys) + 64:
+                self.heaps[model] = self._heap(model)
+        if self.all is not None:
+            heapq.heappush(self.all, (ts, key, model))
+            if len(self.all) > 2 * self.count + 64:
+                self.all = self._heap(None)
+
+    def _heap(self, model: str | None) -> list:
+        if model is None:
+            heap = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
+        else:
+            heap = [(t, k) for k, (t, _) in self.last.get(model, {}).items()]
+        heapq.heapify(heap)
+        return heap
 
     def oldest(self, model: str | None = None) -> tuple[str, str] | None:
         """(model, key) of the longest idle key of ``model``, or of all models."""
-        heap = self.all if model is None else self.heaps.get(model, [])
+        if model is None:
+            if self.all is None:
+                self.all = self._heap(None)
+            heap = self.all
+        else:
+            heap = self.heaps.get(model)
+            if heap is None:
+                heap = self.heaps[model] = self._heap(model)
         while heap:
             entry = heap[0]
             owner = entry[2] if model is None else model
