@@ -14,6 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 
@@ -55,34 +56,51 @@ class Counters:
     evictions: dict = field(default_factory=lambda: dict.fromkeys(EVICTION_REASONS, 0))
 
 
+#: Arrays of the client states replay keeps unpacked (PackedStates): a few hundred
+#: clients with full windows, a few thousand light ones.
+HOT_BYTES = 8 << 20
+
+
 class PackedStates(MutableMapping):
-    """Client states of replay, packed (:func:`detectors.state.pack`) once a whole batch
-    went by without them.
+    """Client states of replay: the most recently written as objects, up to ``hot_bytes``
+    of their arrays (clients of the current batch always), the rest packed
+    (:func:`detectors.state.pack`).
 
     Most tracked clients are idle at any time, and an object of a dozen small arrays
-    costs several times its numbers in headers and allocator slack. Clients of the
-    last two batches stay objects: a busy client is not packed and unpacked each batch.
+    costs several times its numbers in headers and allocator slack; packing and
+    unpacking cost tens of microseconds, so clients that come back soon stay objects.
     Reading a packed key unpacks a copy: write it back to keep a change.
     """
 
-    def __init__(self):
+    def __init__(self, hot_bytes: int = HOT_BYTES):
+        self.hot_bytes = hot_bytes
         self.packed: dict[str, bytes] = {}
-        self.live: dict[str, ClientState] = {}  # written in this batch or the one before
-        self.written: set[str] = set()          # ... in this batch
+        self.live: OrderedDict[str, tuple[ClientState, int]] = OrderedDict()  # oldest write first
+        self.live_bytes = 0
+        self.written: set[str] = set()  # in this batch: never packed before it ends
 
     def __getitem__(self, key: str) -> ClientState:
-        state = self.live.get(key)
-        return state if state is not None else unpack(ClientState, self.packed[key])
+        found = self.live.get(key)
+        return found[0] if found is not None else unpack(ClientState, self.packed[key])
 
     def __setitem__(self, key: str, state: ClientState) -> None:
-        self.live[key] = state
+        self._drop_live(key)
+        size = _state_cost(state)
+        self.live[key] = (state, size)
+        self.live_bytes += size
         self.written.add(key)
         self.packed.pop(key, None)
 
     def __delitem__(self, key: str) -> None:
-        if self.live.pop(key, None) is None:
+        if not self._drop_live(key):
             del self.packed[key]
         self.written.discard(key)
+
+    def _drop_live(self, key: str) -> bool:
+        found = self.live.pop(key, None)
+        if found is not None:
+            self.live_bytes -= found[1]
+        return found is not None
 
     def __contains__(self, key) -> bool:
         return key in self.live or key in self.packed
@@ -95,10 +113,16 @@ class PackedStates(MutableMapping):
         return len(self.live) + len(self.packed)
 
     def settle(self) -> None:
-        """A batch is done: pack the states it did not write."""
-        for key in [k for k in self.live if k not in self.written]:
-            self.packed[key] = pack(self.live.pop(key))
+        """A batch is done: pack the least recently written states past ``hot_bytes``."""
         self.written.clear()
+        while self.live_bytes > self.hot_bytes and self.live:
+            key, (state, size) = self.live.popitem(last=False)
+            self.live_bytes -= size
+            self.packed[key] = pack(state)
+
+
+def _state_cost(state: ClientState) -> int:
+    return state.window.nbytes + 4096  # the other arrays and the object's overhead, roughly
 
 
 class Tracked:

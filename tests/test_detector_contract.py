@@ -186,7 +186,7 @@ def test_states_stored_before_a_rate_was_added_restore_with_it():
 
 def alerts_in_steps(profile, raw_events, step, clients=None):
     """(rule, client, id) of the alerts when events reach the pipeline ``step`` at a time
-    (``clients``: the pipeline's state mapping; by default replay's packed one)."""
+    (``clients``: the pipeline's state mapping; by default replay's)."""
     import json
 
     from streams.pipeline import Pipeline
@@ -229,8 +229,10 @@ def test_alerts_across_clients_do_not_depend_on_batching(digits):
     whole = alerts_in_steps(digits.profile, raw, len(raw))
     assert whole == alerts_in_steps(digits.profile, raw, 1) == alerts_in_steps(digits.profile, raw, 7)
     assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
-    # Idle states packed between batches, or kept as objects: the same alerts.
-    assert whole == alerts_in_steps(digits.profile, raw, 7, clients={})
+    # States packed after every batch, or kept as objects: the same alerts.
+    from streams.pipeline import PackedStates
+    assert whole == alerts_in_steps(digits.profile, raw, 7, clients={}) == alerts_in_steps(
+        digits.profile, raw, 7, clients=PackedStates(hot_bytes=0))
 
 
 def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypatch):
@@ -265,3 +267,20 @@ def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypa
     assert run(shuffled, "shuffled.jsonl") == (in_order, 0)
     stray = raw[:5] + raw[6:200] + [raw[5]] + raw[200:]  # one event 195 places late
     assert run(stray, "stray.jsonl")[1] == 1
+
+
+def test_packed_states_keep_the_latest_under_their_budget():
+    from streams.pipeline import PackedStates
+
+    states = PackedStates(hot_bytes=10_000)
+    for n in range(4):
+        state = ClientState(3, 64, 8)
+        state.window, state.events = np.full((4, 64), n, np.float32), n  # ~5 KiB each, counted
+        states[f"m/{n}"] = state
+    assert len(states.live) == 4  # nothing is packed during a batch
+    states.settle()
+    assert list(states.live) == ["m/3"] and sorted(states.packed) == ["m/0", "m/1", "m/2"]
+    assert [states[f"m/{n}"].events for n in range(4)] == [0, 1, 2, 3] and len(states) == 4
+    assert float(states["m/1"].window[3, 63]) == 1.0
+    del states["m/1"], states["m/3"]
+    assert sorted(states) == ["m/0", "m/2"] and states.live_bytes == 0
