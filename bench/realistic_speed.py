@@ -361,7 +361,9 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
         gc.collect()
         samples.append((len(pipeline.clients), _rss_bytes()))
     arrays = statistics.median(state_bytes(s) for s in pipeline.clients.values())
-    conn.send({"samples": samples, "arrays": arrays})
+    packed = getattr(pipeline.clients, "packed", None)  # replay holds idle states packed
+    conn.send({"samples": samples, "arrays": arrays,
+               "packed": statistics.median(map(len, packed.values())) if packed else None})
     conn.close()
 
 
@@ -390,7 +392,8 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
         rows.append((f"RSS growth per {kind} client ({queries} queries), over {n_clients:,}",
                      f"{slope / 1024:,.1f} KiB",
                      f"target <= {target} KiB; state arrays {result['arrays'] / 1024:.1f} KiB "
-                     f"(median); least squares over {len(samples)} batches of {group:,} clients"))
+                     + (f"({result['packed'] / 1024:.1f} KiB packed) " if result["packed"] else "")
+                     + f"(median); least squares over {len(samples)} batches of {group:,} clients"))
     return rows
 
 
