@@ -385,15 +385,21 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
         samples = np.array(result["samples"], dtype=float)
         # From the first batch on (start-up allocations are not per client): least squares.
         slope = np.polyfit(samples[:, 0], samples[:, 1], 1)[0] if len(samples) > 2 else float("nan")
+        # Also over the later half: the interpreter's allocator keeps the arenas a batch's
+        # decoded events used (bounded by a batch, not per client) while clients pin them.
+        later = samples[len(samples) // 2:]
+        late = np.polyfit(later[:, 0], later[:, 1], 1)[0] if len(later) > 2 else float("nan")
         print(f"[memory {kind}] {n_clients:,} clients x {queries} queries in "
               f"{time.perf_counter() - started:.0f} s; RSS {samples[0, 1] / 2**20:,.0f} MiB at "
               f"{samples[0, 0]:,.0f} clients -> {samples[-1, 1] / 2**20:,.0f} MiB at "
-              f"{samples[-1, 0]:,.0f}", flush=True)
+              f"{samples[-1, 0]:,.0f}; MiB per sample: "
+              f"{', '.join(f'{v / 2**20:.0f}' for v in samples[:, 1])}", flush=True)
         rows.append((f"RSS growth per {kind} client ({queries} queries), over {n_clients:,}",
                      f"{slope / 1024:,.1f} KiB",
                      f"target <= {target} KiB; state arrays {result['arrays'] / 1024:.1f} KiB "
                      + (f"({result['packed'] / 1024:.1f} KiB packed) " if result["packed"] else "")
-                     + f"(median); least squares over {len(samples)} batches of {group:,} clients"))
+                     + f"(median); least squares over {len(samples)} batches of {group:,} clients; "
+                     f"over the later {len(later)}: {late / 1024:,.1f} KiB"))
     return rows
 
 
