@@ -63,7 +63,7 @@ HOT_BYTES = 8 << 20
 
 class PackedStates(MutableMapping):
     """Client states of replay: the most recently written as objects, up to ``hot_bytes``
-    of their arrays (clients of the current batch always), the rest packed
+    of their arrays (clients of the last batch always), the rest packed
     (:func:`detectors.state.pack`).
 
     Most tracked clients are idle at any time, and an object of a dozen small arrays
@@ -113,12 +113,16 @@ class PackedStates(MutableMapping):
         return len(self.live) + len(self.packed)
 
     def settle(self) -> None:
-        """A batch is done: pack the least recently written states past ``hot_bytes``."""
-        self.written.clear()
+        """A batch is done: pack the least recently written states past ``hot_bytes``,
+        but none the batch wrote (replay's large batches hold most clients each)."""
         while self.live_bytes > self.hot_bytes and self.live:
-            key, (state, size) = self.live.popitem(last=False)
+            key = next(iter(self.live))
+            if key in self.written:  # written in write order: the rest are the batch's
+                break
+            state, size = self.live.pop(key)
             self.live_bytes -= size
             self.packed[key] = pack(state)
+        self.written.clear()
 
 
 def _state_cost(state: ClientState) -> int:

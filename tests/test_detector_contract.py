@@ -277,7 +277,10 @@ def test_packed_states_keep_the_latest_under_their_budget():
         state = ClientState(3, 64, 8)
         state.window, state.events = np.full((4, 64), n, np.float32), n  # ~5 KiB each, counted
         states[f"m/{n}"] = state
-    assert len(states.live) == 4  # nothing is packed during a batch
+    assert len(states.live) == 4  # nothing is packed during a batch...
+    states.settle()
+    assert len(states.live) == 4  # ...nor what the batch wrote
+    states["m/3"] = states["m/3"]
     states.settle()
     assert list(states.live) == ["m/3"] and sorted(states.packed) == ["m/0", "m/1", "m/2"]
     assert [states[f"m/{n}"].events for n in range(4)] == [0, 1, 2, 3] and len(states) == 4
