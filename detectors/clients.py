@@ -38,7 +38,6 @@ grows with the client's queries) plus a few hundred numbers (see :func:`state_by
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -565,7 +564,7 @@ class Population:
         return dataclasses.replace(
             self, class_counts=self.class_counts.copy(), rate_hist=self.rate_hist.copy(),
             volume_hist=self.volume_hist.copy(), minting_hist=self.minting_hist.copy(),
-            ips=dict(self.ips), minting=copy.deepcopy(self.minting))
+            ips=dict(self.ips), minting={ip: list(entry) for ip, entry in self.minting.items()})
 
 
 def with_rate_rows(values: np.ndarray, fill) -> np.ndarray:

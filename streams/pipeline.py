@@ -14,8 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
-from collections import OrderedDict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +26,10 @@ from detectors.features import Z_LIMIT, Featurizer
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import BatchStats, PoisoningDetector, SourceState
 from detectors.profile import Profile
-from detectors.state import pack, unpack
 from streams.alerts import build_alert
 from streams.explain import Scores
 from streams.metrics import EVICTION_REASONS, MAX_MODEL_LABELS
+from streams.packed import PackedStates
 from streams.records import (
     Alert,
     InferenceEvent,
@@ -54,79 +53,6 @@ class Counters:
     suppressed: int = 0      # poisoning rules that fired on a batch beside the strongest
     unprofiled_batches: int = 0
     evictions: dict = field(default_factory=lambda: dict.fromkeys(EVICTION_REASONS, 0))
-
-
-#: Arrays of the client states replay keeps unpacked (PackedStates): a few hundred
-#: clients with full windows, a few thousand light ones.
-HOT_BYTES = 8 << 20
-
-
-class PackedStates(MutableMapping):
-    """Client states of replay: the most recently written as objects, up to ``hot_bytes``
-    of their arrays (clients of the last batch always), the rest packed
-    (:func:`detectors.state.pack`).
-
-    Most tracked clients are idle at any time, and an object of a dozen small arrays
-    costs several times its numbers in headers and allocator slack; packing and
-    unpacking cost tens of microseconds, so clients that come back soon stay objects.
-    Reading a packed key unpacks a copy: write it back to keep a change.
-    """
-
-    def __init__(self, hot_bytes: int = HOT_BYTES):
-        self.hot_bytes = hot_bytes
-        self.packed: dict[str, bytes] = {}
-        self.live: OrderedDict[str, tuple[ClientState, int]] = OrderedDict()  # oldest write first
-        self.live_bytes = 0
-        self.written: set[str] = set()  # in this batch: never packed before it ends
-
-    def __getitem__(self, key: str) -> ClientState:
-        found = self.live.get(key)
-        return found[0] if found is not None else unpack(ClientState, self.packed[key])
-
-    def __setitem__(self, key: str, state: ClientState) -> None:
-        self._drop_live(key)
-        size = _state_cost(state)
-        self.live[key] = (state, size)
-        self.live_bytes += size
-        self.written.add(key)
-        self.packed.pop(key, None)
-
-    def __delitem__(self, key: str) -> None:
-        if not self._drop_live(key):
-            del self.packed[key]
-        self.written.discard(key)
-
-    def _drop_live(self, key: str) -> bool:
-        found = self.live.pop(key, None)
-        if found is not None:
-            self.live_bytes -= found[1]
-        return found is not None
-
-    def __contains__(self, key) -> bool:
-        return key in self.live or key in self.packed
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.live
-        yield from self.packed
-
-    def __len__(self) -> int:
-        return len(self.live) + len(self.packed)
-
-    def settle(self) -> None:
-        """A batch is done: pack the least recently written states past ``hot_bytes``,
-        but none the batch wrote (replay's large batches hold most clients each)."""
-        while self.live_bytes > self.hot_bytes and self.live:
-            key = next(iter(self.live))
-            if key in self.written:  # written in write order: the rest are the batch's
-                break
-            state, size = self.live.pop(key)
-            self.live_bytes -= size
-            self.packed[key] = pack(state)
-        self.written.clear()
-
-
-def _state_cost(state: ClientState) -> int:
-    return state.window.nbytes + 4096  # the other arrays and the object's overhead, roughly
 
 
 class Tracked:

@@ -11,7 +11,8 @@ from detectors.clients import ClientState, Population, QueryBatch, state_bytes
 from detectors.config import load_thresholds
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import PoisoningDetector, SourceState
-from detectors.state import dumps, loads, pack, unpack
+from detectors.state import dumps, loads
+from streams.packed import PackedStates, pack, unpack
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
@@ -230,7 +231,6 @@ def test_alerts_across_clients_do_not_depend_on_batching(digits):
     assert whole == alerts_in_steps(digits.profile, raw, 1) == alerts_in_steps(digits.profile, raw, 7)
     assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
     # States packed after every batch, or kept as objects: the same alerts.
-    from streams.pipeline import PackedStates
     assert whole == alerts_in_steps(digits.profile, raw, 7, clients={}) == alerts_in_steps(
         digits.profile, raw, 7, clients=PackedStates(hot_bytes=0))
 
@@ -270,8 +270,6 @@ def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypa
 
 
 def test_packed_states_keep_the_latest_under_their_budget():
-    from streams.pipeline import PackedStates
-
     states = PackedStates(hot_bytes=10_000)
     for n in range(4):
         state = ClientState(3, 64, 8)
