@@ -75,7 +75,7 @@ HOT_BYTES = 8 << 20
 class PackedStates(MutableMapping):
     """Client states of replay: the most recently written as objects, up to ``hot_bytes``
     of their arrays (clients of the last batch always), the rest packed
-    (:func:`detectors.state.pack`).
+    (:func:`pack`).
 
     Most tracked clients are idle at any time, and an object of a dozen small arrays
     costs several times its numbers in headers and allocator slack; packing and
