@@ -334,7 +334,10 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
     from streams.pipeline import Pipeline
     from streams.records import format_ts, screen
 
-    pipeline = Pipeline([load_profile(profile_path)], load_thresholds())
+    # Caps at the client count: under the default caps (10,000 per model) the longest idle
+    # are evicted and the slope measures churn, not growth.
+    caps = f"[state]\nmax_clients_per_model = {n_clients}\nmax_clients = {n_clients}\n"
+    pipeline = Pipeline([load_profile(profile_path)], load_thresholds(caps))
     rest = _templates(log)
     rng = np.random.default_rng(0)
     t0, samples, k = 1.79e9, [], 0
@@ -358,7 +361,9 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
         gc.collect()
         samples.append((len(pipeline.clients), _rss_bytes()))
     arrays = statistics.median(state_bytes(s) for s in pipeline.clients.values())
-    conn.send({"samples": samples, "arrays": arrays})
+    packed = getattr(pipeline.clients, "packed", None)  # replay holds idle states packed
+    conn.send({"samples": samples, "arrays": arrays,
+               "packed": statistics.median(map(len, packed.values())) if packed else None})
     conn.close()
 
 
@@ -380,14 +385,21 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
         samples = np.array(result["samples"], dtype=float)
         # From the first batch on (start-up allocations are not per client): least squares.
         slope = np.polyfit(samples[:, 0], samples[:, 1], 1)[0] if len(samples) > 2 else float("nan")
+        # Also over the later half: the interpreter's allocator keeps the arenas a batch's
+        # decoded events used (bounded by a batch, not per client) while clients pin them.
+        later = samples[len(samples) // 2:]
+        late = np.polyfit(later[:, 0], later[:, 1], 1)[0] if len(later) > 2 else float("nan")
         print(f"[memory {kind}] {n_clients:,} clients x {queries} queries in "
               f"{time.perf_counter() - started:.0f} s; RSS {samples[0, 1] / 2**20:,.0f} MiB at "
               f"{samples[0, 0]:,.0f} clients -> {samples[-1, 1] / 2**20:,.0f} MiB at "
-              f"{samples[-1, 0]:,.0f}", flush=True)
+              f"{samples[-1, 0]:,.0f}; MiB per sample: "
+              f"{', '.join(f'{v / 2**20:.0f}' for v in samples[:, 1])}", flush=True)
         rows.append((f"RSS growth per {kind} client ({queries} queries), over {n_clients:,}",
                      f"{slope / 1024:,.1f} KiB",
                      f"target <= {target} KiB; state arrays {result['arrays'] / 1024:.1f} KiB "
-                     f"(median); least squares over {len(samples)} batches of {group:,} clients"))
+                     + (f"({result['packed'] / 1024:.1f} KiB packed) " if result["packed"] else "")
+                     + f"(median); least squares over {len(samples)} batches of {group:,} clients; "
+                     f"over the later {len(later)}: {late / 1024:,.1f} KiB"))
     return rows
 
 

@@ -38,6 +38,7 @@ grows with the client's queries) plus a few hundred numbers (see :func:`state_by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -487,12 +488,12 @@ class Population:
         self.rate_hist[joined, state.rate_bins[joined]] -= 1
         entry = self.ips.get(state.ip) if state.ip else None
         if entry is not None:
-            if client_id in entry["ids"]:
-                entry["ids"].remove(client_id)
+            ids = [i for i in entry["ids"] if i != client_id]  # a new entry: see snapshot()
             counts = np.maximum(np.asarray(entry["counts"]) - state.ip_counts, 0.0)
-            entry["counts"] = [float(c) for c in counts]
-            if not entry["ids"] and not counts.any():
+            if not ids and not counts.any():
                 del self.ips[state.ip]
+            else:
+                self.ips[state.ip] = {"ids": ids, "counts": [float(c) for c in counts]}
 
     def new_id(self, ip: str) -> list | None:
         """Count a client id new to the model from source ``ip`` this epoch; returns its
@@ -549,11 +550,21 @@ class Population:
         if entry is None:
             if len(self.ips) >= MAX_IPS:  # bounded: MAX_IPS addresses, MAX_IDS_PER_IP ids each
                 return
-            entry = self.ips[ip] = {"ids": [], "counts": [0.0] * 5}
+            entry = {"ids": [], "counts": [0.0] * 5}
+        ids = entry["ids"]
         for client_id in client_ids:
-            if client_id not in entry["ids"] and len(entry["ids"]) < MAX_IDS_PER_IP:
-                entry["ids"].append(client_id)
-        entry["counts"] = [float(c) for c in np.asarray(entry["counts"]) + counts]
+            if client_id not in ids and len(ids) < MAX_IDS_PER_IP:
+                ids = [*ids, client_id]
+        # A new entry, never a change in place: snapshots share the entries (snapshot()).
+        self.ips[ip] = {"ids": ids, "counts": [float(c) for c in np.asarray(entry["counts"]) + counts]}
+
+    def snapshot(self) -> Population:
+        """A copy that later changes to this population leave alone, sharing its per-IP
+        entries (one per source IP: most of a snapshot), which are replaced, never changed."""
+        return dataclasses.replace(
+            self, class_counts=self.class_counts.copy(), rate_hist=self.rate_hist.copy(),
+            volume_hist=self.volume_hist.copy(), minting_hist=self.minting_hist.copy(),
+            ips=dict(self.ips), minting={ip: list(entry) for ip, entry in self.minting.items()})
 
 
 def with_rate_rows(values: np.ndarray, fill) -> np.ndarray:

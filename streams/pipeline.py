@@ -29,6 +29,7 @@ from detectors.profile import Profile
 from streams.alerts import build_alert
 from streams.explain import Scores
 from streams.metrics import EVICTION_REASONS, MAX_MODEL_LABELS
+from streams.packed import PackedStates
 from streams.records import (
     Alert,
     InferenceEvent,
@@ -58,12 +59,14 @@ class Tracked:
     """Tracked client keys per model with the event time of their last event, to find
     the longest idle: (last time, key) is the order, so replay and a worker that see the
     same batches evict the same keys. Heaps with lazy deletion: a key's older entries
-    are skipped when they come up, and the heaps are rebuilt once half stale."""
+    are skipped when they come up, and the heaps are rebuilt once half stale. A heap is
+    built when a cap first asks for the oldest key: below the caps it would be an entry
+    per client for nothing."""
 
     def __init__(self):
         self.last: dict[str, dict[str, tuple[float, int]]] = {}  # model -> key -> (time, shard)
-        self.heaps: dict[str, list] = {}   # model -> [(time, key)]
-        self.all: list = []                # [(time, key, model)]
+        self.heaps: dict[str, list] = {}   # model -> [(time, key)], once asked
+        self.all: list | None = None       # [(time, key, model)], once asked
         self.count = 0
 
     def touch(self, model: str, key: str, ts: float, shard: int) -> None:
@@ -71,19 +74,34 @@ class Tracked:
         keys = self.last.setdefault(model, {})
         self.count += key not in keys
         keys[key] = (ts, shard)
-        heap = self.heaps.setdefault(model, [])
-        heapq.heappush(heap, (ts, key))
-        heapq.heappush(self.all, (ts, key, model))
-        if len(heap) > 2 * len(keys) + 64:
-            heap[:] = [(t, k) for k, (t, _) in keys.items()]
-            heapq.heapify(heap)
-        if len(self.all) > 2 * self.count + 64:
-            self.all = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
-            heapq.heapify(self.all)
+        heap = self.heaps.get(model)
+        if heap is not None:
+            heapq.heappush(heap, (ts, key))
+            if len(heap) > 2 * len(keys) + 64:
+                self.heaps[model] = self._heap(model)
+        if self.all is not None:
+            heapq.heappush(self.all, (ts, key, model))
+            if len(self.all) > 2 * self.count + 64:
+                self.all = self._heap(None)
+
+    def _heap(self, model: str | None) -> list:
+        if model is None:
+            heap = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
+        else:
+            heap = [(t, k) for k, (t, _) in self.last.get(model, {}).items()]
+        heapq.heapify(heap)
+        return heap
 
     def oldest(self, model: str | None = None) -> tuple[str, str] | None:
         """(model, key) of the longest idle key of ``model``, or of all models."""
-        heap = self.all if model is None else self.heaps.get(model, [])
+        if model is None:
+            if self.all is None:
+                self.all = self._heap(None)
+            heap = self.all
+        else:
+            heap = self.heaps.get(model)
+            if heap is None:
+                heap = self.heaps[model] = self._heap(model)
         while heap:
             entry = heap[0]
             owner = entry[2] if model is None else model
@@ -113,7 +131,7 @@ class Pipeline:
         self.thresholds = thresholds
         self.query = QueryMonitor(thresholds)
         self.poisoning = PoisoningDetector(thresholds)
-        self.clients: MutableMapping[str, ClientState] = {} if clients is None else clients
+        self.clients: MutableMapping[str, ClientState] = PackedStates() if clients is None else clients
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
         # Population baselines, per shard (a Kafka partition in the worker; replay has
         # one): each shard sums its own clients in ``pending``; when its events enter
@@ -182,6 +200,8 @@ class Pipeline:
                 by_model.setdefault(events[i].model, []).append(int(i))
             for model, rows in by_model.items():
                 alerts += self._model_batch(model, [events[i] for i in rows], ts[rows], shard)
+        if isinstance(self.clients, PackedStates):  # a worker's table keeps its own copies
+            self.clients.settle()
         return alerts
 
     def _advance_to(self, shard: int, epoch: float) -> None:
@@ -192,7 +212,7 @@ class Pipeline:
         self.shard_epochs[shard] = epoch
         for model, pending in self.pending.get(shard, {}).items():
             pending.close_epoch()
-            snapshot = copy.deepcopy(pending)
+            snapshot = pending.snapshot()
             snapshot.epoch = epoch
             self.shared[f"{model}/{shard}"] = snapshot
         self.refresh_populations()
@@ -210,13 +230,17 @@ class Pipeline:
                 for (key, snapshot), (k, s) in zip(sources, self._merged_from, strict=True)):
             return
         self._merged_from = sources
-        merged: dict[str, Population] = {}
+        by_model: dict[str, list[Population]] = {}
         for key, snapshot in sources:
-            model = key.rsplit("/", 1)[0]
-            if model in merged:
+            by_model.setdefault(key.rsplit("/", 1)[0], []).append(snapshot)
+        merged: dict[str, Population] = {}
+        for model, snapshots in by_model.items():
+            if len(snapshots) == 1:  # rules only set its epoch: a shallow copy will do
+                merged[model] = copy.copy(snapshots[0])
+                continue
+            merged[model] = snapshots[0].snapshot()
+            for snapshot in snapshots[1:]:
                 merged[model].merge(snapshot)
-            else:
-                merged[model] = copy.deepcopy(snapshot)
         self.populations = merged
 
     def restore_shard(self, shard: int, clients) -> None:

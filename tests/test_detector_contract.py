@@ -12,6 +12,7 @@ from detectors.config import load_thresholds
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import PoisoningDetector, SourceState
 from detectors.state import dumps, loads
+from streams.packed import PackedStates, pack, unpack
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
@@ -56,7 +57,7 @@ def walk(digits, n, seed=0):
 NO_COOLDOWN = load_thresholds("[alerts]\ncooldown_s = 0.0")
 
 
-def run(digits, X, cuts, state=None, restore_at=None):
+def run(digits, X, cuts, state=None, restore_at=None, codec=(dumps, loads)):
     monitor = QueryMonitor(NO_COOLDOWN)
     state = state or monitor.new_state(10, 64)
     population = Population(10)
@@ -65,7 +66,7 @@ def run(digits, X, cuts, state=None, restore_at=None):
     bounds = [0, *cuts, len(X)]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if restore_at is not None and a == restore_at:
-            state = loads(ClientState, dumps(state))
+            state = codec[1](ClientState, codec[0](state))
         for v in monitor.update("digits/c", state, sliced(batch, a, b), digits.profile, population):
             first.setdefault(v.rule, a + v.trigger)
     return first, state
@@ -95,6 +96,32 @@ def test_state_round_trip_gives_the_same_verdicts(digits):
     plain, _ = run(digits, X, cuts)
     restored, _ = run(digits, X, cuts, restore_at=300)
     assert plain == restored
+
+
+def test_packed_state_gives_the_same_verdicts_and_state(digits):
+    """pack/unpack (idle states in replay's memory) keep every number, as dumps/loads do."""
+    X = walk(digits, 600, seed=3)
+    cuts = list(range(50, 600, 50))
+    plain, whole = run(digits, X, cuts)
+    packed, restored = run(digits, X, cuts, restore_at=300, codec=(pack, unpack))
+    assert plain == packed
+    assert dumps(unpack(ClientState, pack(whole))) == dumps(whole) == dumps(restored)
+    assert len(pack(whole)) < len(dumps(whole))  # noisy features deflate little: not by half
+
+
+def test_population_snapshot_is_unchanged_by_later_pooling():
+    population = Population(3)
+    population.pool("192.0.2.1", "a", np.ones(5))
+    snapshot = population.snapshot()
+    before = dumps(snapshot)
+    population.pool("192.0.2.1", "b", np.ones(5))
+    population.pool("192.0.2.2", "c", np.ones(5))
+    population.class_counts += 1
+    gone = ClientState(3, 4, 8, ip="192.0.2.1")
+    gone.ip_counts = np.ones(5)
+    population.remove_client("a", gone)
+    assert dumps(snapshot) == before
+    assert population.ips["192.0.2.1"] == {"ids": ["b"], "counts": [1.0] * 5}
 
 
 def test_client_memory_is_bounded_and_grows_with_use(digits):
@@ -158,8 +185,9 @@ def test_states_stored_before_a_rate_was_added_restore_with_it():
     assert restored.rate_hist.shape[0] == len(RATES) and not restored.rate_hist[5:].any()
 
 
-def alerts_in_steps(profile, raw_events, step):
-    """(rule, client, id) of the alerts when events reach the pipeline ``step`` at a time."""
+def alerts_in_steps(profile, raw_events, step, clients=None):
+    """(rule, client, id) of the alerts when events reach the pipeline ``step`` at a time
+    (``clients``: the pipeline's state mapping; by default replay's)."""
     import json
 
     from streams.pipeline import Pipeline
@@ -167,7 +195,7 @@ def alerts_in_steps(profile, raw_events, step):
 
     events = [decode_inference(json.dumps(e).encode())[0] for e in raw_events]
     ts = event_times([e.ts for e in events])
-    pipeline = Pipeline([profile], load_thresholds())
+    pipeline = Pipeline([profile], load_thresholds(), clients=clients)
     alerts = []
     for a in range(0, len(events), step):
         alerts += pipeline.process_inference(events[a:a + step], ts[a:a + step])
@@ -202,6 +230,9 @@ def test_alerts_across_clients_do_not_depend_on_batching(digits):
     whole = alerts_in_steps(digits.profile, raw, len(raw))
     assert whole == alerts_in_steps(digits.profile, raw, 1) == alerts_in_steps(digits.profile, raw, 7)
     assert {c for _, c, _ in whole} == {"s1", "s2", "s3"}
+    # States packed after every batch, or kept as objects: the same alerts.
+    assert whole == alerts_in_steps(digits.profile, raw, 7, clients={}) == alerts_in_steps(
+        digits.profile, raw, 7, clients=PackedStates(hot_bytes=0))
 
 
 def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypatch):
@@ -236,3 +267,21 @@ def test_replay_restores_time_order_within_its_buffer(digits, tmp_path, monkeypa
     assert run(shuffled, "shuffled.jsonl") == (in_order, 0)
     stray = raw[:5] + raw[6:200] + [raw[5]] + raw[200:]  # one event 195 places late
     assert run(stray, "stray.jsonl")[1] == 1
+
+
+def test_packed_states_keep_the_latest_under_their_budget():
+    states = PackedStates(hot_bytes=10_000)
+    for n in range(4):
+        state = ClientState(3, 64, 8)
+        state.window, state.events = np.full((4, 64), n, np.float32), n  # ~5 KiB each, counted
+        states[f"m/{n}"] = state
+    assert len(states.live) == 4  # nothing is packed during a batch...
+    states.settle()
+    assert len(states.live) == 4  # ...nor what the batch wrote
+    states["m/3"] = states["m/3"]
+    states.settle()
+    assert list(states.live) == ["m/3"] and sorted(states.packed) == ["m/0", "m/1", "m/2"]
+    assert [states[f"m/{n}"].events for n in range(4)] == [0, 1, 2, 3] and len(states) == 4
+    assert float(states["m/1"].window[3, 63]) == 1.0
+    del states["m/1"], states["m/3"]
+    assert sorted(states) == ["m/0", "m/2"] and states.live_bytes == 0

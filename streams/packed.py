@@ -1,0 +1,140 @@
+"""Client states held in few bytes while idle: replay's client mapping.
+
+:func:`pack` and :func:`unpack` are for memory only, never stored (the field order is
+the running code's; :mod:`detectors.state` is the stored form).
+
+>>> from detectors.clients import ClientState
+>>> from detectors.state import dumps
+>>> s = ClientState(n_classes=3, n_features=4, size=8)
+>>> s.window = np.full((2, 4), 1.5, dtype=np.float32)
+>>> u = unpack(ClientState, pack(s))
+>>> float(u.window[1, 3]), u.window.flags.writeable, len(pack(s)) < len(dumps(s))
+(1.5, True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
+
+import msgspec
+import numpy as np
+
+from detectors.clients import ClientState
+
+# A numpy number in a scalar field goes as Python's, as through dumps' JSON.
+_packer = msgspec.msgpack.Encoder(enc_hook=lambda value: value.item())
+_unpacker = msgspec.msgpack.Decoder()
+
+
+def pack(state) -> bytes:
+    """A state in few bytes, for holding it in memory while it is idle.
+
+    msgpack of the fields in order, each array as its dtype and shape, then all the
+    arrays' bytes in one deflated stream. Column-major: a window's feature repeats
+    its values down its column far more than along a row.
+    """
+    values, chunks = [], []
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, np.ndarray):
+            chunks.append(value.tobytes("F"))
+            value = _Array(value.dtype.str, value.shape)
+        values.append(value)
+    values.append(zlib.compress(b"".join(chunks), 1))
+    return _packer.encode(values)
+
+
+def unpack(cls, blob: bytes):
+    """The state :func:`pack` gave, with writable arrays of their own."""
+    *values, deflated = _unpacker.decode(blob)
+    data, offset, out = zlib.decompress(deflated), 0, {}
+    for f, value in zip(dataclasses.fields(cls), values, strict=True):
+        if isinstance(value, list):  # an _Array: a state's other fields are no lists
+            dtype, shape = np.dtype(value[0]), value[1]
+            count = math.prod(shape)
+            value = np.frombuffer(data, dtype, count, offset).reshape(shape[::-1]).T.copy()
+            offset += count * dtype.itemsize
+        out[f.name] = value
+    return cls(**out)
+
+
+class _Array(msgspec.Struct, array_like=True):
+    dtype: str
+    shape: tuple[int, ...]
+
+
+#: Arrays of the client states replay keeps unpacked (PackedStates): a few hundred
+#: clients with full windows, a few thousand light ones.
+HOT_BYTES = 8 << 20
+
+
+class PackedStates(MutableMapping):
+    """Client states of replay: the most recently written as objects, up to ``hot_bytes``
+    of their arrays (clients of the last batch always), the rest packed
+    (:func:`pack`).
+
+    Most tracked clients are idle at any time, and an object of a dozen small arrays
+    costs several times its numbers in headers and allocator slack; packing and
+    unpacking cost tens of microseconds, so clients that come back soon stay objects.
+    Reading a packed key unpacks a copy: write it back to keep a change.
+    """
+
+    def __init__(self, hot_bytes: int = HOT_BYTES):
+        self.hot_bytes = hot_bytes
+        self.packed: dict[str, bytes] = {}
+        self.live: OrderedDict[str, tuple[ClientState, int]] = OrderedDict()  # oldest write first
+        self.live_bytes = 0
+        self.written: set[str] = set()  # in this batch: never packed before it ends
+
+    def __getitem__(self, key: str) -> ClientState:
+        found = self.live.get(key)
+        return found[0] if found is not None else unpack(ClientState, self.packed[key])
+
+    def __setitem__(self, key: str, state: ClientState) -> None:
+        self._drop_live(key)
+        size = _state_cost(state)
+        self.live[key] = (state, size)
+        self.live_bytes += size
+        self.written.add(key)
+        self.packed.pop(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        if not self._drop_live(key):
+            del self.packed[key]
+        self.written.discard(key)
+
+    def _drop_live(self, key: str) -> bool:
+        found = self.live.pop(key, None)
+        if found is not None:
+            self.live_bytes -= found[1]
+        return found is not None
+
+    def __contains__(self, key) -> bool:
+        return key in self.live or key in self.packed
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.live
+        yield from self.packed
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.packed)
+
+    def settle(self) -> None:
+        """A batch is done: pack the least recently written states past ``hot_bytes``,
+        but none the batch wrote (replay's large batches hold most clients each)."""
+        while self.live_bytes > self.hot_bytes and self.live:
+            key = next(iter(self.live))
+            if key in self.written:  # written in write order: the rest are the batch's
+                break
+            state, size = self.live.pop(key)
+            self.live_bytes -= size
+            self.packed[key] = pack(state)
+        self.written.clear()
+
+
+def _state_cost(state: ClientState) -> int:
+    return state.window.nbytes + 4096  # the other arrays and the object's overhead, roughly
