@@ -39,10 +39,18 @@ def dumps(state) -> bytes:
     return _HEADER.pack(len(header)) + header + b"".join(chunks)
 
 
+def split(blob: bytes, origin: int = 0) -> tuple[memoryview, int]:
+    """A dumped state at ``origin`` of ``blob``: its JSON header, and where its arrays'
+    bytes begin (each array's offset in the header counts from there)."""
+    (size,) = _HEADER.unpack_from(blob, origin)
+    start = origin + _HEADER.size + size
+    return memoryview(blob)[origin + _HEADER.size:start], start
+
+
 def loads(cls, blob: bytes):
-    (size,) = _HEADER.unpack_from(blob)
-    header = json.loads(blob[_HEADER.size:_HEADER.size + size])
-    body = memoryview(blob)[_HEADER.size + size:]
+    raw_header, start = split(blob)
+    header = json.loads(bytes(raw_header))
+    body = memoryview(blob)[start:]
     values = dict(header["s"])
     for name, (dtype, shape, offset, length) in header["a"].items():
         values[name] = np.frombuffer(body[offset:offset + length], dtype=dtype).reshape(shape).copy()

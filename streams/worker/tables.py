@@ -19,7 +19,7 @@ import numpy as np
 from faust.streams import _current_event
 
 from detectors.clients import Population
-from detectors.state import _HEADER, dumps, loads
+from detectors.state import dumps, loads, split
 
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 
@@ -149,11 +149,10 @@ class StoredState:
     __slots__ = ("_cls", "_blob", "_origin", "_start", "_header", "_full")
 
     def __init__(self, cls, blob: bytes, origin: int = 0):
-        (size,) = _HEADER.unpack_from(blob, origin)
         self._cls, self._blob, self._origin = cls, blob, origin
-        self._start = origin + _HEADER.size + size  # the arrays' bytes
+        raw_header, self._start = split(blob, origin)
         # msgspec: a third of json.loads's time on a client's header
-        self._header = msgspec.json.decode(memoryview(blob)[origin + _HEADER.size:self._start])
+        self._header = msgspec.json.decode(raw_header)
         self._full = None
 
     def __getattr__(self, name: str):
