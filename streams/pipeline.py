@@ -14,6 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
+from collections import defaultdict
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
@@ -247,14 +248,15 @@ class Pipeline:
         """After a restart or rebalance: a shard's population is the sum of its clients'
         restored states (``clients`` yields (key, ClientState) pairs)."""
         pending: dict[str, Population] = {}
-        restored = []
+        restored, by_model = [], defaultdict(list)
         for key, state in clients:
             model, client = split_key(key, state.model)
-            population = pending.get(model)
-            if population is None:
-                population = pending[model] = Population(state.n_classes)
-            population.add_client(client, state)
+            if model not in pending:
+                pending[model] = Population(state.n_classes)
+            by_model[model].append((client, state))
             restored.append((model, key, state))
+        for model, members in by_model.items():
+            pending[model].add_clients(members)
         self.pending[shard] = pending
         epochs = [s.epoch for k, s in self.shared.items() if k.rsplit("/", 1)[1] == str(shard)]
         if epochs:

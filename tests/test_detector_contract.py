@@ -124,6 +124,30 @@ def test_population_snapshot_is_unchanged_by_later_pooling():
     assert population.ips["192.0.2.1"] == {"ids": ["b"], "counts": [1.0] * 5}
 
 
+def test_adding_clients_in_bulk_is_removing_them_undone():
+    """A restore adds clients in bulk; eviction takes them out one by one: every count
+    returns to zero, whatever the mix (quiet clients, old states with fewer rate rows)."""
+    rng = np.random.default_rng(5)
+    clients = []
+    for i in range(40):
+        state = ClientState(3, 4, 8, ip=f"192.0.2.{i % 7}")
+        state.events = int(rng.integers(0, 500))
+        state.class_counts = rng.integers(0, 9, 3)
+        state.rate_bins = rng.integers(-1, 101, len(state.rate_bins)).astype(np.int16)
+        if i % 5 == 0:  # stored before the last rate test was added
+            state.rate_bins = state.rate_bins[:-1]
+        state.ip_counts = rng.integers(0, 4, 5).astype(float)
+        clients.append((f"c{i}", state))
+    population = Population(3)
+    population.add_clients(clients)
+    assert population.volume_hist.sum() == sum(s.events > 0 for _, s in clients)
+    assert population.rate_hist.sum() == sum(int((s.rate_bins >= 0).sum()) for _, s in clients)
+    for client, state in clients:
+        population.remove_client(client, state)
+    assert not population.class_counts.any() and not population.volume_hist.any()
+    assert not population.rate_hist.any() and not population.ips
+
+
 def test_client_memory_is_bounded_and_grows_with_use(digits):
     _, few = run(digits, walk(digits, 5), [])
     _, full = run(digits, np.vstack([walk(digits, 600, seed=s) for s in range(3)]), [300, 900])
