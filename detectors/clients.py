@@ -79,6 +79,14 @@ class QueryBatch:
     def __len__(self) -> int:
         return len(self.ts)
 
+    def rows(self, index) -> QueryBatch:
+        """The batch of rows ``index`` (an index array or a slice) of every column;
+        ``source_ip`` must then be an array."""
+        return QueryBatch(**{name: getattr(self, name)[index] for name in _BATCH_COLUMNS})
+
+
+_BATCH_COLUMNS = tuple(f.name for f in dataclasses.fields(QueryBatch))
+
 
 @dataclass
 class Neighbours:

@@ -16,7 +16,7 @@ import heapq
 import math
 from collections import defaultdict
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -352,11 +352,8 @@ class Pipeline:
         starts = np.flatnonzero(np.r_[True, np.diff(client_code[order]) != 0])
         bounds = np.r_[starts, len(order)]
         # Columns in client order, so each client's batch is a slice of them.
-        by_client = QueryBatch(
-            ts=columns.ts[order], Z=columns.Z[order], has_features=columns.has_features[order],
-            label=columns.label[order], margin=columns.margin[order], ood=columns.ood[order],
-            out_of_bounds=columns.out_of_bounds[order],
-            source_ip=np.array([e.source_ip for e in events], dtype=object)[order])
+        by_client = replace(
+            columns, source_ip=np.array([e.source_ip for e in events], dtype=object)).rows(order)
         alerts = []
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             rows = order[a:b]
@@ -371,10 +368,7 @@ class Pipeline:
                 # started (its first events had no features): start from its width now.
                 state = self.query.new_state(n_classes, columns.Z.shape[1])
             state.model = model  # states stored before they kept it learn it here
-            batch = QueryBatch(
-                ts=by_client.ts[a:b], Z=by_client.Z[a:b], has_features=by_client.has_features[a:b],
-                label=by_client.label[a:b], margin=by_client.margin[a:b], ood=by_client.ood[a:b],
-                out_of_bounds=by_client.out_of_bounds[a:b], source_ip=by_client.source_ip[a:b])
+            batch = by_client.rows(slice(a, b))
             trace = [] if self.scores is not None else None
             verdicts = self.query.update(key, state, batch, profile, population, pending, trace,
                                          new=new, expected=expected)

@@ -34,11 +34,15 @@ HIGHWATER_TIMEOUT_S = 10.0
 class ConsumerThread(fa.AIOKafkaConsumerThread):
     async def on_start(self) -> None:
         if not self.app.client_only:
-            conf = self.app.conf
-            await remove_dead_members(
-                fa.server_list(self.transport.url, self.transport.default_port), conf.id,
-                **fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
+            servers, auth = self._connection()
+            await remove_dead_members(servers, self.app.conf.id, **auth)
         await super().on_start()
+
+    def _connection(self) -> tuple[list[str], dict]:
+        """Bootstrap servers and aiokafka's auth arguments, as the consumer's own."""
+        conf = self.app.conf
+        return (fa.server_list(self.transport.url, self.transport.default_port),
+                fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -58,10 +62,8 @@ class ConsumerThread(fa.AIOKafkaConsumerThread):
         return highwaters
 
     async def _fetched_highwaters(self, tps, listed):
-        conf = self.app.conf
-        return await fetched_highwaters(
-            fa.server_list(self.transport.url, self.transport.default_port), listed, tps,
-            **fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
+        servers, auth = self._connection()
+        return await fetched_highwaters(servers, listed, tps, **auth)
 
 
 async def fetched_highwaters(servers, listed: dict, tps, **auth) -> dict:
