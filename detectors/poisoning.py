@@ -16,7 +16,10 @@ with recent clean batches of the same dataset and source. Rules:
     rows) confidently puts them in the class they came from, so rows of one label go
     to one other class far more often than on the training set (leave-one-out) and
     on the source's clean batches: a binomial tail per class pair, corrected over
-    the pairs.
+    the pairs. A linear reference classifier (logistic regression) counts the same
+    where the profile has one, and the stronger of the two counts, corrected for
+    there being two, is the score: neighbours miss flipped rows of spread-out classes,
+    a linear boundary misses them where classes are not linearly separable.
 ``poisoning.trigger_spike``
     A histogram bin holding many times its reference mass (and that of recent
     clean batches), where the reference is nearly empty: backdoor triggers set
@@ -62,6 +65,7 @@ class BatchStats:
     # (classes, classes): rows labelled c that the profile's reference classifier puts in
     # each class, if the producer counted them
     reference_classes: np.ndarray | None = None
+    linear_classes: np.ndarray | None = None    # the same by the profile's linear classifier
 
 
 @dataclass
@@ -79,6 +83,8 @@ class SourceState:
     duplicate_share: float = 0.0
     agreement: np.ndarray = field(default=None)   # EMA of clean batches' label_agreement shares
     agreement_n: np.ndarray = field(default=None)  # ... and rows per class behind them
+    linear_agreement: np.ndarray = field(default=None)    # the same for linear_classes
+    linear_agreement_n: np.ndarray = field(default=None)
     last_alert: dict = field(default_factory=dict)
 
 
@@ -152,30 +158,34 @@ class PoisoningDetector:
              "estimated_flipped_share": round(f, 3), **evidence}), progress
 
     def _flip_by_agreement(self, state, batch, profile) -> tuple:
-        """Rows labelled a that the profile's reference classifier puts in class b, far
-        more often than it did on the training set (left out one at a time) and on this
-        source's clean batches: (surprise, excess share, a, b, evidence). The surprise
-        is -log10 of a binomial tail, Bonferroni-corrected over the class pairs."""
-        if batch.reference_classes is None or profile.label_agreement is None:
-            return 0.0, 0.0, -1, -1, {}
-        counts = batch.reference_classes
-        n_classes = len(counts)
-        expected = profile.label_agreement
-        if state.agreement is not None and state.class_batches >= 3:
-            expected = np.maximum(expected, state.agreement)
-        rows = counts.sum(1, keepdims=True)
-        off = ~np.eye(n_classes, dtype=bool) & (rows >= 10)
-        surprise = np.where(off, rate_surprise(counts, np.broadcast_to(rows, counts.shape),
-                                               np.clip(expected, MIN_EXPECTED_SHARE, 0.99)), 0.0)
-        a, b = np.unravel_index(int(np.argmax(surprise)), surprise.shape)
-        corrected = float(surprise[a, b]) - np.log10(n_classes * (n_classes - 1))
-        if corrected <= 0:
-            return 0.0, 0.0, -1, -1, {}
-        share = float(counts[a, b] / rows[a, 0])
-        return corrected, share - float(expected[a, b]), int(a), int(b), {
-            "test": "reference_classifier", "rows_labelled": int(rows[a, 0]),
-            "classified_as_other": int(counts[a, b]),
-            "expected_share": round(float(expected[a, b]), 4)}
+        """Rows labelled a that a reference classifier of the profile puts in class b, far
+        more often than it did on the training set (cross-validated) and on this source's
+        clean batches: (surprise, excess share, a, b, evidence), the stronger of the
+        neighbour and the linear classifiers. The surprise is -log10 of a binomial tail,
+        Bonferroni-corrected over the class pairs and the classifiers."""
+        tests = [(name, counts, agreement, learnt) for name, counts, agreement, learnt in (
+            ("reference_classifier", batch.reference_classes, profile.label_agreement,
+             state.agreement),
+            ("linear_classifier", batch.linear_classes, profile.linear_agreement,
+             state.linear_agreement)) if counts is not None and agreement is not None]
+        best = (0.0, 0.0, -1, -1, {})
+        for name, counts, expected, learnt in tests:
+            n_classes = len(counts)
+            if learnt is not None and state.class_batches >= 3:
+                expected = np.maximum(expected, learnt)
+            rows = counts.sum(1, keepdims=True)
+            off = ~np.eye(n_classes, dtype=bool) & (rows >= 10)
+            surprise = np.where(off, rate_surprise(counts, np.broadcast_to(rows, counts.shape),
+                                                   np.clip(expected, MIN_EXPECTED_SHARE, 0.99)), 0.0)
+            a, b = np.unravel_index(int(np.argmax(surprise)), surprise.shape)
+            corrected = float(surprise[a, b]) - np.log10(n_classes * (n_classes - 1) * len(tests))
+            if corrected > best[0]:
+                share = float(counts[a, b] / rows[a, 0])
+                best = (corrected, share - float(expected[a, b]), int(a), int(b), {
+                    "test": name, "rows_labelled": int(rows[a, 0]),
+                    "classified_as_other": int(counts[a, b]),
+                    "expected_share": round(float(expected[a, b]), 4)})
+        return best
 
     def _flip_by_means(self, state, batch, profile) -> tuple:
         """(z, estimated flipped share, a, b, evidence) from the class-conditional means."""
@@ -323,18 +333,10 @@ class PoisoningDetector:
                                     alpha)
         if not learn_classes:
             return
-        if batch.reference_classes is not None:
-            rows = batch.reference_classes.sum(1, keepdims=True)
-            shares = batch.reference_classes / np.maximum(rows, 1.0)
-            if state.agreement is None:
-                state.agreement = np.zeros_like(shares)
-                state.agreement_n = np.zeros(len(shares))
-            # Per class, a running mean of its shares while few rows are behind it, then
-            # an exponential one (a class absent from a batch keeps its history).
-            seen = rows[:, 0] > 0
-            state.agreement_n[seen] += 1
-            weight = np.maximum(1.0 / np.maximum(state.agreement_n, 1), 1.0 / self.cfg["recent_batches"])
-            state.agreement[seen] = _blend(state.agreement[seen], shares[seen], weight[seen, None])
+        for counts, shares_name in ((batch.reference_classes, "agreement"),
+                                    (batch.linear_classes, "linear_agreement")):
+            if counts is not None:
+                self._learn_agreement(state, shares_name, counts)
         mean = batch.class_mean / scale
         var = (batch.class_std / scale) ** 2
         state.class_batches += 1
@@ -352,6 +354,23 @@ class PoisoningDetector:
         state.class_mean[old] = _blend(state.class_mean[old], mean[old], beta)
         state.class_var[old] = _blend(state.class_var[old], var[old], beta)
         state.class_n[old] = _blend(state.class_n[old], batch.class_n[old], beta)
+
+
+    def _learn_agreement(self, state: SourceState, name: str, counts: np.ndarray) -> None:
+        """Per class, a running mean of a clean batch's classified shares while few rows are
+        behind it, then an exponential one (a class absent from a batch keeps its history).
+        ``name`` is the state's field of shares; its row counts are ``name + "_n"``."""
+        rows = counts.sum(1, keepdims=True)
+        shares = counts / np.maximum(rows, 1.0)
+        agreement, seen_n = getattr(state, name), getattr(state, name + "_n")
+        if agreement is None:
+            agreement, seen_n = np.zeros_like(shares), np.zeros(len(shares))
+        seen = rows[:, 0] > 0
+        seen_n[seen] += 1
+        weight = np.maximum(1.0 / np.maximum(seen_n, 1), 1.0 / self.cfg["recent_batches"])
+        agreement[seen] = _blend(agreement[seen], shares[seen], weight[seen, None])
+        setattr(state, name, agreement)
+        setattr(state, name + "_n", seen_n)
 
 
 def _blend(old, new, weight):

@@ -55,6 +55,13 @@ NEIGHBOURS_K = 10
 NEIGHBOURS_VOTES = 9
 #: Training rows kept in the profile for it (a stratified sample beyond that).
 NEIGHBOURS_MAX_ROWS = 4000
+#: The linear reference classifier (label-flip test, beside the neighbours): a row goes to
+#: another class than its label only when its posterior there is at least this. Neighbours
+#: miss flipped rows in classes that are spread out; a linear boundary misses them in
+#: classes that are not linearly separable: the test takes the stronger of the two.
+LINEAR_CONFIDENCE = 0.97
+#: Folds of the cross-validated label agreement of the linear classifier.
+LINEAR_FOLDS = 10
 
 
 class ProfileError(ValueError):
@@ -103,6 +110,10 @@ class Profile:
     neighbour_rows: np.ndarray | None = None
     neighbour_labels: np.ndarray | None = None
     neighbour_weights: np.ndarray | None = None
+    # The linear reference classifier (multinomial logistic regression on scaled units)
+    # and its cross-validated label agreement; None in profiles made before it.
+    linear: LinearClassifier | None = None
+    linear_agreement: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -157,6 +168,13 @@ class Profile:
         Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
         return self._discriminants.classes(Z)
 
+    def linear_classes(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """As :meth:`reference_classes`, by the linear classifier; None without one."""
+        if self.linear is None:
+            return None
+        Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
+        return self.linear.classes(Z, np.asarray(labels))
+
     def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
         """OOD score of already scaled rows (see :meth:`scaled`)."""
         white = Z @ self.whitener
@@ -208,6 +226,10 @@ class Profile:
                     "weights": self.neighbour_weights.tolist(),
                     "labels": self.neighbour_labels.tolist(),
                     "rows": self.neighbour_rows.tolist()}}),
+                **({} if self.linear is None else {"linear": {
+                    "confidence": LINEAR_CONFIDENCE,
+                    "weights": self.linear.weights.tolist(), "bias": self.linear.bias.tolist(),
+                    "agreement": self.linear_agreement.tolist()}}),
             },
         }
 
@@ -255,6 +277,7 @@ class Profile:
                 class_cov=(np.asarray(cal["class_covariance"], dtype=np.float64)
                            if "class_covariance" in cal else None),
                 **_neighbours_from(cal.get("neighbours"), d, len(classes)),
+                **_linear_from(cal.get("linear"), d, len(classes)),
             )
         except KeyError as exc:
             raise ProfileError(f"missing field {exc.args[0]!r}") from None
@@ -291,6 +314,23 @@ def _neighbours_from(doc: dict | None, d: int, n_classes: int) -> dict:
             or labels.min() < 0 or labels.max() >= n_classes):
         raise ProfileError("calibration.neighbours: rows, labels and weights do not match")
     return {"neighbour_rows": rows, "neighbour_labels": labels, "neighbour_weights": weights}
+
+
+def _linear_from(doc: dict | None, d: int, n_classes: int) -> dict:
+    """The linear classifier's fields from ``calibration.linear``."""
+    if doc is None:
+        return {}
+    if float(doc["confidence"]) != LINEAR_CONFIDENCE:
+        raise ProfileError(f"calibration.linear: made with confidence {doc['confidence']}; this "
+                           f"version uses {LINEAR_CONFIDENCE}: rebuild the profile")
+    weights = np.asarray(doc["weights"], dtype=np.float64)
+    bias = np.asarray(doc["bias"], dtype=np.float64)
+    agreement = np.asarray(doc["agreement"], dtype=np.float64)
+    if (weights.shape != (n_classes, d) or bias.shape != (n_classes,)
+            or agreement.shape != (n_classes, n_classes)
+            or not (np.isfinite(weights).all() and np.isfinite(bias).all())):
+        raise ProfileError("calibration.linear: weights, bias and agreement do not match the classes")
+    return {"linear": LinearClassifier(weights, bias), "linear_agreement": agreement}
 
 
 def ridged_inverse(cov: np.ndarray, share: float = 0.25) -> np.ndarray:
@@ -378,6 +418,76 @@ class NeighbourClassifier:
         return np.where(votes.max(1) >= NEIGHBOURS_VOTES, best, labels)
 
 
+@dataclass(frozen=True)
+class LinearClassifier:
+    """The linear reference classifier: class posteriors ``softmax(Z @ weights.T + bias)``
+    of scaled rows. A row goes to another class than its label only when its posterior
+    there is at least ``LINEAR_CONFIDENCE``.
+
+    >>> lc = LinearClassifier(np.array([[-4.0], [4.0]]), np.zeros(2))
+    >>> lc.classes(np.array([[2.0], [0.0], [-2.0]]), np.array([0, 0, 1])).tolist()
+    [1, 0, 0]
+    """
+
+    weights: np.ndarray  # (classes, features)
+    bias: np.ndarray     # (classes,)
+
+    def posteriors(self, Z: np.ndarray) -> np.ndarray:
+        logits = np.asarray(Z) @ self.weights.T + self.bias
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+
+    def classes(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        p = self.posteriors(Z)
+        return np.where(p.max(1) >= LINEAR_CONFIDENCE, p.argmax(1), labels)
+
+
+def label_agreement(label_idx: np.ndarray, assigned: np.ndarray, n_classes: int) -> np.ndarray:
+    """Of the rows labelled c (row), the share a reference classifier puts in each class
+    (column), each off-diagonal cell at least the typical pair's rate (its confident
+    disagreements, plus one, over rows and over the other classes), so that a pair never
+    seen confused in a small training set is not promised zero."""
+    confusion = np.zeros((n_classes, n_classes))
+    np.add.at(confusion, (label_idx, assigned), 1.0)
+    rows = confusion.sum(1, keepdims=True)
+    off = confusion.sum() - np.trace(confusion)
+    typical = (off + 1.0) / (len(label_idx) + 1.0) / max(n_classes - 1, 1)
+    agreement = np.maximum(confusion / np.maximum(rows, 1.0), typical)
+    diagonal = np.eye(n_classes, dtype=bool)
+    agreement[diagonal] = 0.0
+    agreement[diagonal] = 1.0 - agreement.sum(1)
+    return agreement
+
+
+def linear_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
+                      rng: np.random.Generator) -> tuple[LinearClassifier, np.ndarray] | None:
+    """The linear reference classifier fit on scaled rows, and its label agreement
+    cross-validated over ``LINEAR_FOLDS`` stratified folds; None when a class has fewer
+    than two rows (no fold could leave one out)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    smallest = np.bincount(label_idx, minlength=n_classes).min()
+    if smallest < 2:
+        return None
+    make = lambda: LogisticRegression(max_iter=2000)  # noqa: E731
+    folds = StratifiedKFold(min(LINEAR_FOLDS, int(smallest)), shuffle=True,
+                            random_state=int(rng.integers(2**31)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        held = cross_val_predict(make(), Z, label_idx, cv=folds, method="predict_proba")
+        fit = make().fit(Z, label_idx)
+    weights, bias = fit.coef_, fit.intercept_
+    if n_classes == 2:  # sklearn keeps one logit for two classes: softmax of (-z/2, z/2)
+        weights, bias = np.vstack([-weights / 2, weights / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+    assigned = np.where(held.max(1) >= LINEAR_CONFIDENCE, held.argmax(1), label_idx)
+    return LinearClassifier(weights, bias), label_agreement(label_idx, assigned, n_classes)
+
+
 def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The nearest-neighbour reference classifier: which training rows it keeps, its
@@ -386,10 +496,7 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
     The weights are 1 (scaled units), or the square root of each feature's share of
     variance between classes when that is clearly better (balanced leave-one-out accuracy
     of the neighbours' majority, +0.01): uninformative features then stop diluting the
-    distance. The agreement is the share of rows labelled c (row) put in each class
-    (column); an off-diagonal cell is at least the typical pair's rate (confident
-    disagreements, plus one, over rows and over the other classes), so that a pair never
-    seen confused in a small training set is not promised zero."""
+    distance. The agreement is :func:`label_agreement`'s."""
     keep = np.arange(len(Z))
     if len(Z) > NEIGHBOURS_MAX_ROWS:
         # Stratified: every class keeps its share.
@@ -414,16 +521,7 @@ def neighbour_classifier(Z: np.ndarray, label_idx: np.ndarray, n_classes: int,
             assigned = np.where(votes.max(1) >= NEIGHBOURS_VOTES, majority, lk)
             best = (accuracy, weights, assigned)
     _, weights, assigned = best
-    confusion = np.zeros((n_classes, n_classes))
-    np.add.at(confusion, (lk, assigned), 1.0)
-    rows = confusion.sum(1, keepdims=True)
-    off = confusion.sum() - np.trace(confusion)
-    typical = (off + 1.0) / (len(lk) + 1.0) / max(n_classes - 1, 1)
-    agreement = np.maximum(confusion / np.maximum(rows, 1.0), typical)
-    diagonal = np.eye(n_classes, dtype=bool)
-    agreement[diagonal] = 0.0
-    agreement[diagonal] = 1.0 - agreement.sum(1)
-    return keep, weights, agreement
+    return keep, weights, label_agreement(lk, assigned, n_classes)
 
 
 def histogram_edges(values: np.ndarray) -> np.ndarray:
@@ -652,6 +750,7 @@ def build_profile(
             notes.append(f"extraction.prada: {len(X)} rows are too few to simulate the "
                          f"{PRADA_MIN_TESTS} honest tests its delta needs; {prada_off}")
     keep, weights, agreement = neighbour_classifier(Z, label_idx, len(classes), rng)
+    linear = linear_classifier(Z[keep], label_idx[keep], len(classes), rng)
     class_mean = np.array([X[label_idx == c].mean(0) for c in range(len(classes))])
     class_std = np.array([X[label_idx == c].std(0) for c in range(len(classes))])
     return Profile(
@@ -683,4 +782,5 @@ def build_profile(
         neighbour_rows=X[keep],
         neighbour_labels=label_idx[keep],
         neighbour_weights=weights,
+        **({} if linear is None else {"linear": linear[0], "linear_agreement": linear[1]}),
     )

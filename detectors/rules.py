@@ -136,10 +136,10 @@ _RULES = (
     Rule("poisoning.label_flip", "poisoning", POISON,
          "rows of one class look like another class's: labels flipped",
          "the stronger of: z of the class-mean shift along the Fisher direction between two "
-         "classes; -log10 tail of rows of one label that the profile's reference classifier "
-         "puts in another class",
-         "against recent clean batches of the source, else the profile (its classifier's "
-         "leave-one-out agreement with the labels)",
+         "classes; -log10 tail of rows of one label that one of the profile's reference "
+         "classifiers (nearest neighbours, logistic regression) puts in another class",
+         "against recent clean batches of the source, else the profile (its classifiers' "
+         "cross-validated agreement with the labels)",
          ("poisoning.flip_z", "poisoning.flip_surprise", "poisoning.min_rows",
           "poisoning.recent_batches")),
     Rule("poisoning.trigger_spike", "poisoning", POISON,

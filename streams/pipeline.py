@@ -548,15 +548,21 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
                 class_mean[i, j] = m.mean
                 class_std[i, j] = m.std if m.std is not None else np.nan
                 class_n[i] = max(class_n[i], m.count)
-    reference = None
-    if event.reference_classes is not None:
-        reference = np.zeros((k, k))
-        for label, assigned in event.reference_classes.items():
+
+    def class_matrix(per_label) -> np.ndarray | None:
+        if per_label is None:
+            return None
+        out = np.zeros((k, k))
+        for label, assigned in per_label.items():
             i = profile.class_index(label)
             for name, n in assigned.items():
                 j = profile.class_index(name)
                 if i >= 0 and j >= 0:
-                    reference[i, j] = n
+                    out[i, j] = n
+        return out
+
     return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, far=far, label_counts=labels,
                       class_n=class_n, class_mean=class_mean, class_std=class_std,
-                      duplicates=event.duplicates, reference_classes=reference)
+                      duplicates=event.duplicates,
+                      reference_classes=class_matrix(event.reference_classes),
+                      linear_classes=class_matrix(event.linear_classes))

@@ -98,6 +98,8 @@ class TrainingStatsEvent(Struct, kw_only=True, omit_defaults=True):
     # Optional addition: per label, rows that the profile's reference classifier puts in
     # each class (a flipped label shows as rows of one label classified as another).
     reference_classes: dict[str, dict[str, Count]] | None = None
+    # Optional addition: the same by the profile's linear classifier.
+    linear_classes: dict[str, dict[str, Count]] | None = None
 
 
 # --- alerts (ECS 8.x) -------------------------------------------------------------

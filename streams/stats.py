@@ -9,7 +9,8 @@ beyond the edges by more than their whole span: injected outliers) and
 ``reference_classes`` (per label, how many distinct rows within the training bounds the
 profile's reference classifier puts in each class: with the nearest-neighbour classifier,
 a row stays in its own label's class unless its training neighbours all but agree on
-another).
+another) and ``linear_classes`` (the same by the profile's linear classifier, whose
+posterior must reach ``LINEAR_CONFIDENCE``; absent with profiles made before it).
 """
 
 from __future__ import annotations
@@ -68,16 +69,25 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
     inside = first & (np.isnan(X) | ((X >= profile.lower) & (X <= profile.upper))).all(1)
     labels_as_str = y.astype(str)
     label_idx = np.array([profile.class_index(v) for v in labels_as_str], dtype=np.int64)
-    assigned_idx = np.full(len(X), -1, dtype=np.int64)
-    assigned_idx[inside] = profile.reference_classes(X[inside], label_idx[inside])
-    # A label the profile never saw keeps its own name unless the classifier is sure.
-    assigned = np.where(assigned_idx >= 0, np.asarray(profile.classes, dtype=object)[assigned_idx],
-                        labels_as_str.astype(object))
-    reference_classes = {}
-    for label in labels:
-        names, n = np.unique(assigned[inside & (labels_as_str == label)].astype(str),
-                             return_counts=True)
-        reference_classes[str(label)] = {str(c): int(k) for c, k in zip(names, n, strict=True)}
+
+    def per_label(classify) -> dict | None:
+        assigned_idx = np.full(len(X), -1, dtype=np.int64)
+        inside_idx = classify(X[inside], label_idx[inside])
+        if inside_idx is None:
+            return None
+        assigned_idx[inside] = inside_idx
+        # A label the profile never saw keeps its own name unless the classifier is sure.
+        assigned = np.where(assigned_idx >= 0,
+                            np.asarray(profile.classes, dtype=object)[assigned_idx],
+                            labels_as_str.astype(object))
+        out = {}
+        for label in labels:
+            names, n = np.unique(assigned[inside & (labels_as_str == label)].astype(str),
+                                 return_counts=True)
+            out[str(label)] = {str(c): int(k) for c, k in zip(names, n, strict=True)}
+        return out
+
+    linear_classes = per_label(profile.linear_classes)
     return {
         "ts": format_ts(ts),
         "dataset": dataset,
@@ -87,7 +97,8 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
         "features": features,
         "labels": {str(label): int(c) for label, c in zip(labels, counts, strict=True)},
         "by_label": by_label,
-        "reference_classes": reference_classes,
+        "reference_classes": per_label(profile.reference_classes),
+        **({} if linear_classes is None else {"linear_classes": linear_classes}),
         "duplicates": int(len(X) - first.sum()),
     }
 

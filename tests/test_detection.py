@@ -238,10 +238,10 @@ def test_clear_label_flip_is_caught_and_named(victim, profile):
 
 
 def test_reference_classifier_catches_flips_that_class_means_miss(victim, profile):
-    """Flips of 10-30 % of one class: the profile's reference classifier sees rows of one
-    label that it puts in another class; a profile made before it (no label agreement)
-    has only the class-means test."""
-    old = dataclasses.replace(profile, label_agreement=None)
+    """Flips of 10-30 % of one class: the profile's reference classifiers see rows of one
+    label that they put in another class; a profile made before them (no label
+    agreement) has only the class-means test."""
+    old = dataclasses.replace(profile, label_agreement=None, linear=None, linear_agreement=None)
     with_classifier = batch_alerts(victim, profile, ["label_flip"], seed=3, per_kind=16)
     means_only = batch_alerts(victim, old, ["label_flip"], seed=3, per_kind=16)
     assert with_classifier["clean"] == means_only["clean"] == 0.0

@@ -1,5 +1,6 @@
-"""Label flips against the profile's nearest-neighbour reference classifier, on real
-scikit-learn data (breast cancer): a flipped batch is caught and named, a clean one is not."""
+"""Label flips against the profile's reference classifiers (nearest neighbours and
+linear), on real scikit-learn data (breast cancer): a flipped batch is caught and named, a
+clean one is not."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def cancer():
     return profile, X[rest], y[rest]
 
 
-def judge(profile, batches):
-    """Flip verdicts per batch, one source, in order."""
+def judge(profile, batches, linear=True):
+    """Flip verdicts per batch, one source, in order; ``linear=False`` judges as a
+    profile without the linear classifier."""
+    if not linear:
+        profile = dataclasses.replace(profile, linear=None, linear_agreement=None)
     detector = PoisoningDetector(load_thresholds())
     state = detector.new_state()
     out = []
@@ -79,7 +83,30 @@ def test_a_flipped_batch_is_caught_and_named_and_clean_ones_are_quiet(cancer):
     assert all(v for v in verdicts[6:]), verdicts
     evidence = [v[0].evidence for v in verdicts[6:]]
     assert all(e["class"] == "0" and e["looks_like"] == "1" for e in evidence), evidence
-    assert all(e["test"] == "reference_classifier" for e in evidence), evidence
+    assert all(e["test"] in ("reference_classifier", "linear_classifier") for e in evidence), evidence
+    # The neighbours alone catch these too.
+    alone = judge(profile, batches, linear=False)
+    assert alone[:6] == [[]] * 6 and all(alone[6:]), alone
+    assert all(v[0].evidence["test"] == "reference_classifier" for v in alone[6:])
+
+
+def test_the_linear_classifier_catches_flips_that_the_neighbours_miss(cancer):
+    """Malignant rows relabelled benign, 15 % of them: the malignant class is spread out, so
+    few flipped rows have 9 of 10 malignant neighbours, but most lie well beyond the
+    linear boundary."""
+    profile, X, y = cancer
+    rng = np.random.default_rng(2)
+    clean = [(X[rows], y[rows]) for rows in (rng.choice(len(X), size=200, replace=False)
+                                             for _ in range(4))]
+    caught = {True: 0, False: 0}
+    for _ in range(12):
+        rows = rng.choice(len(X), size=200, replace=False)
+        batches = clean + [(X[rows], flipped(y[rows], rng, 0.15, source=0, target=1))]
+        for linear in (True, False):
+            verdicts = judge(profile, batches, linear=linear)
+            assert verdicts[:4] == [[]] * 4
+            caught[linear] += bool(verdicts[4])
+    assert caught[True] >= 9 and caught[True] >= caught[False] + 5, caught
 
 
 def test_only_confident_disagreement_moves_a_row():
@@ -95,15 +122,18 @@ def test_only_confident_disagreement_moves_a_row():
     assert assigned[2] == (int(votes.argmax()) if votes.max() >= NEIGHBOURS_VOTES else 0)
 
 
-def test_neighbours_survive_the_profile_file_and_bad_ones_are_refused(cancer):
+def test_the_classifiers_survive_the_profile_file_and_bad_ones_are_refused(cancer):
     profile, X, y = cancer
     doc = profile.to_dict()
     again = Profile.from_dict(doc)
     labels = np.array([profile.class_index(v) for v in y.astype(str)])
     assert np.array_equal(again.reference_classes(X, labels), profile.reference_classes(X, labels))
-    doc["calibration"]["neighbours"]["labels"] = doc["calibration"]["neighbours"]["labels"][:-1]
-    with pytest.raises(ProfileError):
-        Profile.from_dict(doc)
+    assert np.array_equal(again.linear_classes(X, labels), profile.linear_classes(X, labels))
+    for section, key in (("neighbours", "labels"), ("linear", "bias")):
+        bad = Profile.from_dict(profile.to_dict()).to_dict()
+        bad["calibration"][section][key] = bad["calibration"][section][key][:-1]
+        with pytest.raises(ProfileError):
+            Profile.from_dict(bad)
 
 
 def test_a_label_the_profile_never_saw_is_not_counted_in_another_class(cancer):

@@ -7,7 +7,8 @@ import ast
 from tests.conftest import ROOT
 
 ALLOWED = {"numpy", "scipy", "sklearn", "detectors", "__future__", "dataclasses", "functools",
-           "typing", "types", "tomllib", "importlib", "json", "struct", "collections", "math"}
+           "typing", "types", "tomllib", "importlib", "json", "struct", "collections", "math",
+           "warnings"}
 
 
 def test_detectors_import_nothing_but_numerics():
