@@ -114,6 +114,7 @@ RANGES = {
     "poisoning.flip_surprise": (0, None, True),
     "poisoning.spike_ratio": (1, None, True),
     "poisoning.spike_min_share": (0, 1, True),
+    "poisoning.pile_surprise": (0, None, True),
     "poisoning.out_of_bounds_share": (0, 1, True),
     "poisoning.duplicate_share": (0, 1, False),
     "poisoning.recent_batches": (1, None, False),

@@ -26,8 +26,9 @@ with recent clean batches of the same dataset and source. Rules:
     a few features to a value rare in clean data.
 ``poisoning.out_of_bounds``
     Values far beyond the training range (more than the range's own span past
-    it: injected outliers), or a pile of one feature's values just beyond its
-    bounds (a trigger value that clean data never takes).
+    it: injected outliers), or a pile of one feature's values just beyond one of
+    its bounds (a trigger value that clean data never takes): a binomial tail against
+    the source's clean batches, per feature and side, corrected over them.
 ``poisoning.duplicates``
     A share of duplicated rows far above the reference's: duplicate flooding.
 """
@@ -46,6 +47,9 @@ from detectors.rules import RULES
 #: profile's estimate is already floored at the typical pair's rate (see
 #: ``profile.neighbour_classifier``); this only keeps a tail finite.
 MIN_EXPECTED_SHARE = 1e-4
+#: The smallest share of a feature's values expected beyond one of its bounds: a bound
+#: that no clean batch crossed yet is not promised never to be.
+MIN_BEYOND_SHARE = 1e-3
 
 
 @dataclass
@@ -55,7 +59,9 @@ class BatchStats:
     n: int
     count: np.ndarray            # non-null values per feature
     hist: list | None            # per feature counts on the profile's edges, None if edges differ
-    beyond: np.ndarray           # per feature values beyond the profile's bounds
+    # (2, features): values below and above the profile's bounds; a producer that counts
+    # only both together has them in the second row, and ``sided`` False
+    beyond: np.ndarray
     far: np.ndarray              # per feature values beyond them by more than their span, NaN if unknown
     label_counts: np.ndarray     # per profile class; labels the profile never saw are dropped
     class_n: np.ndarray          # rows per class with by_label moments
@@ -66,6 +72,7 @@ class BatchStats:
     # each class, if the producer counted them
     reference_classes: np.ndarray | None = None
     linear_classes: np.ndarray | None = None    # the same by the profile's linear classifier
+    sided: bool = True
 
 
 @dataclass
@@ -79,7 +86,7 @@ class SourceState:
     class_mean: np.ndarray = field(default=None)  # EMA of clean batches' class means (scaled)
     class_var: np.ndarray = field(default=None)   # ... and class variances (scaled)
     class_n: np.ndarray = field(default=None)     # ... and rows per class
-    beyond_share: np.ndarray = field(default=None)  # EMA of per-feature shares beyond the bounds
+    beyond_share: np.ndarray = field(default=None)  # EMA of (2, features) shares below, above the bounds
     duplicate_share: float = 0.0
     agreement: np.ndarray = field(default=None)   # EMA of clean batches' label_agreement shares
     agreement_n: np.ndarray = field(default=None)  # ... and rows per class behind them
@@ -117,17 +124,19 @@ class PoisoningDetector:
             state.batches += 1
             return []
         flip, flip_progress = self._label_flip(call, state, batch, profile)
+        bounds, pile_progress = self._out_of_bounds(call, state, batch, profile)
         verdicts = [v for v in (
             flip,
             self._trigger_spike(call, state, batch, profile),
-            self._out_of_bounds(call, state, batch, profile),
+            bounds,
             self._duplicates(call, state, batch, profile),
         ) if v is not None]
         state.batches += 1
         if not verdicts:
-            # A batch half-way to a flip alert does not teach the clean reference.
+            # A batch half-way to an alert does not teach the clean reference: else a
+            # poisoner could raise it a little at a time.
             self._learn_clean(state, batch, profile.scale,
-                              learn_classes=flip_progress < 0.5)
+                              learn_classes=flip_progress < 0.5, learn_beyond=pile_progress < 0.25)
         return verdicts
 
     @staticmethod
@@ -269,10 +278,25 @@ class PoisoningDetector:
              "reference_share": round(float(ref_share[worst]), 5),
              "features_with_spikes": int(len(np.unique(owner[hits])))})
 
-    def _out_of_bounds(self, call, state, batch, profile) -> Verdict | None:
+    def _out_of_bounds(self, call, state, batch, profile) -> tuple[Verdict | None, np.ndarray]:
         """Values beyond the bounds: far beyond them (injected outliers), or piled
-        up just beyond one feature's edge (a trigger value outside clean data)."""
+        up just beyond one feature's edge (a trigger value outside clean data). Also
+        how far each (side, feature) went toward the pile threshold."""
         cfg = self.cfg
+        # A trigger piles on one side of one feature: each side is tested on its own, so
+        # that clean values beyond the other bound do not hide it.
+        count = np.broadcast_to(np.maximum(batch.count, 1), batch.beyond.shape)
+        share = batch.beyond / count
+        if (state.beyond_share is not None and state.clean >= 3
+                and state.beyond_share.shape == share.shape):
+            expected = state.beyond_share  # what this source's clean batches show
+        else:
+            expected = np.full(share.shape, profile.bounds_value_rate)
+        # Twice the reference share (batches vary), at least MIN_BEYOND_SHARE.
+        surprise = rate_surprise(batch.beyond, count,
+                                 np.clip(2 * expected, MIN_BEYOND_SHARE, 0.5))
+        corrected = surprise - np.log10(surprise.size)
+        progress = corrected / cfg["pile_surprise"]
         far = np.nan_to_num(batch.far)
         far_share = float(far.sum()) / max(batch.n, 1)
         call.trace["poisoning.out_of_bounds"] = (far_share, cfg["out_of_bounds_share"])
@@ -283,23 +307,22 @@ class PoisoningDetector:
                 f"{int(far.sum())} values lie far beyond the training range "
                 f"({int(far[j])} in feature {profile.feature_names[j]}): injected outliers",
                 {"values_far_beyond": int(far.sum()), "per_row": round(far_share, 4),
-                 "worst_feature": profile.feature_names[j], "features_far_beyond": int((far > 0).sum())})
-        share = batch.beyond / np.maximum(batch.count, 1)
-        if state.beyond_share is not None and state.clean >= 3:
-            expected = np.maximum(state.beyond_share, 1e-3)  # what this source's clean batches show
-        else:
-            expected = np.full(len(share), max(profile.bounds_value_rate, 1e-3))
-        surprise = rate_surprise(batch.beyond, batch.count, np.minimum(2 * expected, 0.5))
-        hits = (share >= cfg["spike_min_share"]) & (surprise >= 7)
+                 "worst_feature": profile.feature_names[j],
+                 "features_far_beyond": int((far > 0).sum())}), progress
+        hits = (share >= cfg["spike_min_share"]) & (progress >= 1)
         if not hits.any():
-            return None
-        j = int(np.argmax(np.where(hits, share, 0)))
+            return None, progress
+        side, j = np.unravel_index(int(np.argmax(np.where(hits, share, 0))), share.shape)
+        where = ("beyond" if not batch.sided else ("below", "above")[side])
         return self._verdict(
-            call, "out_of_bounds", share[j], cfg["spike_min_share"],
-            f"{share[j]:.1%} of feature {profile.feature_names[j]}'s values lie beyond the training "
-            "bounds (a trigger or outlier value)",
-            {"feature": profile.feature_names[j], "beyond_share": round(float(share[j]), 4),
-             "expected_share": round(float(expected[j]), 5), "features_beyond": int(hits.sum())})
+            call, "out_of_bounds", share[side, j], cfg["spike_min_share"],
+            f"{share[side, j]:.1%} of feature {profile.feature_names[j]}'s values lie {where} the "
+            "training bounds (a trigger or outlier value)",
+            {"feature": profile.feature_names[j], "side": where,
+             "beyond_share": round(float(share[side, j]), 4),
+             "expected_share": round(float(expected[side, j]), 5),
+             "surprise": round(float(corrected[side, j]), 2),
+             "features_beyond": int(hits.sum())}), progress
 
     def _duplicates(self, call, state, batch, profile) -> Verdict | None:
         if batch.duplicates is None:
@@ -316,7 +339,9 @@ class PoisoningDetector:
             {"duplicate_share": round(share, 4), "expected_share": round(expected, 4)})
 
     def _learn_clean(self, state: SourceState, batch: BatchStats, scale: np.ndarray,
-                     learn_classes: bool = True) -> None:
+                     learn_classes: bool = True, learn_beyond: np.ndarray | bool = True) -> None:
+        """Fold a clean batch into the source's reference; ``learn_beyond`` says which
+        (side, feature) shares beyond the bounds it teaches."""
         # A running mean over the first `recent_batches` clean batches, then an
         # exponential one: every kept batch weighs alike until the window is full.
         state.clean += 1
@@ -329,8 +354,12 @@ class PoisoningDetector:
         if batch.duplicates is not None:
             state.duplicate_share = float(_blend(state.duplicate_share, batch.duplicates / batch.n,
                                                  alpha))
-        state.beyond_share = _blend(state.beyond_share, batch.beyond / np.maximum(batch.count, 1),
-                                    alpha)
+        beyond_share = batch.beyond / np.maximum(batch.count, 1)
+        if state.beyond_share is None or state.beyond_share.shape != beyond_share.shape:
+            state.beyond_share = beyond_share  # the first, a state from before sides, or a new producer
+        else:
+            state.beyond_share = np.where(learn_beyond, _blend(state.beyond_share, beyond_share, alpha),
+                                          state.beyond_share)
         if not learn_classes:
             return
         for counts, shares_name in ((batch.reference_classes, "agreement"),

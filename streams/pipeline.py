@@ -503,7 +503,8 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
     """Align a training-stats event with a profile's features and classes."""
     d = profile.n_features
     count = np.zeros(d)
-    beyond = np.zeros(d)
+    beyond = np.zeros((2, d))  # below, above; both in the second row where not told apart
+    sided = True
     far = np.full(d, np.nan)
     hist: list | None = []
     for j, name in enumerate(profile.feature_names):
@@ -519,11 +520,11 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
         if f.far is not None:
             far[j] = f.far
         if f.below is not None and f.above is not None:
-            beyond[j] = f.below + f.above
+            beyond[:, j] = f.below, f.above
         elif edges_match:
-            beyond[j] = max(0, f.count - sum(h.counts))
+            beyond[1, j], sided = max(0, f.count - sum(h.counts)), False
         elif f.min is not None and f.max is not None:
-            beyond[j] = float(f.min < profile.lower[j]) + float(f.max > profile.upper[j])
+            beyond[:, j] = float(f.min < profile.lower[j]), float(f.max > profile.upper[j])
         if hist is not None:
             if edges_match:
                 hist.append(np.asarray(h.counts, dtype=np.float64))
@@ -561,7 +562,8 @@ def batch_stats(event: TrainingStatsEvent, profile: Profile) -> BatchStats:
                     out[i, j] = n
         return out
 
-    return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, far=far, label_counts=labels,
+    return BatchStats(n=event.n, count=count, hist=hist, beyond=beyond, far=far, sided=sided,
+                      label_counts=labels,
                       class_n=class_n, class_mean=class_mean, class_std=class_std,
                       duplicates=event.duplicates,
                       reference_classes=class_matrix(event.reference_classes),

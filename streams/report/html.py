@@ -125,9 +125,10 @@ EVIDENCE = {
     "reference": "what the batch was compared with: recent clean batches of the source, "
                  "or the profile",
     "test": "which flip test fired: class_means (class means moved toward another "
-            "class) or reference_classifier (rows of the label classified as another class)",
+            "class), reference_classifier or linear_classifier (rows of the label that the "
+            "profile's nearest-neighbour or linear classifier puts in another class)",
     "rows_labelled": "rows of the batch with that label, within the training bounds",
-    "classified_as_other": "of those, rows the profile's reference classifier puts in the "
+    "classified_as_other": "of those, rows the profile's classifier (see test) puts in the "
                            "other class",
     "feature": "the feature concerned",
     "bin_share": "share of the batch's values of that feature in the spiking bin",
@@ -137,7 +138,11 @@ EVIDENCE = {
     "per_row": "values far beyond the range per row of the batch",
     "worst_feature": "the feature with the most values far beyond its range",
     "features_far_beyond": "features with values far beyond their range",
-    "beyond_share": "share of that feature's values beyond the training bounds",
+    "beyond_share": "share of that feature's values beyond the training bounds (on that side)",
+    "side": "which bound the values lie beyond: below, above, or beyond (a producer that "
+            "counts both together)",
+    "surprise": "-log10 of the chance of that many values beyond the bound on clean data, "
+                "corrected over features and sides (alerts from pile_surprise)",
     "features_beyond": "features with a surprising share of values beyond their bounds",
     "duplicate_share": "share of the batch's rows that duplicate another row",
     "also": "other rules that fired on the same batch (a batch gets one alert, for its "
