@@ -84,12 +84,12 @@ asyncio.run(main())
 """
 
 
-def group_members(broker) -> list[str]:
+def group_members(broker, group_id: str = "g") -> list[str]:
     async def describe():
         admin = aiokafka.admin.AIOKafkaAdminClient(bootstrap_servers=broker.address)
         await admin.start()
         try:
-            [answer] = await admin.describe_consumer_groups(["g"])
+            [answer] = await admin.describe_consumer_groups([group_id])
         finally:
             await admin.close()
         [group] = answer.groups

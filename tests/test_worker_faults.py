@@ -127,6 +127,13 @@ def good_records(paths, rng: random.Random) -> list[Sent]:
     return out
 
 
+def first_records(paths, count: int = 400) -> list[Sent]:
+    """The demo's first events, one a record, each to its client's partition."""
+    lines = paths["inference.jsonl"].read_bytes().splitlines()[:count]
+    return [Sent(INFERENCE, partition_of(json.loads(line)["client_id"], PARTITIONS),
+                 json.loads(line)["client_id"].encode(), line, []) for line in lines]
+
+
 def all_records(paths, rng: random.Random) -> list[Sent]:
     records = good_records(paths, rng)
     bad = [Sent(INFERENCE, rng.randrange(PARTITIONS), b"bad-actor", v, [(None, n)])
@@ -174,11 +181,17 @@ def committed(broker) -> dict[tuple[str, int], int]:
         consumer.close()
 
 
-def wait_until_committed(broker, records: list[Sent], worker, timeout_s: float = 180.0) -> None:
-    """Until the worker committed every record sent (so all it sent is acknowledged)."""
+def ends_of(records: list[Sent]) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset after the last record sent to it."""
     ends: dict[tuple[str, int], int] = {}
     for r in records:
         ends[(r.topic, r.partition)] = max(ends.get((r.topic, r.partition), 0), r.offset + 1)
+    return ends
+
+
+def wait_until_committed(broker, records: list[Sent], worker, timeout_s: float = 180.0) -> None:
+    """Until the worker committed every record sent (so all it sent is acknowledged)."""
+    ends = ends_of(records)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and worker.poll() is None:
         done = committed(broker)
@@ -246,9 +259,7 @@ def test_every_bad_shape_is_dead_lettered_and_good_records_alert_as_replay(demo,
 
 def test_an_agent_that_fails_stops_the_worker_without_committing(demo, tmp_path):
     folder, paths = demo
-    lines = paths["inference.jsonl"].read_bytes().splitlines()[:400]
-    records = [Sent(INFERENCE, partition_of(json.loads(line)["client_id"], PARTITIONS),
-                    json.loads(line)["client_id"].encode(), line, []) for line in lines]
+    records = first_records(paths)
     failing = Sent(INFERENCE, 3, b"fail-here",
                    json.dumps({**GOOD, "client_id": "fail-here"}).encode(), [])
     log = tmp_path / "worker.log"
