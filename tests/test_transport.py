@@ -120,3 +120,34 @@ def test_a_killed_member_is_removed_so_the_group_need_not_wait_for_its_session()
         left = group_members(broker)
     assert member.startswith(f"{prefix}{child.pid}-") and removed == [member]
     assert left == []
+
+
+def test_a_broker_that_never_answers_does_not_hold_the_dead_member_check(capfd):
+    """A listener that accepts and never answers: the check gives up on its own timeout
+    (LEAVE_TIMEOUT_S) with one line, where aiokafka alone waited its 40 s request timeout
+    and said it could not bootstrap."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        removed = asyncio.run(remove_dead_members(f"127.0.0.1:{listener.getsockname()[1]}", "g"))
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    assert removed == []
+    [line] = [s for s in capfd.readouterr().err.splitlines() if s.startswith("worker:")]
+    assert "could not check group g" in line and "TimeoutError" in line, line
