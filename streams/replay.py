@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from detectors.config import Thresholds
 from detectors.profile import Profile
 from streams.explain import Scores
 from streams.files import DeadLetters
+from streams.gcpause import cyclic_gc_paused
 from streams.pipeline import Pipeline
 from streams.progress import tracked_open
 from streams.records import Alert, screen
@@ -104,21 +104,17 @@ def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Pa
     dead = DeadLetters(deadletter)
     alerts: list[Alert] = []
     late = 0
-    # Decoded events are many small lists; the cyclic GC would rescan them over
-    # and over (events hold no cycles, so refcounting frees them all).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+    # Decoded events are many small lists that hold no cycles.
     try:
-        if inference_log is not None:
-            alerts, late = _judge_in_time_order(
-                inference_chunks(inference_log, pipeline, dead, CHUNK), pipeline)
-        if training_stats is not None:
-            for ts, _, record in read_stats(training_stats, pipeline, dead):
-                alerts += pipeline.process_stats(record, ts)
+        with cyclic_gc_paused():
+            if inference_log is not None:
+                alerts, late = _judge_in_time_order(
+                    inference_chunks(inference_log, pipeline, dead, CHUNK), pipeline)
+            if training_stats is not None:
+                for ts, _, record in read_stats(training_stats, pipeline, dead):
+                    alerts += pipeline.process_stats(record, ts)
     finally:
         dead.close()
-        if gc_was_enabled:
-            gc.enable()
     alerts.sort(key=lambda a: (a.timestamp, a.event.id))
     return ReplayResult(alerts, pipeline.counters.events, pipeline.counters.batches,
                         dead.count, pipeline, late)

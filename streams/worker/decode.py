@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from streams.gcpause import cyclic_gc_paused
 from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
 from streams.records import Alert, dead_letter_id, screen
@@ -90,8 +91,10 @@ class InferenceJudge:
         for partition, records in by_partition.items():
             if partition not in self.restored:
                 started, count = time.perf_counter(), Counter()
-                self.pipeline.restore_shard(partition, counted(self.clients.restored(partition),
-                                                               count))
+                # The restored population and state views live on: set them aside too.
+                with cyclic_gc_paused(freeze_after=True):
+                    self.pipeline.restore_shard(partition,
+                                                counted(self.clients.restored(partition), count))
                 self.restored.add(partition)
                 print(f"worker: {self.topic}[{partition}]: {count['n']:,} clients restored in "
                       f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
