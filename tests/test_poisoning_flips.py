@@ -27,14 +27,18 @@ from streams.stats import stats_event
 T0 = 1_790_000_000.0
 
 
+def profiled(X, y, n_train: int, dataset: str):
+    """A profile of ``n_train`` rows drawn at random (seed 0), and the other rows."""
+    order = np.random.default_rng(0).permutation(len(X))
+    train, rest = order[:n_train], order[n_train:]
+    names = [f"f{j}" for j in range(X.shape[1])]
+    profile = build_profile(X[train], y[train], names, model=dataset, dataset=dataset)
+    return profile, X[rest], y[rest]
+
+
 @pytest.fixture(scope="module")
 def cancer():
-    X, y = load_breast_cancer(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(X))
-    train, rest = order[:300], order[300:]
-    names = [f"f{j}" for j in range(X.shape[1])]
-    profile = build_profile(X[train], y[train], names, model="cancer", dataset="cancer")
-    return profile, X[rest], y[rest]
+    return profiled(*load_breast_cancer(return_X_y=True), 300, "cancer")
 
 
 def judge(profile, batches, linear=True):

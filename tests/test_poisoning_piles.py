@@ -9,22 +9,17 @@ import pytest
 from sklearn.datasets import load_wine
 
 from detectors.config import load_thresholds
-from detectors.profile import build_profile
 from streams.pipeline import Pipeline
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
+from tests.test_poisoning_flips import profiled
 
 T0 = 1_790_000_000.0
 
 
 @pytest.fixture(scope="module")
 def wine():
-    X, y = load_wine(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(X))
-    train, rest = order[:106], order[106:]
-    names = [f"f{j}" for j in range(X.shape[1])]
-    profile = build_profile(X[train], y[train], names, model="wine", dataset="wine")
-    return profile, X[rest], y[rest]
+    return profiled(*load_wine(return_X_y=True), 106, "wine")
 
 
 def stamped(profile, X, y, rng, rows: int, feature: int):

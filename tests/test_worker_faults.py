@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -207,10 +208,10 @@ def headers_of(record) -> dict[str, bytes]:
 
 
 
-def test_every_bad_shape_is_dead_lettered_and_good_records_alert_as_replay(demo, expected,
-                                                                            tmp_path):
-    folder, paths = demo
-    records = all_records(paths, random.Random(11))
+@contextmanager
+def judged(folder, tmp_path, records):
+    """A fresh broker and a worker that has judged and checkpointed ``records``:
+    (broker, worker, log); the worker is stopped after the block if still running."""
     log = tmp_path / "worker.log"
     with EmbeddedBroker() as broker:
         create_topics(broker)
@@ -218,11 +219,19 @@ def test_every_bad_shape_is_dead_lettered_and_good_records_alert_as_replay(demo,
         try:
             send(broker, records)
             wait_until_committed(broker, records, worker)
-            assert worker.poll() is None, log.read_text()[-3000:]
-            dead = read_topic(broker, DEAD)
-            alerts = [json.loads(r.value) for r in read_topic(broker, "security-alerts")]
+            yield broker, worker, log
         finally:
             stop(worker)
+
+
+def test_every_bad_shape_is_dead_lettered_and_good_records_alert_as_replay(demo, expected,
+                                                                            tmp_path):
+    folder, paths = demo
+    records = all_records(paths, random.Random(11))
+    with judged(folder, tmp_path, records) as (broker, worker, log):
+        assert worker.poll() is None, log.read_text()[-3000:]
+        dead = read_topic(broker, DEAD)
+        alerts = [json.loads(r.value) for r in read_topic(broker, "security-alerts")]
     text = log.read_text()
     assert "Traceback" not in text and "failed" not in text, text[-3000:]
 

@@ -11,17 +11,9 @@ import signal
 
 import pytest
 
-from streams.worker.broker import EmbeddedBroker
 from streams.worker.transport import member_client_id
-from tests.streaming import create_topics, start_worker, stop
 from tests.test_transport import group_members
-from tests.test_worker_faults import (
-    committed,
-    ends_of,
-    first_records,
-    send,
-    wait_until_committed,
-)
+from tests.test_worker_faults import committed, ends_of, first_records, judged
 
 pytestmark = pytest.mark.integration
 
@@ -30,20 +22,12 @@ pytestmark = pytest.mark.integration
 def test_a_stopped_worker_leaves_its_group_after_its_last_commit(demo, tmp_path, signum):
     folder, paths = demo
     records = first_records(paths)
-    log = tmp_path / "worker.log"
-    with EmbeddedBroker() as broker:
-        create_topics(broker)
-        worker = start_worker(broker, folder / "profiles", tmp_path / "state", log)
-        try:
-            send(broker, records)
-            wait_until_committed(broker, records, worker)  # judged and checkpointed
-            members = group_members(broker, "modelwatch")
-            os.killpg(worker.pid, signum)
-            code = worker.wait(timeout=30)
-            left = group_members(broker, "modelwatch")
-            after = committed(broker)
-        finally:
-            stop(worker)
+    with judged(folder, tmp_path, records) as (broker, worker, log):
+        members = group_members(broker, "modelwatch")
+        os.killpg(worker.pid, signum)
+        code = worker.wait(timeout=30)
+        left = group_members(broker, "modelwatch")
+        after = committed(broker)
     said = log.read_text(errors="replace")
     assert code == 0, said[-3000:]
     own = member_client_id().removesuffix(str(os.getpid())) + f"{worker.pid}-"
