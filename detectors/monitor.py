@@ -49,10 +49,17 @@ class ClientView:
     own_ood: np.ndarray | None = None
     flags: dict | None = None        # rate -> (flagged, eligible) per event
     columns: np.ndarray | None = None  # (events, rates in RATES order, 2): flagged & eligible, eligible
+    counts: np.ndarray | None = None   # the same, decayed counts (the rate series)
+    rate_names: dict | None = None     # rate -> its place in columns and counts
     expected: dict | None = None     # rate -> the share an honest client flags (expected_rate)
 
     def rate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.series[name]
+
+    def rates(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged, eligible) decayed counts of several rates: (events, len(names)) each."""
+        index = [self.rate_names[name] for name in names]
+        return self.counts[:, index, 0], self.counts[:, index, 1]
 
     def events_at(self, index):
         """Events seen from this client once the event at ``index`` is counted."""
@@ -135,7 +142,7 @@ class QueryMonitor:
         series = view.flags = adversarial.flags(view, self.adv)
         view.expected = expected or self.expected(population, profile)
         if series:
-            names, rows = _rate_rows(tuple(series))
+            names, rows, view.rate_names = _rate_rows(tuple(series))
             m = len(batch)
             flagged = np.array([series[name][0] for name in names])
             eligible = np.array([series[name][1] for name in names])
@@ -144,8 +151,9 @@ class QueryMonitor:
             view.columns = columns = np.empty((m, len(names), 2))
             np.logical_and(flagged, eligible, out=columns[:, :, 0].T)
             columns[:, :, 1] = eligible.T
-            counts = decayed_counts(columns.reshape(m, -1), state.rates[rows].reshape(-1),
-                                    self.history["decay"]).reshape(m, len(names), 2)
+            view.counts = counts = decayed_counts(
+                columns.reshape(m, -1), state.rates[rows].reshape(-1),
+                self.history["decay"]).reshape(m, len(names), 2)
             for i, name in enumerate(names):
                 view.series[name] = (counts[:, i, 0], counts[:, i, 1])
             state.rates[rows] = counts[-1]
@@ -191,7 +199,7 @@ class QueryMonitor:
         # Off-profile, with features, steps, with a nearest query (the rate columns), events.
         m = len(view.batch)
         per_event = np.empty((m, 5))
-        per_event[:, :4] = view.columns[:, _POOLED_RATES].reshape(m, 4)
+        per_event[:, :4] = view.columns[:, [view.rate_names["ood"], view.rate_names["sign_step"]]].reshape(m, 4)
         per_event[:, 4] = 1.0
         seen = view.population.ips.get(ip, {"ids": [], "counts": [0.0] * 5})
         ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
@@ -305,21 +313,20 @@ class QueryMonitor:
             state.rate_bins[rows] = new_bins
 
 
-def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int]]:
-    """A batch's rate names in RATES order, and their rows of ``ClientState.rates`` (a
-    slice when contiguous, as with a profile and without: no fancy indexing)."""
+def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int], dict]:
+    """A batch's rate names in RATES order, their rows of ``ClientState.rates`` (a slice
+    when contiguous, as with a profile and without: no fancy indexing), and each name's place."""
     found = _RATE_ROWS.get(names)
     if found is None:
         ordered = [name for name in RATES if name in names]
         rows = [RATES.index(name) for name in ordered]
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        found = _RATE_ROWS[names] = (ordered, slice(rows[0], rows[-1] + 1) if contiguous else rows)
+        found = _RATE_ROWS[names] = (ordered, slice(rows[0], rows[-1] + 1) if contiguous else rows,
+                                     {name: i for i, name in enumerate(ordered)})
     return found
 
 
 _RATE_ROWS: dict = {}
-#: The rate columns pooled per IP: off-profile and gradient-sign steps (RATES order, a profile's).
-_POOLED_RATES = [RATES.index("ood"), RATES.index("sign_step")]
 MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded
 #: A query nearer its nearest earlier one than this share of the distance at which honest
 #: distinct records crowd (profile's 0.1 % k-NN quantile) re-sends one entity: PRADA skips it.
