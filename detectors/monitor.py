@@ -201,7 +201,7 @@ class QueryMonitor:
         per_event = np.empty((m, 5))
         per_event[:, :4] = view.columns[:, [view.rate_names["ood"], view.rate_names["sign_step"]]].reshape(m, 4)
         per_event[:, 4] = 1.0
-        seen = view.population.ips.get(ip, {"ids": [], "counts": [0.0] * 5})
+        seen = view.population.ips.get(ip, _UNSEEN_IP)
         ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
         # The snapshot, plus this client's own events of the epoch so far: other
         # ids' events of the epoch count from the next epoch on, in any batching.
@@ -287,10 +287,13 @@ class QueryMonitor:
             counts = np.bincount(known, minlength=state.n_classes)
             state.class_counts += counts
             population.class_counts += counts
-        if state.events:
-            population.volume_hist[volume_bin(state.events)] -= 1
+        before = volume_bin(state.events) if state.events else None
         state.events += len(batch)
-        population.volume_hist[volume_bin(state.events)] += 1
+        after = volume_bin(state.events)
+        if after != before:  # log2 bins: most batches leave a client in its bin
+            if before is not None:
+                population.volume_hist[before] -= 1
+            population.volume_hist[after] += 1
         state.distinct += int(np.count_nonzero(batch.has_features & ~view.neighbours.repeat))
         if math.isnan(state.first_ts):
             state.first_ts = float(batch.ts[0])
@@ -307,10 +310,13 @@ class QueryMonitor:
         if len(rows):
             new_bins = np.rint((RATE_BINS - 1) * state.rates[rows, 0] / seen[rows]).astype(np.int16)
             old = state.rate_bins[rows]
-            moved = old >= 0
-            population.rate_hist[rows[moved], old[moved]] -= 1
-            population.rate_hist[rows, new_bins] += 1
-            state.rate_bins[rows] = new_bins
+            moving = new_bins != old  # whole percents: most batches leave the bins as they were
+            if moving.any():
+                rows, old, new_bins = rows[moving], old[moving], new_bins[moving]
+                moved = old >= 0
+                population.rate_hist[rows[moved], old[moved]] -= 1
+                population.rate_hist[rows, new_bins] += 1
+                state.rate_bins[rows] = new_bins
 
 
 def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int], dict]:
@@ -327,6 +333,7 @@ def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int], di
 
 
 _RATE_ROWS: dict = {}
+_UNSEEN_IP = {"ids": [], "counts": [0.0] * 5}  # read only
 MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded
 #: A query nearer its nearest earlier one than this share of the distance at which honest
 #: distinct records crowd (profile's 0.1 % k-NN quantile) re-sends one entity: PRADA skips it.
