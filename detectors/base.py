@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -79,7 +80,9 @@ def select(candidates: list[Candidate], ts: np.ndarray, last_alert: dict,
     ``last_alert`` (family -> event time) is updated in place.
     """
     verdicts = []
-    hit = [c for c in candidates if c.mask.any()]  # most batches: none
+    if not candidates or not np.array([c.mask for c in candidates]).any():
+        return []  # most batches: no rule holds anywhere (one test, not one per rule)
+    hit = [c for c in candidates if c.mask.any()]
     for family in dict.fromkeys(c.detector for c in hit):
         mine = [c for c in hit if c.detector == family]
         after = -1
@@ -116,16 +119,36 @@ def decayed_counts(flags: np.ndarray, k0, decay: float) -> np.ndarray:
     carry = np.asarray(k0, dtype=np.float64)
     # k_i = decay^i * (decay*k0) + sum_j decay^(i-j) f_j, computed without a loop
     # by scaling with decay^-j, in blocks short enough for the scale to stay finite.
-    block = max(1, int(200 / max(-np.log10(decay), 1e-9)))
+    block = _decay_block(decay)
     for start in range(0, m, block):
         stop = min(m, start + block)
-        steps = np.arange(stop - start, dtype=np.float64)
+        powers, inv = _decay_powers(decay, stop - start)
         if flags.ndim == 2:
-            steps = steps[:, None]
-        powers, inv = decay**steps, decay**-steps
+            powers, inv = powers[:, None], inv[:, None]
         out[start:stop] = powers * (decay * carry + np.cumsum(flags[start:stop] * inv, axis=0))
         carry = out[stop - 1]
     return out
+
+
+@lru_cache(maxsize=8)
+def _decay_block(decay: float) -> int:
+    return max(1, int(200 / max(-np.log10(decay), 1e-9)))
+
+
+def _decay_powers(decay: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """decay^j and decay^-j for j < n: cached for the short batches a stream brings."""
+    if n <= 1024:
+        return _cached_powers(decay, n)
+    steps = np.arange(n, dtype=np.float64)
+    return decay**steps, decay**-steps
+
+
+@lru_cache(maxsize=256)
+def _cached_powers(decay: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.arange(n, dtype=np.float64)
+    powers, inv = decay**steps, decay**-steps
+    powers.flags.writeable = inv.flags.writeable = False  # shared between calls
+    return powers, inv
 
 
 def rate_surprise(k: np.ndarray, n: np.ndarray, p0, min_k: float = 1.0) -> np.ndarray:
@@ -139,9 +162,9 @@ def rate_surprise(k: np.ndarray, n: np.ndarray, p0, min_k: float = 1.0) -> np.nd
     10.0
     """
     k = np.asarray(k)
+    if not k.size or k.max() < max(min_k, 1.0):  # the common case: nothing to evaluate
+        return np.zeros(k.shape, dtype=np.float64)
     out = np.zeros(k.shape, dtype=np.float64)
-    if not out.size or k.max() < max(min_k, 1.0):  # the common case: nothing to evaluate
-        return out
     k_int = np.floor(k)
     n_int = np.maximum(np.floor(n), k_int)
     p0 = np.broadcast_to(np.asarray(p0, dtype=np.float64), out.shape)

@@ -117,14 +117,48 @@ def sign_steps(diff: np.ndarray, unit: np.ndarray) -> np.ndarray:
     ``unit`` is each feature's training range in scaled units, 0 for constant
     features (left out).
     """
-    live = unit > 0
-    share = np.abs(diff[:, live]) / unit[live]
+    live, live_unit, coverage = _live_units(unit)
+    share = np.abs(diff if live is None else diff[:, live]) / live_unit
     changed = share > 1e-9
     count = changed.sum(1)
-    mean = np.where(changed, share, 0).sum(1) / np.maximum(count, 1)
-    spread = np.sqrt(np.where(changed, (share - mean[:, None]) ** 2, 0).sum(1) / np.maximum(count, 1))
-    return ((count >= STEP_COVERAGE * live.sum()) & (count >= 2) & (spread <= STEP_UNIFORMITY * mean)
+    divisor = np.maximum(count, 1)
+    mean = np.where(changed, share, 0).sum(1) / divisor
+    share -= mean[:, None]
+    share **= 2
+    spread = np.sqrt(np.where(changed, share, 0).sum(1) / divisor)
+    return ((count >= coverage) & (count >= 2) & (spread <= STEP_UNIFORMITY * mean)
             & (mean >= STEP_MIN_SHARE))
+
+
+def _per_array(cache: dict, array: np.ndarray, build):
+    """``build(array)``, kept while ``array`` lives: a profile's constants, derived once
+    instead of per client batch (a few small numpy calls each time)."""
+    entry = cache.get(id(array))
+    if entry is None or entry[0] is not array:
+        if len(cache) >= 64:
+            cache.clear()
+        entry = cache[id(array)] = (array, build(array))
+    return entry[1]
+
+
+def _live_units(unit: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """(live mask or None when every feature is live, the live units, coverage count)."""
+    def build(unit):
+        live = unit > 0
+        return (None if live.all() else live), unit[live], STEP_COVERAGE * live.sum()
+    return _per_array(_LIVE_UNITS, unit, build)
+
+
+def _precision_terms(precision: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(rounding per feature, the norm of one precision step, the norm of rounding's error)."""
+    def build(precision):
+        step_norm = math.sqrt(precision @ precision)  # np.linalg.norm's arithmetic, without its overhead
+        return EDIT_STEPS * precision + 1e-6, step_norm, step_norm / np.sqrt(12)
+    return _per_array(_PRECISION_TERMS, precision, build)
+
+
+_LIVE_UNITS: dict = {}
+_PRECISION_TERMS: dict = {}
 
 
 @dataclass
@@ -215,7 +249,7 @@ def neighbours(state: ClientState, batch: QueryBatch, k: int,
     earlier distinct query is closer than ``near`` is a near repeat; ``precision``
     (the data's step per feature, scaled units) tells an edit from rounding.
     """
-    rows = np.flatnonzero(batch.has_features)
+    rows = batch.has_features.nonzero()[0]
     m = len(batch)
     # Row-wise work (hashes, sign steps) is done for the whole batch at once: its
     # blocks share only the window.
@@ -256,9 +290,12 @@ def _sign_steps_where(diff: np.ndarray, has_nearest: np.ndarray,
                       unit: np.ndarray | None) -> np.ndarray:
     """:func:`sign_steps` of the rows that have a nearest query; False elsewhere (and
     everywhere without ``unit``)."""
+    if unit is None or not has_nearest.any():
+        return np.zeros(len(diff), dtype=bool)
+    if has_nearest.all():
+        return sign_steps(diff, unit)
     step = np.zeros(len(diff), dtype=bool)
-    if unit is not None and has_nearest.any():
-        step[has_nearest] = sign_steps(diff[has_nearest], unit)
+    step[has_nearest] = sign_steps(diff[has_nearest], unit)
     return step
 
 
@@ -277,14 +314,21 @@ def row_hashes(Q: np.ndarray) -> np.ndarray:
     few thousandths apart.
     """
     words = np.ascontiguousarray(Q, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    multipliers = _multipliers(Q.shape[1])
-    with np.errstate(over="ignore"):
-        return (words * multipliers).sum(1, dtype=np.uint64) ^ (words.sum(1, dtype=np.uint64) << 32)
+    multipliers = _MULTIPLIERS.get(Q.shape[1])
+    if multipliers is None:
+        multipliers = _MULTIPLIERS[Q.shape[1]] = _multipliers(Q.shape[1])
+    # Both sums in one integer product: wrapping sums modulo 2^64 are exact in any order.
+    sums = words @ multipliers
+    return sums[:, 0] ^ (sums[:, 1] << 32)
 
 
-@lru_cache(maxsize=32)
 def _multipliers(width: int) -> np.ndarray:
-    return np.random.default_rng(0x6D77).integers(1, 2**63, size=width, dtype=np.uint64) | 1
+    """(width, 2): the hash's odd multipliers, and ones for the plain sum."""
+    odd = np.random.default_rng(0x6D77).integers(1, 2**63, size=width, dtype=np.uint64) | 1
+    return np.column_stack([odd, np.ones(width, dtype=np.uint64)])
+
+
+_MULTIPLIERS: dict[int, np.ndarray] = {}
 
 
 def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: np.ndarray,
@@ -309,10 +353,11 @@ def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: 
     changed = moved > 1e-6
     sparse = has_nearest & (changed.sum(1) <= NEAR_REPEAT_CHANGED * changed.shape[1])
     # A field moved by more than rounding would (without the data's precision: at all).
-    rounding = EDIT_STEPS * precision + 1e-6 if precision is not None else 1e-6
     if precision is not None:  # every changed field moved by more than rounding
+        rounding, step_norm, error = _precision_terms(precision)
         edit = sparse & ~(changed & (moved <= rounding)).any(1)
     else:
+        rounding = 1e-6
         edit = np.zeros(m, dtype=bool)
     near_repeat = sparse | (has_nearest & (nearest_d < near))
     same_label = R_label[None, :] == labels[:, None]
@@ -325,7 +370,7 @@ def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: 
     knn, mixed = _nearest_k(D, ~same_label, kk)
     probe = np.zeros(m, dtype=bool)
     if sparse.any():  # only sparse re-sends can be axis probes: the cost stays with them
-        rows = np.flatnonzero(sparse)
+        rows = sparse.nonzero()[0]
         cols = h + rows[:, None] - PROBE_RECENT + np.arange(PROBE_RECENT)  # each row's recent columns
         compared = (cols >= 0) & np.isfinite(D[rows[:, None], np.maximum(cols, 0)])
         probe[rows] = axis_probes(Q[rows], R[np.maximum(cols, 0)], compared, rounding)
@@ -333,13 +378,11 @@ def _score_block(state: ClientState, Q: np.ndarray, q_hash: np.ndarray, labels: 
     if precision is not None:
         # Dense moves only: an entity nudged field by field walks on axis lines.
         dense = has_nearest & ((moved > rounding).sum(1) > NEAR_REPEAT_CHANGED * changed.shape[1])
-        step_norm = math.sqrt(precision @ precision)  # np.linalg.norm's arithmetic, without its overhead
-        error = step_norm / np.sqrt(12)  # the norm of rounding's error
         # A move shorter than one precision step in every feature has its direction
         # decided by rounding.
         dense &= (nearest_d >= step_norm) & (nearest_d > 0)
         if dense.any():
-            rows = np.flatnonzero(dense)
+            rows = dense.nonzero()[0]
             line[rows] = line_steps(Q[rows], R, D[rows], diff[rows], nearest_d[rows], error)
 
     keep = min(size, h + m)
@@ -375,10 +418,10 @@ def _nearest_k(D: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np
     near = D <= kth
     mixed = (near & other).any(1)
     finite = np.isfinite(kth[:, 0])
-    few = np.flatnonzero(~finite)  # fewer than k finite columns: those are the neighbours
-    if len(few):
+    if not finite.all():
+        few = (~finite).nonzero()[0]  # fewer than k finite columns: those are the neighbours
         mixed[few] = (np.isfinite(D[few]) & other[few]).any(1)
-    unsure = np.flatnonzero(finite & (near.sum(1) > k))
+    unsure = (finite & (near.sum(1) > k)).nonzero()[0]
     if len(unsure):
         idx = np.argpartition(D[unsure], k - 1, axis=1)[:, :k]
         mixed[unsure] = np.take_along_axis(other[unsure], idx, 1).any(1)
@@ -571,7 +614,7 @@ class Population:
             if client_id not in ids and len(ids) < MAX_IDS_PER_IP:
                 ids = [*ids, client_id]
         # A new entry, never a change in place: snapshots share the entries (snapshot()).
-        self.ips[ip] = {"ids": ids, "counts": [float(c) for c in np.asarray(entry["counts"]) + counts]}
+        self.ips[ip] = {"ids": ids, "counts": (np.asarray(entry["counts"]) + counts).tolist()}
 
     def snapshot(self) -> Population:
         """A copy that later changes to this population leave alone, sharing its per-IP
@@ -620,7 +663,9 @@ def entropy(counts: np.ndarray) -> float:
 
 
 def volume_bin(events: int) -> int:
-    return int(min(39, np.log2(max(events, 1))))
+    """floor(log2(events)), capped at 39: from the integer's bits (the float log2 gives the
+    same below 2^48 events)."""
+    return min(39, int(max(events, 1)).bit_length() - 1)
 
 
 MAX_IPS = 100_000

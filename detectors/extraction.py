@@ -71,16 +71,19 @@ def judge(view, cfg) -> list[Candidate]:
     """Rule hits in one client's batch; ``view`` is a :class:`detectors.monitor.ClientView`."""
     candidates = [_prada(view, cfg)]
     events = view.events_at(np.arange(len(view.batch)))
+    latest = int(events[-1]) if len(events) else 0  # rules judged only past a count skip their tests below it
 
     if view.profile is not None:
         k, n = view.rate("ood")
         share = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
-        s = rate_surprise(k, n, view.expected["ood"])
+        if latest >= cfg["synthetic_min_queries"]:
+            s = rate_surprise(k, n, view.expected["ood"])
+            mask = ((events >= cfg["synthetic_min_queries"]) & (share >= cfg["synthetic_min_share"])
+                    & (s >= cfg["surprise"]))
+        else:
+            mask = np.zeros(len(events), dtype=bool)
         candidates.append(_candidate(
-            view, "synthetic_queries",
-            (events >= cfg["synthetic_min_queries"]) & (share >= cfg["synthetic_min_share"])
-            & (s >= cfg["surprise"]),
-            share, cfg["synthetic_min_share"],
+            view, "synthetic_queries", mask, share, cfg["synthetic_min_share"],
             "most of the client's queries lie outside the training distribution",
             lambda i: {"off_profile_share": round(float(share[i]), 3)}))
 
@@ -100,11 +103,13 @@ def judge(view, cfg) -> list[Candidate]:
 
     k_low, n_low = view.rate("low_margin")
     low_share = np.divide(k_low, n_low, out=np.zeros_like(k_low), where=n_low > 0)
+    if latest >= cfg["boundary_min_queries"]:
+        mask = ((events >= cfg["boundary_min_queries"]) & (low_share >= cfg["boundary_min_share"])
+                & (rate_surprise(k_low, n_low, cfg["boundary_min_share"] / 3) >= cfg["surprise"]))
+    else:
+        mask = np.zeros(len(events), dtype=bool)
     candidates.append(_candidate(
-        view, "boundary_probing",
-        (events >= cfg["boundary_min_queries"]) & (low_share >= cfg["boundary_min_share"])
-        & (rate_surprise(k_low, n_low, cfg["boundary_min_share"] / 3) >= cfg["surprise"]),
-        low_share, cfg["boundary_min_share"],
+        view, "boundary_probing", mask, low_share, cfg["boundary_min_share"],
         "a large share of the client's answers are low-margin: the decision boundary is being mapped",
         lambda i: {"low_margin_share": round(float(low_share[i]), 3)}))
     return candidates
@@ -117,7 +122,7 @@ def _prada(view, cfg) -> Candidate:
     score = np.full(m, np.nan)  # 1 - W where a test ran
     details: dict[int, dict] = {}
     new = view.neighbours.nn_same_class
-    rows = np.flatnonzero(~np.isnan(new))
+    rows = (~np.isnan(new)).nonzero()[0]
     delta = prada_delta(view.profile, cfg)
     description = "the distances between the client's successive queries are far from normal (PRADA)"
     if len(rows):
@@ -167,19 +172,17 @@ def prada_delta(profile, cfg) -> float:
 def _coverage(view, cfg, events) -> Candidate:
     pop = view.population
     p95 = pop.volume_quantile(0.95)
-    pop_entropy = pop.class_entropy()
-    none = np.zeros(len(events), dtype=bool)
-    unscored = np.full(len(events), np.nan)
     description = "a high-volume client sweeps every class evenly with almost no repeated records"
+    if p95 is not None:
+        least = max(cfg["coverage_min_queries"], cfg["coverage_volume_factor"] * p95)
+        # Events only grow: none is eligible unless the last is (the entropy is then not needed).
+        pop_entropy = pop.class_entropy() if len(events) and events[-1] >= least else 0.0
     if p95 is None or pop_entropy <= 0:
-        return _candidate(view, "query_coverage", none, unscored, cfg["coverage_min_entropy"],
-                          description, dict)
+        return _candidate(view, "query_coverage", np.zeros(len(events), dtype=bool),
+                          np.full(len(events), np.nan), cfg["coverage_min_entropy"], description, dict)
     batch = view.batch
     state: ClientState = view.state
-    eligible = events >= max(cfg["coverage_min_queries"], cfg["coverage_volume_factor"] * p95)
-    if not eligible.any():
-        return _candidate(view, "query_coverage", none, unscored, cfg["coverage_min_entropy"],
-                          description, dict)
+    eligible = events >= least
     labels = batch.label
     onehot = np.zeros((len(batch), state.n_classes))
     known = labels >= 0

@@ -59,10 +59,16 @@ class Featurizer:
         profile = self.profile
         if profile is not None:
             # Absurd values (1e300) must not overflow float32 windows or reach alerts as inf.
+            # profile.scaled's arithmetic, in place: each chunk-sized temporary (67 MB for a
+            # replay chunk of 131,072 x 64) is one more pass and fresh pages to fault in.
             with np.errstate(over="ignore", invalid="ignore"):
-                Z = np.clip(profile.scaled(X), -Z_LIMIT, Z_LIMIT)
+                Z = X - profile.mean
+                Z /= profile.scale
+                np.clip(Z, -Z_LIMIT, Z_LIMIT, out=Z)
             # Featureless rows are NaN (clipped rows hold no inf): zeros to the product.
-            ood = np.where(has_features, profile.mahalanobis(np.where(np.isnan(Z), 0.0, Z)), np.nan)
+            missing = np.isnan(Z)
+            ood = np.where(has_features, profile.mahalanobis(
+                np.where(missing, 0.0, Z) if missing.any() else Z), np.nan)
             out_of_bounds = ((self.low > X) | (self.high < X)).any(1) & has_features
             if labels is None:  # a batch answers with a few classes: look each up once
                 index: dict = {}

@@ -9,6 +9,7 @@ the rules; state is updated only after the batch has been judged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +48,18 @@ class ClientView:
     series: dict
     own_ood: np.ndarray | None = None
     flags: dict | None = None        # rate -> (flagged, eligible) per event
+    columns: np.ndarray | None = None  # (events, rates in RATES order, 2): flagged & eligible, eligible
+    counts: np.ndarray | None = None   # the same, decayed counts (the rate series)
+    rate_names: dict | None = None     # rate -> its place in columns and counts
     expected: dict | None = None     # rate -> the share an honest client flags (expected_rate)
 
     def rate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.series[name]
+
+    def rates(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged, eligible) decayed counts of several rates: (events, len(names)) each."""
+        index = [self.rate_names[name] for name in names]
+        return self.counts[:, index, 0], self.counts[:, index, 1]
 
     def events_at(self, index):
         """Events seen from this client once the event at ``index`` is counted."""
@@ -133,14 +142,21 @@ class QueryMonitor:
         series = view.flags = adversarial.flags(view, self.adv)
         view.expected = expected or self.expected(population, profile)
         if series:
-            rows = [RATES.index(name) for name in series]
-            columns = np.column_stack([a for pair in series.values() for a in
-                                       (pair[0] & pair[1], pair[1])])
-            before = state.rates[rows].reshape(-1)
-            counts = decayed_counts(columns, before, self.history["decay"])
-            for i, name in enumerate(series):
-                view.series[name] = (counts[:, 2 * i], counts[:, 2 * i + 1])
-            state.rates[rows] = counts[-1].reshape(-1, 2)
+            names, rows, view.rate_names = _rate_rows(tuple(series))
+            m = len(batch)
+            flagged = np.array([series[name][0] for name in names])
+            eligible = np.array([series[name][1] for name in names])
+            # Per event and rate: flagged-and-eligible, eligible; filled in place (column_stack
+            # of 14 short arrays cost more than the counting).
+            view.columns = columns = np.empty((m, len(names), 2))
+            np.logical_and(flagged, eligible, out=columns[:, :, 0].T)
+            columns[:, :, 1] = eligible.T
+            view.counts = counts = decayed_counts(
+                columns.reshape(m, -1), state.rates[rows].reshape(-1),
+                self.history["decay"]).reshape(m, len(names), 2)
+            for i, name in enumerate(names):
+                view.series[name] = (counts[:, i, 0], counts[:, i, 1])
+            state.rates[rows] = counts[-1]
         candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
         candidates += self._pooled_by_ip(view, pending)
         if new:
@@ -180,20 +196,23 @@ class QueryMonitor:
             return []
         ip = ip[:MAX_IP_LENGTH]
         client = split_key(view.key, view.state.model)[1]
-        ood, ood_eligible = view.flags["ood"]
-        step, step_eligible = view.flags["sign_step"]
-        per_event = np.column_stack([ood & ood_eligible, ood_eligible, step & step_eligible,
-                                     step_eligible, np.ones(len(view.batch), bool)]).astype(np.float64)
-        seen = view.population.ips.get(ip, {"ids": [], "counts": [0.0] * 5})
+        # Off-profile, with features, steps, with a nearest query (the rate columns), events.
+        m = len(view.batch)
+        per_event = np.empty((m, 5))
+        per_event[:, :4] = view.columns[:, [view.rate_names["ood"], view.rate_names["sign_step"]]].reshape(m, 4)
+        per_event[:, 4] = 1.0
+        seen = view.population.ips.get(ip, _UNSEEN_IP)
         ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
         # The snapshot, plus this client's own events of the epoch so far: other
         # ids' events of the epoch count from the next epoch on, in any batching.
         state = view.state
         if state.pooled_epoch != view.population.epoch:
             state.pooled_epoch, state.pooled_counts = view.population.epoch, np.zeros(5)
-        counts = np.asarray(seen["counts"]) + state.pooled_counts + np.cumsum(per_event, axis=0)
-        state.pooled_counts = counts[-1] - np.asarray(seen["counts"])
-        batch_counts = per_event.sum(0)
+        before = np.asarray(seen["counts"])
+        running = np.cumsum(per_event, axis=0)
+        counts = before + state.pooled_counts + running
+        state.pooled_counts = counts[-1] - before
+        batch_counts = running[-1]  # sums of ones and zeros: exact in any order
         if state.ip != ip:  # an id that moves on leaves its share with the old address
             state.ip, state.ip_counts = ip, np.zeros(5)
         state.ip_counts = state.ip_counts + batch_counts
@@ -262,37 +281,59 @@ class QueryMonitor:
 
     def _learn(self, view: ClientView, population: Population) -> None:
         state, batch = view.state, view.batch
-        known = batch.label[batch.label >= 0]
+        labels = batch.label
+        known = labels[labels >= 0]
         if len(known):
             counts = np.bincount(known, minlength=state.n_classes)
             state.class_counts += counts
             population.class_counts += counts
-        if state.events:
-            population.volume_hist[volume_bin(state.events)] -= 1
+        before = volume_bin(state.events) if state.events else None
         state.events += len(batch)
-        population.volume_hist[volume_bin(state.events)] += 1
-        state.distinct += int((batch.has_features & ~view.neighbours.repeat).sum())
-        if np.isnan(state.first_ts):
+        after = volume_bin(state.events)
+        if after != before:  # log2 bins: most batches leave a client in its bin
+            if before is not None:
+                population.volume_hist[before] -= 1
+            population.volume_hist[after] += 1
+        state.distinct += int(np.count_nonzero(batch.has_features & ~view.neighbours.repeat))
+        if math.isnan(state.first_ts):
             state.first_ts = float(batch.ts[0])
         state.last_ts = float(batch.ts[-1])
         # A client joins each rate's baseline once it has a rate worth the name, and
         # leaves it for good once it was alerted on: suspects do not calibrate honesty.
         seen = state.rates[:, 1]
-        rows = np.flatnonzero(seen >= RATE_MIN_ELIGIBLE)
+        rows = (seen >= RATE_MIN_ELIGIBLE).nonzero()[0]
         if state.last_alert:
-            joined = np.flatnonzero(state.rate_bins >= 0)
+            joined = (state.rate_bins >= 0).nonzero()[0]
             population.rate_hist[joined, state.rate_bins[joined]] -= 1
             state.rate_bins[joined] = -1
             rows = rows[:0]
         if len(rows):
             new_bins = np.rint((RATE_BINS - 1) * state.rates[rows, 0] / seen[rows]).astype(np.int16)
             old = state.rate_bins[rows]
-            moved = old >= 0
-            population.rate_hist[rows[moved], old[moved]] -= 1
-            population.rate_hist[rows, new_bins] += 1
-            state.rate_bins[rows] = new_bins
+            moving = new_bins != old  # whole percents: most batches leave the bins as they were
+            if moving.any():
+                rows, old, new_bins = rows[moving], old[moving], new_bins[moving]
+                moved = old >= 0
+                population.rate_hist[rows[moved], old[moved]] -= 1
+                population.rate_hist[rows, new_bins] += 1
+                state.rate_bins[rows] = new_bins
 
 
+def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int], dict]:
+    """A batch's rate names in RATES order, their rows of ``ClientState.rates`` (a slice
+    when contiguous, as with a profile and without: no fancy indexing), and each name's place."""
+    found = _RATE_ROWS.get(names)
+    if found is None:
+        ordered = [name for name in RATES if name in names]
+        rows = [RATES.index(name) for name in ordered]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        found = _RATE_ROWS[names] = (ordered, slice(rows[0], rows[-1] + 1) if contiguous else rows,
+                                     {name: i for i, name in enumerate(ordered)})
+    return found
+
+
+_RATE_ROWS: dict = {}
+_UNSEEN_IP = {"ids": [], "counts": [0.0] * 5}  # read only
 MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded
 #: A query nearer its nearest earlier one than this share of the distance at which honest
 #: distinct records crowd (profile's 0.1 % k-NN quantile) re-sends one entity: PRADA skips it.
