@@ -34,6 +34,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from score import code_version  # noqa: E402  (beside this file)
+
 from streams.demo.scenario import (  # noqa: E402
     BATCH_KINDS,
     BATCH_ROWS,
@@ -556,7 +558,9 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, jobs: int = 2,
     (out / "truth.json").write_text(json.dumps(
         {"seed": seed, "scale": scale, "clients": clients, "batches": batches}, indent=1))
     summary = _summary(all_events, clients, batches, attacks, time.perf_counter() - started)
-    summary.update(seed=seed, scale=scale)
+    # The commit that made the data: the traffic follows the scenario code, so the same
+    # seed gives other data after it changes.
+    summary.update(seed=seed, scale=scale, code=code_version())
     (out / "generation.json").write_text(json.dumps(summary, indent=1))
     return summary
 
