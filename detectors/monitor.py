@@ -45,7 +45,6 @@ class ClientView:
     neighbours: Neighbours
     profile: Profile | None
     population: Population
-    series: dict
     own_ood: np.ndarray | None = None
     flags: dict | None = None        # rate -> (flagged, eligible) per event
     columns: np.ndarray | None = None  # (events, rates in RATES order, 2): flagged & eligible, eligible
@@ -54,7 +53,9 @@ class ClientView:
     expected: dict | None = None     # rate -> the share an honest client flags (expected_rate)
 
     def rate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.series[name]
+        """(flagged, eligible) decayed counts of one rate, per event."""
+        i = self.rate_names[name]
+        return self.counts[:, i, 0], self.counts[:, i, 1]
 
     def rates(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flagged, eligible) decayed counts of several rates: (events, len(names)) each."""
@@ -138,7 +139,7 @@ class QueryMonitor:
             own = own_calibrated_ood(state, batch, profile)
         else:
             nb, own = neighbours(state, batch, self.adv["knn_k"]), None
-        view = ClientView(key, state, batch, nb, profile, population, {}, own)
+        view = ClientView(key, state, batch, nb, profile, population, own)
         series = view.flags = adversarial.flags(view, self.adv)
         view.expected = expected or self.expected(population, profile)
         if series:
@@ -154,8 +155,6 @@ class QueryMonitor:
             view.counts = counts = decayed_counts(
                 columns.reshape(m, -1), state.rates[rows].reshape(-1),
                 self.history["decay"]).reshape(m, len(names), 2)
-            for i, name in enumerate(names):
-                view.series[name] = (counts[:, i, 0], counts[:, i, 1])
             state.rates[rows] = counts[-1]
         candidates = adversarial.judge(view, self.adv) + extraction.judge(view, self.ext)
         candidates += self._pooled_by_ip(view, pending)
@@ -189,7 +188,7 @@ class QueryMonitor:
         Counts are plain sums (added, so concurrent batches merge exactly); the
         batch's share goes to ``pending``. Bounded: MAX_IPS addresses, MAX_IDS_PER_IP ids.
         """
-        if "ood" not in view.series:
+        if "ood" not in (view.rate_names or ()):
             return []
         ip = next((ip for ip in reversed(view.batch.source_ip) if ip), None)  # the latest
         if ip is None:

@@ -159,21 +159,23 @@ class Profile:
                 self._neighbours = NeighbourClassifier.fit(self.scaled(self.neighbour_rows),
                                                   self.neighbour_labels, self.neighbour_weights,
                                                   len(self.classes))
-            Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
-            return self._neighbours.classes(Z, np.asarray(labels))
+            return self._neighbours.classes(self._classifier_rows(X), np.asarray(labels))
         if self._discriminants is None:
             self._discriminants = Discriminants.fit(
                 self.class_mean / self.scale - self.mean / self.scale, self.class_cov,
                 self.within_cov, self.class_counts, self.classifier_pooling)
-        Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
-        return self._discriminants.classes(Z)
+        return self._discriminants.classes(self._classifier_rows(X))
 
     def linear_classes(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
         """As :meth:`reference_classes`, by the linear classifier; None without one."""
         if self.linear is None:
             return None
-        Z = np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
-        return self.linear.classes(Z, np.asarray(labels))
+        return self.linear.classes(self._classifier_rows(X), np.asarray(labels))
+
+    def _classifier_rows(self, X: np.ndarray) -> np.ndarray:
+        """Raw rows as the reference classifiers read them: scaled, a missing value at the
+        training mean."""
+        return np.nan_to_num(self.scaled(np.asarray(X, dtype=np.float64)), nan=0.0)
 
     def mahalanobis(self, Z: np.ndarray) -> np.ndarray:
         """OOD score of already scaled rows (see :meth:`scaled`)."""

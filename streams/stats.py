@@ -70,9 +70,11 @@ def stats_event(X: np.ndarray, y: np.ndarray, profile: Profile, *, dataset: str,
     labels_as_str = y.astype(str)
     label_idx = np.array([profile.class_index(v) for v in labels_as_str], dtype=np.int64)
 
+    rows_inside, labels_inside = X[inside], label_idx[inside]
+
     def per_label(classify) -> dict | None:
         assigned_idx = np.full(len(X), -1, dtype=np.int64)
-        inside_idx = classify(X[inside], label_idx[inside])
+        inside_idx = classify(rows_inside, labels_inside)
         if inside_idx is None:
             return None
         assigned_idx[inside] = inside_idx

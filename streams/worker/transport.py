@@ -156,44 +156,48 @@ def dead_members(members: list[str], prefix: str | None = None) -> list[str]:
     return dead
 
 
-async def remove_members(servers, group: str, choose, **auth) -> list[str]:
+async def remove_members(servers, group: str, choose, doing: str, otherwise: str,
+                         **auth) -> list[str] | None:
     """Send LeaveGroup, the request a member sends itself when it stops (any client may
     send it: standard Kafka), for each member of ``group`` that ``choose`` picks from the
-    member ids DescribeGroups lists. Returns the ids removed; Kafka errors are raised."""
+    member ids DescribeGroups lists. Returns the ids removed. Best effort within
+    ``LEAVE_TIMEOUT_S``: on any error, says in one line that it could not do ``doing``,
+    why, and ``otherwise`` (what follows), and returns None."""
     from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
     from aiokafka.protocol.admin import DescribeGroupsRequest
     from aiokafka.protocol.group import LeaveGroupRequest
 
-    client = AIOKafkaClient(bootstrap_servers=servers, **auth)
     removed = []
     try:
-        await client.bootstrap()
-        coordinator = await client.coordinator_lookup(0, group)
-        [described] = (await client.send(coordinator, DescribeGroupsRequest([group]))).groups
-        for member in choose([m[0] for m in described[5]]):  # (member_id, ...)
-            answer = await client.send(coordinator, LeaveGroupRequest(group, member))
-            if answer.error_code == 0:
-                removed.append(member)
-    finally:
-        await client.close()
+        async with asyncio.timeout(LEAVE_TIMEOUT_S):
+            client = AIOKafkaClient(bootstrap_servers=servers, **auth)
+            try:
+                await client.bootstrap()
+                coordinator = await client.coordinator_lookup(0, group)
+                [described] = (await client.send(coordinator, DescribeGroupsRequest([group]))).groups
+                for member in choose([m[0] for m in described[5]]):  # (member_id, ...)
+                    answer = await client.send(coordinator, LeaveGroupRequest(group, member))
+                    if answer.error_code == 0:
+                        removed.append(member)
+            finally:
+                await client.close()
+    except (KafkaError, OSError, ValueError, TimeoutError) as exc:
+        print(f"worker: could not {doing} ({exc!r}); {otherwise}", file=sys.stderr, flush=True)
+        return None
     return removed
 
 
 async def remove_dead_members(servers, group: str, **auth) -> list[str]:
     """Remove from ``group`` the members whose worker process on this host is gone: the
     broker would otherwise hold the next rebalance until their sessions expire (a
-    restart after kill -9 waited 10-23 s for its assignment, 5 s with this). Best
-    effort, within ``LEAVE_TIMEOUT_S``: on any error the group just waits, as before."""
-    from aiokafka.errors import KafkaError
-
-    removed = []
-    try:
-        async with asyncio.timeout(LEAVE_TIMEOUT_S):
-            removed = await remove_members(servers, group, dead_members, **auth)
-    except (KafkaError, OSError, ValueError, TimeoutError) as exc:
-        print(f"worker: could not check group {group} for dead members ({exc!r}); a member "
-              "killed before this start delays the assignment until its session expires",
-              file=sys.stderr, flush=True)
+    restart after kill -9 waited 10-23 s for its assignment, 5 s with this). On any
+    error the group just waits, as before."""
+    removed = await remove_members(
+        servers, group, dead_members,
+        f"check group {group} for dead members",
+        "a member killed before this start delays the assignment until its session expires",
+        **auth) or []
     if removed:
         print(f"worker: removed {len(removed)} member(s) of group {group} whose process is "
               f"gone ({', '.join(removed)}), so it need not wait for their sessions to expire",
@@ -203,17 +207,10 @@ async def remove_dead_members(servers, group: str, **auth) -> list[str]:
 
 async def leave_group(servers, group: str, member: str, **auth) -> bool:
     """Take this worker's ``member`` out of ``group`` as it stops, if still listed, so the
-    group rebalances at once (not after the session, 10 s), within ``LEAVE_TIMEOUT_S``."""
-    from aiokafka.errors import KafkaError
-
-    try:
-        async with asyncio.timeout(LEAVE_TIMEOUT_S):
-            left = await remove_members(servers, group, lambda ids: [m for m in ids if m == member],
-                                        **auth)
-    except (KafkaError, OSError, ValueError, TimeoutError) as exc:
-        print(f"worker: could not leave group {group} ({exc!r}); it rebalances when this "
-              "member's session expires", file=sys.stderr, flush=True)
-        return False
+    group rebalances at once (not after the session, 10 s)."""
+    left = await remove_members(
+        servers, group, lambda ids: [m for m in ids if m == member],
+        f"leave group {group}", "it rebalances when this member's session expires", **auth)
     if left:
         print(f"worker: left group {group}", file=sys.stderr, flush=True)
     return bool(left)
