@@ -14,8 +14,8 @@ figure), the workers' CPU-seconds over that span and from spawn (summed over eve
 of each worker's process group), the partitions each worker was assigned (from the
 ``inference-logs partitions [...]`` line it logs at each rebalance), and the alerts
 (read back from the ``alerts`` topic). The alert ids of each run are compared with the
-first one-worker run and with ``modelwatch replay`` on the same day: cross-partition rules
-(population baselines, collusion) are not exact across workers yet (issue 11 item 2).
+first one-worker run and with ``modelwatch replay --partitions 8`` on the same day: they
+should be the same.
 
 Run from ``bench/realistic_speed.py --parts workers``; scratch output (worker logs) goes to
 ``bench/out/workers/``.
@@ -191,10 +191,12 @@ def run_group(n_workers: int, profiles: Path, lines, clients, batch_events: int,
 
 
 def replay_alerts(profile: Path, log: Path) -> list[dict]:
-    """Alerts of ``modelwatch replay`` on the same day: what one worker should give."""
+    """Alerts of ``modelwatch replay`` on the same day, judged as on the topic's partitions:
+    what the workers should give."""
     alerts = OUT / "alerts-replay.jsonl"
     subprocess.run([sys.executable, "-m", "streams.cli", "replay", "--profile", str(profile),
-                    "--inference-log", str(log), "--alerts-out", str(alerts)],
+                    "--inference-log", str(log), "--alerts-out", str(alerts),
+                    "--partitions", str(PARTITIONS)],
                    check=True, capture_output=True)
     return [json.loads(line) for line in alerts.read_text().splitlines()]
 

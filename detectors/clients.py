@@ -577,16 +577,19 @@ class Population:
         bin_ = hist_quantile(self.minting_hist, quantile, min_sources)
         return floor if bin_ is None else max(floor, factor * 2.0 ** bin_)
 
-    def close_epoch(self) -> None:
-        """Fold each source's new-id count of the closing epoch into the histogram the
+    def close_epoch(self, cooling_after: float) -> None:
+        """Fold each source's new-id count since the last close into the histogram the
         threshold calibrates from. Alerted sources stay out (suspects do not calibrate
-        honesty); their alert time is kept one more epoch, for the cooldown."""
+        honesty); an alert time later than ``cooling_after`` (the new epoch's start less
+        the cooldown) is kept for the cooldown. Closing again with no new ids in between
+        changes nothing, so a shard that publishes an idle epoch or skips it ends the same.
+        """
         carried = {}
         for ip, (count, alerted) in self.minting.items():
             if alerted is None:
                 if count:
                     self.minting_hist[volume_bin(count)] += 1
-            elif count:  # alerted this epoch: keep its time for the next one's cooldown
+            elif alerted > cooling_after:
                 carried[ip] = [0, alerted]
         self.minting = carried
 

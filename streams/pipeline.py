@@ -46,6 +46,34 @@ UNPROFILED_CLASSES = 64  # labels tracked per model that has no profile
 DATASET_TOTAL = "\x00"
 
 
+def snapshot_key(model: str, shard: int, epoch: float) -> str:
+    """Key of a shard's population snapshot of a model for an epoch (in ``shared``)."""
+    return f"{model}/{shard}@{int(epoch)}"
+
+
+def shard_mark(shard: int) -> str:
+    """Key of a shard's mark in ``shared``: the epoch it has entered (no "/", unlike a
+    snapshot key)."""
+    return f"#{shard}"
+
+
+def shard_of_key(key: str) -> int:
+    """The shard of a snapshot key or of a shard's mark."""
+    parsed = parse_snapshot_key(key)
+    return int(key[1:]) if parsed is None else parsed[1]
+
+
+def parse_snapshot_key(key: str) -> tuple[str, int, int | None] | None:
+    """(model, shard, epoch) of a snapshot key, None for a shard's mark. Keys stored
+    before snapshots were kept per epoch ("model/shard") have epoch None: the
+    snapshot's own ``epoch`` says it."""
+    if "/" not in key:
+        return None
+    model, tail = key.rsplit("/", 1)
+    shard, _, epoch = tail.partition("@")
+    return model, int(shard), int(epoch) if epoch else None
+
+
 @dataclass
 class Counters:
     events: int = 0
@@ -126,7 +154,8 @@ class Tracked:
 class Pipeline:
     def __init__(self, profiles: list[Profile], thresholds: Thresholds,
                  clients: MutableMapping | None = None, sources: MutableMapping | None = None,
-                 shared: MutableMapping | None = None, scores: Scores | None = None):
+                 shared: MutableMapping | None = None, scores: Scores | None = None,
+                 shards: int = 1):
         self.profiles = {p.model: p for p in profiles}
         self.dataset_profiles = {p.dataset or p.model: p for p in profiles}
         self.thresholds = thresholds
@@ -134,16 +163,20 @@ class Pipeline:
         self.poisoning = PoisoningDetector(thresholds)
         self.clients: MutableMapping[str, ClientState] = PackedStates() if clients is None else clients
         self.sources: MutableMapping[str, SourceState] = {} if sources is None else sources
-        # Population baselines, per shard (a Kafka partition in the worker; replay has
-        # one): each shard sums its own clients in ``pending``; when its events enter
-        # a new epoch it publishes a snapshot to ``shared`` ("model/shard" keys; a
-        # global table in the worker); rules read the merge of all shards' snapshots.
+        # Population baselines, per shard (a Kafka partition in the worker): each shard
+        # sums its own clients in ``pending``; when its events enter a new epoch it
+        # publishes a snapshot to ``shared`` (a global table in the worker), then its
+        # mark. Events of epoch e are judged only once every one of ``shards`` shards has
+        # entered e, against the sum of each shard's snapshot of everything before e
+        # (:meth:`population_at`): the same whatever order the shards ran in.
+        self.n_shards = shards
         self.pending: dict[int, dict[str, Population]] = {}
-        self.shard_epochs: dict[int, float] = {}
+        self.shard_epochs: dict[int, float] = {}  # the epoch each local shard has entered
         self.shared: MutableMapping[str, Population] = {} if shared is None else shared
-        self.populations: dict[str, Population] = {}  # the merged snapshot rules read
-        self._merged_from: list = []  # the (key, snapshot) pairs populations were summed from
+        self._published: dict[tuple[str, int], list[tuple[float, str]]] = {}  # kept snapshots
+        self._merged: dict[float, dict[str, Population]] = {}  # per epoch judged, the last few
         self.epoch_s = thresholds.section("population")["epoch_s"]
+        self.cooldown_s = thresholds.section("alerts")["cooldown_s"]
         self.labels: dict[str, dict[str, int]] = {}   # per unprofiled model
         tolerance = thresholds.section("adversarial")["bounds_tolerance"]
         self._featurizers = {m: Featurizer(p, tolerance) for m, p in self.profiles.items()}
@@ -183,16 +216,17 @@ class Pipeline:
     # --- inference ---------------------------------------------------------------
     def process_inference(self, events: list[InferenceEvent], ts: np.ndarray,
                           shard: int = 0) -> list[Alert]:
-        """Judge a batch of valid events, given in event-time order.
+        """Judge a batch of valid events of one shard, given in event-time order.
 
         Population baselines advance by event-time epochs: events of an epoch are
         judged against the population as it stood when the epoch began, so an
         alert never depends on other clients' later events, and the result does
-        not depend on how the stream was cut into batches.
+        not depend on how the stream was cut into batches. Every event must be of
+        an epoch :meth:`ready` (:meth:`judgeable` tells which are).
         """
         self.counters.events += len(events)
         alerts: list[Alert] = []
-        epochs = np.floor(ts / self.epoch_s)
+        epochs = self._epochs_of(shard, ts)
         for epoch in np.unique(epochs):
             self._advance_to(shard, float(epoch))
             in_epoch = np.flatnonzero(epochs == epoch)
@@ -205,44 +239,115 @@ class Pipeline:
             self.clients.settle()
         return alerts
 
+    def _epochs_of(self, shard: int, ts: np.ndarray) -> np.ndarray:
+        """Each event's epoch; a late event (before the shard's epoch) counts in it."""
+        epochs = np.floor(ts / self.epoch_s)
+        current = self.shard_epochs.get(shard)
+        return epochs if current is None else np.maximum(epochs, current)
+
+    def judgeable(self, shard: int, ts: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Which of a shard's waiting events can be judged now: those of epochs every
+        shard has entered. Also the first epoch that waits (None: none does), which
+        the shard enters (:meth:`enter`) once it has judged the others."""
+        epochs = self._epochs_of(shard, ts)
+        for epoch in np.unique(epochs):
+            if not self.ready(float(epoch)):
+                return epochs < epoch, float(epoch)
+        return np.ones(len(ts), bool), None
+
+    def epoch_of(self, shard: int) -> float | None:
+        """The epoch a shard has entered: a local one's, else its last mark in ``shared``."""
+        epoch = self.shard_epochs.get(shard)
+        if epoch is not None:
+            return epoch
+        mark = self.shared.get(shard_mark(shard))
+        return None if mark is None else mark.epoch
+
+    def ready(self, epoch: float) -> bool:
+        """Whether every shard has entered ``epoch`` (so its events can be judged)."""
+        for shard in range(self.n_shards):
+            entered = self.epoch_of(shard)
+            if entered is None or entered < epoch:
+                return False
+        return True
+
+    def waiting_for(self) -> float | None:
+        """The latest epoch any shard has entered (what an idle shard enters, see
+        :meth:`enter`), or None if none has."""
+        entered = [e for s in range(self.n_shards) if (e := self.epoch_of(s)) is not None]
+        return max(entered, default=None)
+
+    def enter(self, shard: int, epoch: float) -> None:
+        """A shard with nothing before ``epoch`` left to judge enters it, so the shards
+        that wait for it go on. A later event of an earlier epoch is judged as late."""
+        self._advance_to(shard, epoch)
+
+    def forget_shard(self, shard: int) -> None:
+        """A shard given away: its population and epoch are its next owner's."""
+        self.pending.pop(shard, None)
+        self.shard_epochs.pop(shard, None)
+        for key in [k for k in self._published if k[1] == shard]:
+            del self._published[key]
+
     def _advance_to(self, shard: int, epoch: float) -> None:
-        """A shard's new epoch: what it learned so far becomes its part of the snapshot."""
+        """A shard's new epoch: what it learned so far becomes its snapshot for it."""
         current = self.shard_epochs.get(shard)
         if current is not None and epoch <= current:
-            return  # late events are judged against the current snapshot
-        self.shard_epochs[shard] = epoch
-        for model, pending in self.pending.get(shard, {}).items():
-            pending.close_epoch()
-            snapshot = pending.snapshot()
-            snapshot.epoch = epoch
-            self.shared[f"{model}/{shard}"] = snapshot
-        self.refresh_populations()
-
-    def refresh_populations(self) -> None:
-        """Rebuild the snapshot rules read: the sum of every shard's last snapshot.
-
-        Skipped when no shard published since the last rebuild (the worker asks at every
-        checkpoint; a merge walks every pooled source IP). Snapshots are never changed
-        in place, so the same objects mean the same sum; holding them keeps them alive.
-        """
-        sources = list(self.shared.items())
-        if len(sources) == len(self._merged_from) and all(
-                key == k and snapshot is s
-                for (key, snapshot), (k, s) in zip(sources, self._merged_from, strict=True)):
             return
-        self._merged_from = sources
-        by_model: dict[str, list[Population]] = {}
-        for key, snapshot in sources:
-            by_model.setdefault(key.rsplit("/", 1)[0], []).append(snapshot)
-        merged: dict[str, Population] = {}
-        for model, snapshots in by_model.items():
-            if len(snapshots) == 1:  # rules only set its epoch: a shallow copy will do
-                merged[model] = copy.copy(snapshots[0])
+        self.shard_epochs[shard] = epoch
+        cooling_after = epoch * self.epoch_s - self.cooldown_s
+        for model, pending in self.pending.get(shard, {}).items():
+            pending.close_epoch(cooling_after)
+            self._publish(model, shard, epoch, pending.snapshot())
+        mark = Population(0)
+        mark.epoch = epoch
+        self.shared[shard_mark(shard)] = mark  # after the snapshots: readers trust it
+
+    def _publish(self, model: str, shard: int, epoch: float, snapshot: Population) -> None:
+        """Store a shard's snapshot of a model for ``epoch``, keeping its last two: a
+        shard is at most one epoch ahead of the slowest reader (:meth:`population_at`)."""
+        snapshot.epoch = epoch
+        key = snapshot_key(model, shard, epoch)
+        self.shared[key] = snapshot
+        kept = self._published.setdefault((model, shard), [])
+        kept.append((epoch, key))
+        while len(kept) > 2:
+            _, old = kept.pop(0)
+            with contextlib.suppress(KeyError):
+                del self.shared[old]
+
+    def population_at(self, model: str, epoch: float) -> Population | None:
+        """What rules read for events of ``epoch``: the sum over shards (in shard order)
+        of each one's snapshot of everything before ``epoch``, i.e. its earliest
+        snapshot from ``epoch`` on (a shard publishes one at every epoch it enters,
+        and one empty when a model's first client comes to it). Computed once per
+        epoch: by then every shard has entered it, so the snapshots are final."""
+        merged = self._merged.get(epoch)
+        if merged is None:
+            merged = self._merged[epoch] = self._merge_at(epoch)
+            for old in sorted(self._merged)[:-3]:
+                del self._merged[old]
+        return merged.get(model)
+
+    def _merge_at(self, epoch: float) -> dict[str, Population]:
+        chosen: dict[tuple[str, int], tuple[float, Population]] = {}
+        for key, snapshot in list(self.shared.items()):
+            parsed = parse_snapshot_key(key)
+            if parsed is None:
                 continue
-            merged[model] = snapshots[0].snapshot()
-            for snapshot in snapshots[1:]:
+            model, shard, label = parsed
+            label = snapshot.epoch if label is None else label
+            if label >= epoch and ((model, shard) not in chosen or label < chosen[model, shard][0]):
+                chosen[model, shard] = (label, snapshot)
+        merged: dict[str, Population] = {}
+        for (model, _), (_, snapshot) in sorted(chosen.items()):
+            if model in merged:
                 merged[model].merge(snapshot)
-        self.populations = merged
+            else:
+                merged[model] = snapshot.snapshot()
+        for population in merged.values():
+            population.epoch = epoch
+        return merged
 
     def restore_shard(self, shard: int, clients) -> None:
         """After a restart or rebalance: a shard's population is the sum of its clients'
@@ -258,16 +363,28 @@ class Pipeline:
         for model, members in by_model.items():
             pending[model].add_clients(members)
         self.pending[shard] = pending
-        epochs = [s.epoch for k, s in self.shared.items() if k.rsplit("/", 1)[1] == str(shard)]
+        # The snapshots this shard published before, oldest first, and its epoch.
+        published: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for key, snapshot in list(self.shared.items()):
+            parsed = parse_snapshot_key(key)
+            if parsed is not None and parsed[1] == shard:
+                label = snapshot.epoch if parsed[2] is None else parsed[2]
+                published[parsed[0]].append((label, key))
+        for model, kept in published.items():
+            self._published[model, shard] = sorted(kept)
+        self.shard_epochs.pop(shard, None)
+        epochs = [kept[-1][0] for kept in published.values()]
+        mark = self.shared.get(shard_mark(shard))
+        if mark is not None:
+            epochs.append(mark.epoch)
         if epochs:
             self.shard_epochs[shard] = max(epochs)
-        else:
-            self.shard_epochs.pop(shard, None)
         # Key minting: past epochs' counts from the shard's last snapshot, this epoch's
         # from the clients that came in during it (evicted ones are gone).
         epoch = self.shard_epochs.get(shard)
         for model, population in pending.items():
-            snapshot = self.shared.get(f"{model}/{shard}")
+            kept = self._published.get((model, shard))
+            snapshot = self.shared.get(kept[-1][1]) if kept else None
             if snapshot is not None:
                 population.minting_hist = snapshot.minting_hist.copy()
                 population.minting = copy.deepcopy(snapshot.minting)
@@ -281,7 +398,6 @@ class Pipeline:
         self._evict_unprofiled(None)
         for model in list(self.tracked.last):
             self._make_room(model, 0)
-        self.refresh_populations()
 
     def forget_keys(self, keys) -> None:
         """Stop tracking keys of partitions given away (their next owner tracks them)."""
@@ -321,11 +437,14 @@ class Pipeline:
             del self._unprofiled_last[victim]
             self.labels.pop(victim, None)
             self._unprofiled_width.pop(victim, None)
-            self.populations.pop(victim, None)
+            for merged in self._merged.values():
+                merged.pop(victim, None)
             for shard_pending in self.pending.values():
                 shard_pending.pop(victim, None)
-            for key in [k for k in self.shared if k.rsplit("/", 1)[0] == victim]:
-                del self.shared[key]
+            for model, shard in [k for k in self._published if k[0] == victim]:
+                for _, key in self._published.pop((model, shard)):
+                    with contextlib.suppress(KeyError):
+                        del self.shared[key]
 
     def _model_batch(self, model: str, events: list[InferenceEvent], ts: np.ndarray,
                      shard: int) -> list[Alert]:
@@ -337,13 +456,17 @@ class Pipeline:
         columns = self._columns(model, events, ts, profile)
         n_classes = len(profile.classes) if profile else UNPROFILED_CLASSES
         shard_pending = self.pending.setdefault(shard, {})
+        epoch = self.shard_epochs[shard]
         pending = shard_pending.get(model)
         if pending is None:
             pending = shard_pending[model] = Population(n_classes)
-        population = self.populations.get(model)
+            # This shard had none of the model's clients before this epoch: say so, or
+            # readers of it would take the shard's next snapshot, with this epoch in it.
+            self._publish(model, shard, epoch, Population(n_classes))
+        population = self.population_at(model, epoch)
         if population is None:
-            population = self.populations[model] = Population(n_classes)
-        population.epoch = self.shard_epochs[shard]  # shards may stand in different epochs
+            population = self._merged[epoch][model] = Population(n_classes)
+            population.epoch = epoch
         codes: dict[str, int] = {}
         client_code = np.fromiter((codes.setdefault(e.client_id, len(codes)) for e in events),
                                   dtype=np.int64, count=len(events))

@@ -98,9 +98,11 @@ def read_stats(path: Path, pipeline: Pipeline, dead: DeadLetters):
 
 def replay(profiles: list[Profile], thresholds: Thresholds, *, inference_log: Path | None,
            training_stats: Path | None, deadletter: Path | None,
-           scores: Scores | None = None) -> ReplayResult:
-    """``scores``, if given, collects each rule's scores per key (``--explain``, near misses)."""
-    pipeline = Pipeline(profiles, thresholds, scores=scores)
+           scores: Scores | None = None, partitions: int = 1) -> ReplayResult:
+    """``scores``, if given, collects each rule's scores per key (``--explain``, near misses).
+    ``partitions``: judge as a worker does on an inference topic of that many partitions
+    (client ids as record keys), whose alerts are then the same."""
+    pipeline = Pipeline(profiles, thresholds, scores=scores, shards=partitions)
     dead = DeadLetters(deadletter)
     alerts: list[Alert] = []
     late = 0
@@ -144,7 +146,7 @@ def _judge_in_time_order(chunks, pipeline: Pipeline) -> tuple[list[Alert], int]:
             order = np.argsort(held_ts[:window], kind="stable")
             now, rest = order[:CHUNK], order[CHUNK:]
             late += int((held_ts[now] < judged_until).sum())
-            alerts += pipeline.process_inference([held[i] for i in now], held_ts[now])
+            alerts += judge_sharded(pipeline, [held[i] for i in now], held_ts[now])
             judged_until = max(judged_until, float(held_ts[now[-1]]))
             held = [held[i] for i in rest] + held[window:]
             held_ts = np.concatenate([held_ts[rest], held_ts[window:]])
@@ -152,8 +154,36 @@ def _judge_in_time_order(chunks, pipeline: Pipeline) -> tuple[list[Alert], int]:
     late += int((held_ts < judged_until).sum())
     for start in range(0, len(order), CHUNK):
         rows = order[start:start + CHUNK]
-        alerts += pipeline.process_inference([held[i] for i in rows], held_ts[rows])
+        alerts += judge_sharded(pipeline, [held[i] for i in rows], held_ts[rows])
     return alerts, late
+
+
+def judge_sharded(pipeline: Pipeline, events: list, ts: np.ndarray) -> list[Alert]:
+    """Events in time order, judged per shard (the partition a worker would read each
+    from) epoch by epoch: every shard enters an epoch before any judges it."""
+    if pipeline.n_shards == 1:
+        return pipeline.process_inference(events, ts)
+    from streams.cli.tail import partition_of
+
+    shard_of: dict[str, int] = {}
+
+    def shard(client_id: str) -> int:
+        found = shard_of.get(client_id)
+        if found is None:
+            found = shard_of[client_id] = partition_of(client_id, pipeline.n_shards)
+        return found
+
+    shards = np.fromiter((shard(e.client_id) for e in events), dtype=np.int64, count=len(events))
+    alerts: list[Alert] = []
+    epochs = np.floor(ts / pipeline.epoch_s)
+    for epoch in np.unique(epochs):
+        for shard in range(pipeline.n_shards):
+            pipeline.enter(shard, float(epoch))
+        for shard in range(pipeline.n_shards):
+            rows = np.flatnonzero((epochs == epoch) & (shards == shard))
+            if len(rows):
+                alerts += pipeline.process_inference([events[i] for i in rows], ts[rows], shard)
+    return alerts
 
 
 def write_alerts(alerts: list[Alert], path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from detectors.config import ConfigError, load_thresholds
 from streams.files import load_profile
+from streams.pipeline import parse_snapshot_key
 from streams.records import format_ts
 from streams.replay import replay
 from streams.worker.broker import EmbeddedBroker, free_port
@@ -62,7 +63,10 @@ def test_unprofiled_model_names_are_bounded_like_the_metric_labels(tmp_path):
     models = {key.split("/", 1)[0] for key in pipeline.clients}
     assert models == {f"minted-{i}" for i in range(6, MAX_MODEL_LABELS + 6)}
     assert len(pipeline.labels) == MAX_MODEL_LABELS
-    assert set(pipeline.populations) <= models
+    snapshots = {parsed[0] for key in pipeline.shared
+                 if (parsed := parse_snapshot_key(key)) is not None}
+    assert snapshots and snapshots <= models
+    assert {m for merged in pipeline._merged.values() for m in merged} <= models
     assert pipeline.counters.evictions["model_evicted"] == 6
 
 

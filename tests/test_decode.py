@@ -53,9 +53,11 @@ class Recorder:
         pipeline.process_inference = recorded
 
 
-def inference_judge(profile, table: dict) -> tuple[InferenceJudge, Recorder, WorkerMetrics]:
+def inference_judge(profile, table: dict, shards: int = 1) -> tuple[InferenceJudge, Recorder,
+                                                                    WorkerMetrics]:
     clients = KeyedStates(table, ClientState)
-    pipeline = Pipeline([profile], load_thresholds(), clients=clients, sources={}, shared={})
+    pipeline = Pipeline([profile], load_thresholds(), clients=clients, sources={}, shared={},
+                        shards=shards)
     metrics = WorkerMetrics()
     return InferenceJudge(pipeline, clients, metrics, INFERENCE), Recorder(pipeline), metrics
 
@@ -65,9 +67,13 @@ def test_inference_dead_letters_each_bad_record_and_judges_the_rest_by_event_tim
     late, early, middle = good[0] | {"ts": format_ts(T0 + 9)}, good[1], good[2] | {
         "ts": format_ts(T0 + 5)}
     batch = records(2, [late, b"not json", [early, {"ts": "yesterday"}], None, middle])
-    judge, recorder, metrics = inference_judge(digits.profile, {})
+    judge, recorder, metrics = inference_judge(digits.profile, {}, shards=3)
 
     judged = judge(batch)
+    # Partitions 0 and 1 have entered no epoch yet: the events wait, unacknowledged.
+    assert not recorder.calls and judge.deferred() == {(INFERENCE, 2, 0), (INFERENCE, 2, 2),
+                                                       (INFERENCE, 2, 4)}
+    assert not judge.enter_idle({0, 1}).alerts and not judge.deferred()
 
     reasons = {(d.offset, d.element): d.reason for d in judged.dead_letters}
     assert set(reasons) == {(1, None), (2, 1), (3, None)}
@@ -101,7 +107,7 @@ def test_inference_skips_what_the_stored_state_already_holds(digits):
 
 
 def test_inference_forgets_partitions_given_away(digits):
-    judge, _, _ = inference_judge(digits.profile, {})
+    judge, _, _ = inference_judge(digits.profile, {}, shards=2)
     judge(records(0, digits.events("c1", digits.X_pool[:2]))
           + records(1, digits.events("c2", digits.X_pool[2:4])))
     assert judge.restored == {0, 1} and set(judge.clients) == {"digits/c1", "digits/c2"}
@@ -122,7 +128,7 @@ def test_stats_dead_letters_bad_batches_and_skips_held_ones(digits):
     judged = judge([Record(3, 7, b"{}", key=b"k"), Record(3, 8, good)])
     assert judged.dead_letters == [DeadLetter(STATS, 3, 7, None, b"k", b"{}",
                                               judged.dead_letters[0].reason)]
-    assert pipeline.counters.batches == 1 and sources.applied["digits-train/s1"] == (3, 8)
+    assert pipeline.counters.batches == 1 and sources.applied["digits-train/s1"] == (3, 8, ())
 
     judge([Record(3, 8, good)])  # read again: the source's state holds it
     assert pipeline.counters.batches == 1

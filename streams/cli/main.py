@@ -77,6 +77,16 @@ def _stats(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _replay(args) -> int:
     from streams.files import load_profile, read_thresholds
     from streams.replay import replay, write_alerts
@@ -91,7 +101,7 @@ def _replay(args) -> int:
     scores = Scores(set(args.explain)) if args.explain or args.report is not None else None
     result = replay(profiles, thresholds, inference_log=args.inference_log,
                     training_stats=args.training_stats, deadletter=args.deadletter,
-                    scores=scores)
+                    scores=scores, partitions=args.partitions)
     write_alerts(result.alerts, args.alerts_out)
     if args.report is not None:
         from streams.report.html import write_report
@@ -339,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alerts-out", required=True, type=Path, help="alerts, one ECS JSON per line")
     p.add_argument("--deadletter", type=Path, help="bad records with file, line and reason")
     p.add_argument("--thresholds", type=Path, help="thresholds TOML overriding the defaults")
+    p.add_argument("--partitions", type=positive_int, default=1,
+                   help="judge as a worker reading an inference topic of this many partitions "
+                        "does (the same alerts); default 1")
     p.add_argument("--report", type=Path, help="also write a self-contained HTML report here")
     p.add_argument("--explain", action="append", default=[], metavar="KEY",
                    help="print each rule's best score against its threshold for KEY: a client id, "

@@ -58,7 +58,7 @@ from streams.sinks.base import Outbox
 from streams.worker.checkpoint import HOLE_RETRY_S, Checkpoint
 from streams.worker.decode import InferenceJudge, Judged, StatsJudge, dead_letter_record
 from streams.worker.tables import KeyedStates, SharedSnapshots, write
-from streams.worker.transport import faust_broker_urls, member_client_id
+from streams.worker.transport import connection, faust_broker_urls, follow_topic, member_client_id
 
 TAKE = 10_000        # records per processing batch at most
 WITHIN_S = 0.05      # ... or what arrived within this time
@@ -66,6 +66,11 @@ WITHIN_S = 0.05      # ... or what arrived within this time
 # backlog, batches must be large, so fetch far more than Faust's 1 MiB per partition.
 FETCH_BYTES = 16 << 20
 TICK_S = 1.0
+# A partition read to its end with no record for this long enters the latest epoch of
+# any partition, so theirs can be judged (Flink's idle-source timeout). An event of an
+# earlier epoch that arrives after that is judged late, against the newer population.
+IDLE_S = 5.0
+WAIT_TICK_S = 0.25
 # A judged record that has waited this long for a commit means something is stuck: say
 # so, with every task's and thread's stack (what ``kill -USR1`` prints at any time).
 STALL_S = 60.0
@@ -101,27 +106,30 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     clients = KeyedStates(app.Table("clients", partitions=n_inference, **raw), ClientState)
     sources = KeyedStates(app.Table("sources", partitions=n_stats, **raw), SourceState)
     shared = SharedSnapshots(app.GlobalTable("populations", partitions=n_inference, **raw))
-    pipeline = Pipeline(profiles, thresholds, clients=clients, sources=sources, shared=shared)
+    pipeline = Pipeline(profiles, thresholds, clients=clients, sources=sources, shared=shared,
+                        shards=n_inference)
     encoder = msgspec.json.Encoder()
     metrics = metrics or WorkerMetrics()
     reported_evictions = dict(pipeline.counters.evictions)
     read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to judge
+    last_record_at: dict[tuple[str, int], float] = {}  # (topic, partition) -> clock time
     judge_inference_batch = InferenceJudge(pipeline, clients, metrics, settings.topic_inference)
     judge_stats_batch = StatsJudge(pipeline, sources, metrics, settings.topic_stats)
 
     def cut_state(owned) -> list[tuple]:
         inference_owned = owned(settings.topic_inference)
-        writes = (clients.snapshot(inference_owned) + shared.snapshot(inference_owned)
-                  + sources.snapshot(owned(settings.topic_stats)))
-        pipeline.refresh_populations()  # other workers' shards may have moved on
-        return writes
+        return (clients.snapshot(inference_owned) + shared.snapshot(inference_owned)
+                + sources.snapshot(owned(settings.topic_stats)))
 
     def forget(revoked: set[tuple[str, int]]) -> None:
-        judge_inference_batch.forget({p for t, p in revoked if t == settings.topic_inference})
+        inference_revoked = {p for t, p in revoked if t == settings.topic_inference}
+        judge_inference_batch.forget(inference_revoked)
+        shared.forget(inference_revoked)
         judge_stats_batch.forget({p for t, p in revoked if t == settings.topic_stats})
 
     checkpoint = Checkpoint(cut_state=cut_state, write=write, written=shared.written,
                             forget=forget, crash=app.crash,
+                            deferred=judge_inference_batch.deferred,
                             generation=lambda: app.consumer_generation_id,
                             committed=lambda tp: app.consumer.committed_offset(TP(*tp)),
                             rewind=lambda tp, offset: app.consumer.seek(TP(*tp), offset))
@@ -146,9 +154,11 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     def observe(topic: str, batch, started: float) -> None:
         metrics.kafka_records(topic, len(batch))
         metrics.processing(topic, time.perf_counter() - started)
+        now = time.monotonic()
         for event in batch:
             tp = (topic, event.message.partition)
             read_up_to[tp] = max(read_up_to.get(tp, 0), event.message.offset + 1)
+            last_record_at[tp] = now
 
     def report_state() -> None:
         for (topic, partition), offset in list(read_up_to.items()):
@@ -192,6 +202,42 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     async def checkpoint_timer() -> None:
         report_state()
         await checkpoint.tick()
+
+    def idle_partitions() -> set[int]:
+        """Owned inference partitions read to their end, with no record for IDLE_S (none
+        while the tables recover: a partition's clients are restored from them)."""
+        if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
+            return set()
+        now, idle = time.monotonic(), set()
+        for partition in checkpoint.owned(settings.topic_inference):
+            tp = (settings.topic_inference, partition)
+            end = app.consumer.highwater(TP(*tp))
+            next_offset = read_up_to.get(tp, checkpoint.next_to_judge(tp) or 0)
+            quiet_since = last_record_at.get(tp, checkpoint.progress_at.get(tp, now))
+            if end is not None and next_offset >= end and now - quiet_since >= IDLE_S:
+                idle.add(partition)
+        return idle
+
+    @app.timer(WAIT_TICK_S)
+    async def judge_waiting() -> None:
+        """Events that wait for other partitions' epochs: enter the idle partitions' and
+        judge what other workers' marks freed; write this worker's marks at once when
+        they are what holds others back."""
+        idle = idle_partitions()
+        if not idle and not judge_inference_batch.deferred():
+            return
+        loop = asyncio.get_running_loop()
+        async with checkpoint.judging("judge_inference", []):
+            await send(await loop.run_in_executor(None, judge_inference_batch.enter_idle,
+                                                  idle & checkpoint.owned(settings.topic_inference)))
+        if shared.marks_unwritten():
+            await checkpoint.commit()
+
+    @app.task
+    async def follow_populations() -> None:
+        servers, auth = connection(app)
+        await follow_topic(servers, shared.table.changelog_topic.get_topic_name(),
+                           shared.received, **auth)
 
     def where() -> None:
         """What the worker is doing: the checkpoint's state and every task's await chain."""
@@ -238,6 +284,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.on_partitions_assigned.connect
     async def take_on(app, assigned_now, **kwargs) -> None:
         await checkpoint.assign((tp.topic, tp.partition) for tp in assigned_now)
+        shared.owned = checkpoint.owned(settings.topic_inference)
         mine = sorted(checkpoint.owned(settings.topic_inference))
         print(f"worker: {settings.topic_inference} partitions {mine}", file=sys.stderr)
         # A full collection scans every object the libraries made at start: ~90 ms,

@@ -72,6 +72,9 @@ class Checkpoint:
     forget
         Called under both locks with the (topic, partition) pairs revoked: drop
         their working state.
+    deferred
+        Called under the batch lock: the (topic, partition, offset) of records given
+        to judge whose events wait (for an epoch); they stay held, unacknowledged.
     crash
         Stops the worker with an exception (Faust's ``app.crash``).
     generation
@@ -87,6 +90,7 @@ class Checkpoint:
                  write: Callable[..., Awaitable], written: Callable[[], None],
                  forget: Callable[[set[TP]], None],
                  crash: Callable[[BaseException], Awaitable],
+                 deferred: Callable[[], set[tuple[str, int, int]]] = set,
                  generation: Callable[[], int],
                  committed: Callable[[TP], int | None] = lambda tp: None,
                  rewind: Callable[[TP, int], Awaitable] = lambda tp, offset: asyncio.sleep(0),
@@ -97,7 +101,7 @@ class Checkpoint:
                  write_bytes: int = WRITE_BYTES):
         self.cut_state, self.write, self.written, self.forget = cut_state, write, written, forget
         self.crash, self.generation, self.halt, self.clock = crash, generation, halt, clock
-        self.committed, self.rewind = committed, rewind
+        self.committed, self.rewind, self.deferred = committed, rewind, deferred
         self.interval_s, self.send_timeout_s = interval_s, send_timeout_s
         self.write_slice, self.write_pause_s, self.write_bytes = write_slice, write_pause_s, write_bytes
         self.lock = asyncio.Lock()        # batches, cuts and rebalances, one at a time
@@ -233,8 +237,14 @@ class Checkpoint:
                     return
                 self.due = self.clock() + self.interval_s
                 sends, self.sends = self.sends, []
-                events, self.held = self.held, []
-                self.waiting_since = None
+                waiting = self.deferred()
+                held, events, self.held = self.held, [], []
+                for event in held:
+                    message = event.message
+                    (self.held if (message.topic, message.partition, message.offset) in waiting
+                     else events).append(event)
+                if not self.held:
+                    self.waiting_since = None
                 writes = self.cut_state(self.owned)
             # A state that holds a record is never stored before the record's alerts.
             await self.delivered(sends)                      # 2. alerts, dead letters

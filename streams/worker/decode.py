@@ -73,60 +73,171 @@ def dead_letter_record(topic: str, partition: int, offset: int, element: int | N
     return key, value, headers
 
 
+class Waiting:
+    """A partition's events screened and not judged yet, in the order they are to be
+    judged (each batch's by event time): their epoch waits for other shards."""
+
+    __slots__ = ("events", "ts", "where", "keys", "records", "last_offset")
+
+    def __init__(self):
+        self.events: list = []
+        self.ts = np.empty(0)
+        self.where: list[tuple[int, int]] = []  # (offset, element) of each event
+        self.keys: list[str] = []
+        self.records: Counter = Counter()       # offset -> its events still waiting
+        self.last_offset = -1                   # the last record screened
+
+    def add(self, events: list, ts: np.ndarray, where: list, keys: list) -> None:
+        self.events += events
+        self.ts = np.concatenate([self.ts, ts])
+        self.where += where
+        self.keys += keys
+        self.records.update(offset for offset, _ in where)
+
+    def take(self, judged: np.ndarray) -> tuple[list, np.ndarray]:
+        """Remove the events at indices ``judged``; return them and their times."""
+        rest = np.ones(len(self.events), bool)
+        rest[judged] = False
+        events = [self.events[i] for i in judged]
+        ts = self.ts[judged]
+        for i in judged.tolist():
+            offset = self.where[i][0]
+            self.records[offset] -= 1
+            if not self.records[offset]:
+                del self.records[offset]
+        kept = np.flatnonzero(rest).tolist()
+        self.events = [self.events[i] for i in kept]
+        self.ts = self.ts[rest]
+        self.where = [self.where[i] for i in kept]
+        self.keys = [self.keys[i] for i in kept]
+        return events, ts
+
+    def skipped(self) -> dict[str, tuple]:
+        """Per key, its waiting events' (offset, element): what its state lacks of the
+        records up to ``last_offset``."""
+        out: dict[str, list] = {}
+        for key, where in zip(self.keys, self.where, strict=True):
+            out.setdefault(key, []).append(where)
+        return {k: tuple(v) for k, v in out.items()}
+
+
 class InferenceJudge:
-    """Judges inference records, grouped by partition (a shard of the population)."""
+    """Judges inference records, grouped by partition (a shard of the population).
+
+    A partition's events of an epoch are judged once every partition has entered it
+    (:meth:`streams.pipeline.Pipeline.judgeable`), so the population each is judged
+    against does not depend on which partition was read first: until then they wait
+    here, and their records are not acknowledged (:meth:`deferred`).
+    """
 
     def __init__(self, pipeline: Pipeline, clients: KeyedStates, metrics: WorkerMetrics,
                  topic: str, clock: Callable[[], float] = time.time):
         self.pipeline, self.clients, self.metrics, self.topic = pipeline, clients, metrics, topic
         self.clock = clock
         self.restored: set[int] = set()  # partitions whose population is rebuilt
+        self.waiting: dict[int, Waiting] = {}
 
     def __call__(self, events: list) -> Judged:
         """Judge records in offset order per partition (as :meth:`Checkpoint.hold` gives)."""
         by_partition: dict[int, list] = {}
         for event in events:
             by_partition.setdefault(event.message.partition, []).append(event)
-        dead, alerts = [], []
+        dead = []
         for partition, records in by_partition.items():
-            if partition not in self.restored:
-                started, count = time.perf_counter(), Counter()
-                # The restored population and state views live on: set them aside too.
-                with cyclic_gc_paused(freeze_after=True):
-                    self.pipeline.restore_shard(partition,
-                                                counted(self.clients.restored(partition), count))
-                self.restored.add(partition)
-                print(f"worker: {self.topic}[{partition}]: {count['n']:,} clients restored in "
-                      f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            self._restore(partition)
             result = screen(((e.value, (e.key, e.message.offset)) for e in records),
                             self.pipeline.reject_reason)
             dead += [DeadLetter(self.topic, partition, offset, element, key, raw, reason)
                      for ((key, offset), reason, raw), element
                      in zip(result.rejected, result.elements, strict=True)]
+            waiting = self.waiting.setdefault(partition, Waiting())
+            waiting.last_offset = max(waiting.last_offset, records[-1].message.offset)
             if not result.events:
                 continue
             self.metrics.event_lag(self.topic, self.clock() - result.ts)
-            keep = [i for i, (event, (_, offset))
-                    in enumerate(zip(result.events, result.tags, strict=True))
-                    if not self.clients.holds(f"{event.model}/{event.client_id}", partition,
-                                              offset)]
+            # An event is known by its record's offset and its place among the record's
+            # valid events: a state may hold some events of a record and not others.
+            numbered, where = Counter(), []
+            for _, offset in result.tags:
+                where.append((offset, numbered[offset]))
+                numbered[offset] += 1
+            keys = [f"{e.model}/{e.client_id}" for e in result.events]
+            keep = [i for i, (key, (offset, element)) in enumerate(zip(keys, where, strict=True))
+                    if not self.clients.holds(key, partition, offset, element)]
             if not keep:
                 continue
-            ts = result.ts[keep]
-            order = np.argsort(ts, kind="stable")  # per client, partition order is kept
-            self.clients.position = (partition, records[-1].message.offset)
-            judged = [result.events[keep[i]] for i in order]
-            for model, n in Counter(e.model for e in judged).items():
+            order = [keep[i] for i in np.argsort(result.ts[keep], kind="stable")]  # per client, partition order is kept
+            for model, n in Counter(result.events[i].model for i in order).items():
                 self.metrics.consumed(self.topic, model, n)
-            alerts += self.pipeline.process_inference(judged, ts[order], shard=partition)
-        return Judged(dead, alerts)
+            waiting.add([result.events[i] for i in order], result.ts[order],
+                        [where[i] for i in order], [keys[i] for i in order])
+        return Judged(dead, self._judge_ready())
+
+    def _restore(self, partition: int) -> None:
+        if partition in self.restored:
+            return
+        started, count = time.perf_counter(), Counter()
+        # The restored population and state views live on: set them aside too.
+        with cyclic_gc_paused(freeze_after=True):
+            self.pipeline.restore_shard(partition, counted(self.clients.restored(partition), count))
+        self.restored.add(partition)
+        print(f"worker: {self.topic}[{partition}]: {count['n']:,} clients restored in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+    def _judge_ready(self) -> list[Alert]:
+        """Judge every waiting event whose epoch all partitions have entered, and enter
+        the epochs that wait, until nothing moves (a partition entering an epoch can
+        free another's events)."""
+        alerts: list[Alert] = []
+        moved = True
+        while moved:
+            moved = False
+            for partition in sorted(self.waiting):
+                waiting = self.waiting[partition]
+                if not waiting.events:
+                    continue
+                ok, first_waiting = self.pipeline.judgeable(partition, waiting.ts)
+                judged = np.flatnonzero(ok)
+                if len(judged):
+                    moved = True
+                    self.clients.position = (partition, waiting.last_offset)
+                    events, ts = waiting.take(judged)
+                    self.clients.skipped = waiting.skipped()
+                    alerts += self.pipeline.process_inference(events, ts, shard=partition)
+                    self.clients.skipped = {}
+                if first_waiting is not None and self.pipeline.epoch_of(partition) != first_waiting:
+                    self.pipeline.enter(partition, first_waiting)
+                    moved = True
+        return alerts
+
+    def enter_idle(self, partitions: set[int]) -> Judged:
+        """Partitions with nothing to judge and nothing more on the broker for a while
+        enter the latest epoch any partition has, so the others' events of it are
+        judged (an idle source's watermark); then judge what that freed."""
+        target = self.pipeline.waiting_for()
+        if target is None:
+            return Judged([], [])
+        for partition in sorted(partitions):
+            self._restore(partition)
+            waiting = self.waiting.get(partition)
+            entered = self.pipeline.epoch_of(partition)
+            if (waiting is None or not waiting.events) and (entered is None or entered < target):
+                self.pipeline.enter(partition, target)
+        return Judged([], self._judge_ready())
+
+    def deferred(self) -> set[tuple[str, int, int]]:
+        """(topic, partition, offset) of the records with events still waiting: not to
+        be acknowledged yet."""
+        return {(self.topic, partition, offset) for partition, waiting in self.waiting.items()
+                for offset in waiting.records}
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions given away: their clients, shards and restored populations."""
         self.pipeline.forget_keys(self.clients.forget(partitions))
         self.restored -= partitions
         for partition in partitions:
-            self.pipeline.pending.pop(partition, None)
+            self.pipeline.forget_shard(partition)
+            self.waiting.pop(partition, None)
 
 
 def counted(items, count: Counter):

@@ -20,23 +20,50 @@ from faust.streams import _current_event
 
 from detectors.clients import Population
 from detectors.state import dumps, loads, split
+from streams.pipeline import parse_snapshot_key, shard_of_key
 
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
+# ... then, when the partition field is -(partition + 1), a count and that many
+# (offset, element) events of those records not yet applied (waiting for an epoch).
+_SKIPPED_COUNT = struct.Struct("<I")
+_SKIPPED = struct.Struct("<qi")
+
+
+def pack_applied(partition: int, offset: int, skipped: tuple = ()) -> bytes:
+    """The prefix of a stored state: which records of its partition it holds."""
+    if not skipped:
+        return _APPLIED.pack(partition, offset)
+    return (_APPLIED.pack(-partition - 1, offset) + _SKIPPED_COUNT.pack(len(skipped))
+            + b"".join(_SKIPPED.pack(*item) for item in skipped))
+
+
+def unpack_applied(blob) -> tuple[tuple[int, int, tuple], int]:
+    """((partition, offset, skipped), size of the prefix) of a stored state."""
+    partition, offset = _APPLIED.unpack_from(blob)
+    if partition >= 0:
+        return (partition, offset, ()), _APPLIED.size
+    (count,) = _SKIPPED_COUNT.unpack_from(blob, _APPLIED.size)
+    start = _APPLIED.size + _SKIPPED_COUNT.size
+    skipped = tuple(_SKIPPED.unpack_from(blob, start + i * _SKIPPED.size) for i in range(count))
+    return (-partition - 1, offset, skipped), start + count * _SKIPPED.size
 
 class KeyedStates(MutableMapping):
     """Working copies of per-key detector state, backed by a Faust table.
 
     Read from the table on first use; written back at checkpoints, each value
-    prefixed with the partition and offset of the last record applied to it.
+    prefixed with the partition and offset of the last record applied to it, and
+    the events of those records it does not hold yet (:func:`pack_applied`).
     """
 
     def __init__(self, table, cls):
         self.table, self.cls = table, cls
         self.live: dict[str, object] = {}
-        self.applied: dict[str, tuple[int, int]] = {}
+        self.applied: dict[str, tuple[int, int, tuple]] = {}
         self.dirty: set[str] = set()
         self.deleted: dict[str, int] = {}  # evicted keys -> partition, for a tombstone
         self.position: tuple[int, int] = (-1, -1)  # the records being applied now
+        # per key, its events of those records left to apply: (offset, element) pairs
+        self.skipped: dict[str, tuple] = {}
 
     def _load(self, key: str) -> bool:
         if key in self.live:
@@ -46,17 +73,18 @@ class KeyedStates(MutableMapping):
         blob = self.table.get(key.encode())
         if blob is None:
             return False
-        partition, offset = _APPLIED.unpack_from(blob)
-        self.live[key] = loads(self.cls, blob[_APPLIED.size:])
-        self.applied[key] = (partition, offset)
+        applied, size = unpack_applied(blob)
+        self.live[key] = loads(self.cls, blob[size:])
+        self.applied[key] = applied
         return True
 
-    def holds(self, key: str, partition: int, offset: int) -> bool:
-        """Whether the state of ``key`` already includes that record."""
+    def holds(self, key: str, partition: int, offset: int, element: int = 0) -> bool:
+        """Whether the state of ``key`` already includes that event of that record."""
         if not self._load(key):
             return False
         applied = self.applied.get(key)
-        return applied is not None and applied[0] == partition and offset <= applied[1]
+        return (applied is not None and applied[0] == partition and offset <= applied[1]
+                and (offset, element) not in applied[2])
 
     def __getitem__(self, key: str):
         if not self._load(key):
@@ -65,7 +93,7 @@ class KeyedStates(MutableMapping):
 
     def __setitem__(self, key: str, state) -> None:
         self.live[key] = state
-        self.applied[key] = self.position
+        self.applied[key] = (*self.position, self.skipped.get(key, ()))
         self.dirty.add(key)
         self.deleted.pop(key, None)
 
@@ -89,10 +117,10 @@ class KeyedStates(MutableMapping):
         value) to :func:`write`; the working copies may change again right after."""
         out = []
         for key in sorted(self.dirty):
-            partition, offset = self.applied[key]
-            if partition in partitions:
-                out.append((self.table, partition, key.encode(),
-                            _APPLIED.pack(partition, offset) + dumps(self.live[key])))
+            applied = self.applied[key]
+            if applied[0] in partitions:
+                out.append((self.table, applied[0], key.encode(),
+                            pack_applied(*applied) + dumps(self.live[key])))
         for key, partition in sorted(self.deleted.items()):
             if partition in partitions:
                 out.append((self.table, partition, key.encode(), None))
@@ -102,7 +130,7 @@ class KeyedStates(MutableMapping):
 
     def forget(self, partitions: set[int]) -> list[str]:
         """Drop working copies of partitions this worker no longer owns; returns their keys."""
-        gone = [k for k, (p, _) in self.applied.items() if p in partitions]
+        gone = [k for k, applied in self.applied.items() if applied[0] in partitions]
         for key in gone:
             self.live.pop(key, None)
             self.applied.pop(key, None)
@@ -122,11 +150,11 @@ class KeyedStates(MutableMapping):
             if key in self.live:
                 yield key, self.live[key]
                 continue
-            applied = _APPLIED.unpack_from(blob)
+            applied, size = unpack_applied(blob)
             if applied[0] != partition or key in self.deleted:
                 continue
             self.applied[key] = applied  # so forget() knows the key's partition
-            yield key, StoredState(self.cls, blob, _APPLIED.size)
+            yield key, StoredState(self.cls, blob, size)
 
     def _stored(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """A partition's stored (key, value) pairs: from its own RocksDB database
@@ -170,26 +198,45 @@ class StoredState:
 
 
 class SharedSnapshots(MutableMapping):
-    """Population snapshots per "model/shard" in a global table; writes wait for
-    the next checkpoint, reads decode once per stored version."""
+    """Population snapshots and shard marks (:mod:`streams.pipeline`) in a global table.
+    Writes wait for the next checkpoint. The shards this worker owns read the table;
+    the others read what :meth:`received` was given from the table's changelog (a
+    reader of its own: Faust's global tables miss other workers' updates). Reads
+    decode once per stored version."""
 
     def __init__(self, table):
         self.table = table
         self.local: dict[str, Population] = {}
         self.dirty: set[str] = set()
         self.deleted: set[str] = set()  # an evicted unprofiled model's shards
+        self.owned: set[int] = set()
+        self.remote: dict[str, bytes] = {}  # the changelog as read, every shard
         self._decoded: dict[str, tuple[bytes, Population]] = {}
+
+    def received(self, partition: int, key: bytes | None, value: bytes | None) -> None:
+        """A record of the table's changelog (None: a deletion)."""
+        if key is None:
+            return
+        if value is None:
+            self.remote.pop(key.decode(), None)
+        else:
+            self.remote[key.decode()] = value
+
+    def _stored(self, key: str) -> bytes | None:
+        if shard_of_key(key) in self.owned:
+            return self.table.get(key.encode())
+        return self.remote.get(key)
 
     def __getitem__(self, key: str) -> Population:
         if key in self.deleted:
             raise KeyError(key)
         if key in self.local:
             return self.local[key]
-        blob = self.table.get(key.encode())
+        blob = self._stored(key)
         if blob is None:
             raise KeyError(key)
         cached = self._decoded.get(key)
-        if cached is None or cached[0] != blob:
+        if cached is None or (cached[0] is not blob and cached[0] != blob):
             cached = self._decoded[key] = (blob, loads(Population, blob))
         return cached[1]
 
@@ -205,32 +252,49 @@ class SharedSnapshots(MutableMapping):
         self.deleted.add(key)
 
     def __iter__(self) -> Iterator[str]:
-        keys = {k.decode() for k in list(self.table.keys())} | set(self.local)
+        owned = {k.decode() for k in list(self.table.keys())}
+        keys = ({k for k in owned if shard_of_key(k) in self.owned}
+                | {k for k in list(self.remote) if shard_of_key(k) not in self.owned}
+                | set(self.local))
         return iter(sorted(keys - self.deleted))
 
     def __len__(self) -> int:
         return len(set(self))
 
+    def marks_unwritten(self) -> bool:
+        """Whether a shard here entered an epoch that other workers cannot see yet."""
+        return any(parse_snapshot_key(k) is None for k in self.dirty)
+
     def snapshot(self, partitions: set[int]) -> list[tuple]:
         """Like :meth:`KeyedStates.snapshot`; the snapshots stay readable here until
         :meth:`written`."""
         out = []
-        for key in sorted(self.dirty):
-            shard = int(key.rsplit("/", 1)[1])
+        # A shard's mark goes after its snapshots (the same changelog partition, so in
+        # order): a reader that sees the mark finds the snapshots it vouches for.
+        for key in sorted(self.dirty, key=lambda k: (parse_snapshot_key(k) is None, k)):
+            shard = shard_of_key(key)
             if shard in partitions:
                 out.append((self.table, shard, key.encode(), dumps(self.local[key])))
         for key in sorted(self.deleted):
-            shard = int(key.rsplit("/", 1)[1])
+            shard = shard_of_key(key)
             if shard in partitions:
                 out.append((self.table, shard, key.encode(), None))
         self.dirty.clear()
         return out
 
+    def forget(self, partitions: set[int]) -> None:
+        """Shards given away: drop what they published here and did not write (their
+        next owner publishes it again); reads go to the table."""
+        for key in [k for k in self.local if shard_of_key(k) in partitions]:
+            del self.local[key]
+            self.dirty.discard(key)
+        self.owned -= partitions
+
     def written(self) -> None:
         """The table holds every snapshot not changed since: read them from there."""
-        for key in [k for k in self.local if k not in self.dirty]:
+        for key in [k for k in self.local if k not in self.dirty and shard_of_key(k) in self.owned]:
             del self.local[key]
-        self.deleted = {k for k in self.deleted if self.table.get(k.encode()) is not None}
+        self.deleted = {k for k in self.deleted if self._stored(k) is not None}
 
 
 def write(table, partition: int, key: bytes, value: bytes | None):

@@ -58,10 +58,7 @@ class ConsumerThread(fa.AIOKafkaConsumerThread):
             await leave_group(servers, self.app.conf.id, member, **auth)
 
     def _connection(self) -> tuple[list[str], dict]:
-        """Bootstrap servers and aiokafka's auth arguments, as the consumer's own."""
-        conf = self.app.conf
-        return (fa.server_list(self.transport.url, self.transport.default_port),
-                fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
+        return connection(self.app)
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -83,6 +80,38 @@ class ConsumerThread(fa.AIOKafkaConsumerThread):
     async def _fetched_highwaters(self, tps, listed):
         servers, auth = self._connection()
         return await fetched_highwaters(servers, listed, tps, **auth)
+
+
+def connection(app) -> tuple[list[str], dict]:
+    """Bootstrap servers and aiokafka's auth arguments, as the app's consumer's own."""
+    conf, transport = app.conf, app.transport
+    return (fa.server_list(transport.url, transport.default_port),
+            fa.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context))
+
+
+async def follow_topic(servers, topic: str, apply, **auth) -> None:
+    """Read every partition of ``topic`` from its start and then as it grows, calling
+    ``apply(partition, key, value)`` for each record, until cancelled. A reader of
+    its own, outside the group: Faust's global tables miss other workers' updates
+    (faust-streaming issues #212 and #283)."""
+    reader = aiokafka.AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,
+                                       fetch_max_wait_ms=100, group_id=None,
+                                       auto_offset_reset="earliest", **auth)
+    await reader.start()
+    try:
+        partitions = None
+        while not partitions:  # the worker creates the topic as it starts
+            partitions = reader.partitions_for_topic(topic)
+            if not partitions:
+                await reader._client.force_metadata_update()  # private in aiokafka 0.14
+                await asyncio.sleep(0.5)
+        reader.assign([aiokafka.TopicPartition(topic, p) for p in sorted(partitions)])
+        while True:
+            for tp, records in (await reader.getmany(timeout_ms=500)).items():
+                for record in records:
+                    apply(tp.partition, record.key, record.value)
+    finally:
+        await reader.stop()
 
 
 async def fetched_highwaters(servers, listed: dict, tps, **auth) -> dict:
