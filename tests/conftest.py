@@ -108,12 +108,14 @@ def profile(victim):
 
 @pytest.fixture(scope="module")
 def expected(demo):
-    """What replay makes of the demo: the worker tests' reference."""
+    """What replay makes of the demo, judged as on the test topic's partitions: the
+    worker tests' reference."""
     from detectors.config import load_thresholds
     from streams.files import load_profile
     from streams.replay import replay
+    from tests.streaming import PARTITIONS
 
     _, paths = demo
     return replay([load_profile(paths["profile"])], load_thresholds(),
                   inference_log=paths["inference.jsonl"], training_stats=paths["stats"],
-                  deadletter=None)
+                  deadletter=None, partitions=PARTITIONS)

@@ -73,6 +73,9 @@ def test_inference_dead_letters_each_bad_record_and_judges_the_rest_by_event_tim
     # Partitions 0 and 1 have entered no epoch yet: the events wait, unacknowledged.
     assert not recorder.calls and judge.deferred() == {(INFERENCE, 2, 0), (INFERENCE, 2, 2),
                                                        (INFERENCE, 2, 4)}
+    # Reading on would only add to the wait once every partition owned waits.
+    assert judge.all_waiting({2}, 2) and not judge.all_waiting({2}, 3)
+    assert not judge.all_waiting({1, 2}, 0)
     assert not judge.enter_idle({0, 1}).alerts and not judge.deferred()
 
     reasons = {(d.offset, d.element): d.reason for d in judged.dead_letters}

@@ -71,6 +71,7 @@ TICK_S = 1.0
 # earlier epoch that arrives after that is judged late, against the newer population.
 IDLE_S = 5.0
 WAIT_TICK_S = 0.25
+MAX_WAITING = 50_000  # events waiting for other partitions' epochs (~2.5 KB each)
 # A judged record that has waited this long for a commit means something is stuck: say
 # so, with every task's and thread's stack (what ``kill -USR1`` prints at any time).
 STALL_S = 60.0
@@ -182,6 +183,11 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     async def judge_inference(stream):
         loop = asyncio.get_running_loop()
         async for batch in stream.take_events(TAKE, within=WITHIN_S):
+            # Every partition here waits for other workers' partitions: read no further
+            # until some of it is judged (none here holds the others back).
+            while judge_inference_batch.all_waiting(
+                    checkpoint.owned(settings.topic_inference), MAX_WAITING):
+                await asyncio.sleep(WAIT_TICK_S)
             started = time.perf_counter()
             async with checkpoint.judging("judge_inference", batch) as events:
                 # The detectors run in a thread, so the event loop keeps fetching and

@@ -225,6 +225,14 @@ class InferenceJudge:
                 self.pipeline.enter(partition, target)
         return Judged([], self._judge_ready())
 
+    def all_waiting(self, partitions: set[int], limit: int) -> bool:
+        """Whether more than ``limit`` events wait and every one of ``partitions`` has
+        some: then each has entered the epoch it waits in, so none holds others back,
+        and reading more would only add to the wait."""
+        waiting = [self.waiting.get(p) for p in partitions]
+        return (sum(len(w.events) for w in waiting if w is not None) > limit
+                and all(w is not None and w.events for w in waiting))
+
     def deferred(self) -> set[tuple[str, int, int]]:
         """(topic, partition, offset) of the records with events still waiting: not to
         be acknowledged yet."""
