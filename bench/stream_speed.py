@@ -52,8 +52,12 @@ import numpy as np  # noqa: E402
 
 from bench.replay_speed import make_inputs  # noqa: E402
 from streams.cli.run import PARTITIONS, create_topics  # noqa: E402
-from streams.cli.tail import partition_of  # noqa: E402
-from streams.records import InferenceEvent, format_ts, parse_ts  # noqa: E402
+from streams.records import (  # noqa: E402
+    InferenceEvent,
+    format_ts,
+    parse_ts,
+    partition_of,  # noqa: E402
+)
 from streams.settings import resolve  # noqa: E402
 from streams.worker.broker import EmbeddedBroker  # noqa: E402
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench import stream_speed
 from streams.cli.run import PARTITIONS
-from streams.cli.tail import partition_of
+from streams.records import partition_of
 
 OUT = Path("bench/out/workers")
 ASSIGNED = re.compile(  # Faust's log format: local time, then the worker's line

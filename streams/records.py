@@ -555,3 +555,11 @@ def write_schemas(folder: Path) -> None:
 
 if __name__ == "__main__":
     write_schemas(Path(__file__).parent / "schemas")
+
+
+def partition_of(client_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a record keyed by this
+    client id: what ``tail`` sends it to, and the shard ``replay --partitions`` puts it in."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(client_id.encode()) & 0x7FFFFFFF) % partitions

@@ -16,7 +16,7 @@ from streams.files import DeadLetters
 from streams.gcpause import cyclic_gc_paused
 from streams.pipeline import Pipeline
 from streams.progress import tracked_open
-from streams.records import Alert, screen
+from streams.records import Alert, partition_of, screen
 from streams.tabular import UserError
 
 CHUNK = 131_072  # events judged together: large, so per-client overhead is spread thin
@@ -163,8 +163,6 @@ def judge_sharded(pipeline: Pipeline, events: list, ts: np.ndarray) -> list[Aler
     from) epoch by epoch: every shard enters an epoch before any judges it."""
     if pipeline.n_shards == 1:
         return pipeline.process_inference(events, ts)
-    from streams.cli.tail import partition_of
-
     shard_of: dict[str, int] = {}
 
     def shard(client_id: str) -> int:

@@ -211,6 +211,31 @@ def test_records_of_a_revoked_partition_are_never_acknowledged():
     assert world.log == [("cut", (0,)), ("written",), ("ack", 0, 0), ("ack", 0, 1)]
 
 
+def test_records_with_events_still_waiting_stay_held_until_a_later_commit():
+    """Events waiting for other partitions' epochs: their records are not acknowledged
+    (a restart reads them again), and a later commit acknowledges them once judged."""
+    world = World()
+    waiting = {(T, 0, 1)}
+
+    async def scenario():
+        cp = world.checkpoint()
+        cp.deferred = lambda: set(waiting)
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0, 1, 2)):
+            pass
+        await cp.commit()
+        assert [e.message.offset for e in cp.held] == [1] and cp.stalled_s() == 0
+        world.now += 61
+        assert cp.stalled_s() == 61  # still waiting: the stall watch counts it
+        waiting.clear()
+        await cp.commit()
+        assert cp.held == []
+
+    run(scenario())
+    assert world.log == [("cut", (0,)), ("written",), ("ack", 0, 0), ("ack", 0, 2),
+                         ("cut", (0,)), ("written",), ("ack", 0, 1)]
+
+
 def test_records_already_judged_in_this_generation_are_not_judged_twice():
     world = World()
 

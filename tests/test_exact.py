@@ -19,10 +19,10 @@ import pytest
 from detectors.clients import ClientState
 from detectors.config import load_thresholds
 from detectors.profile import build_profile
-from streams.cli.tail import partition_of
 from streams.files import write_profile
 from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
+from streams.records import partition_of
 from streams.replay import replay
 from streams.worker.broker import EmbeddedBroker
 from streams.worker.decode import InferenceJudge

@@ -13,8 +13,7 @@ import pytest
 from bench.fuzz.mutants import FUZZ_DATASET, FUZZ_MODEL, Line, mutate_stats, records, renamed_stats
 from bench.fuzz.run import fuzz_profiles, fuzz_replay
 from detectors.config import load_thresholds
-from streams.cli.tail import partition_of
-from streams.records import dead_letter_id
+from streams.records import dead_letter_id, partition_of
 from streams.replay import replay
 from streams.worker.broker import EmbeddedBroker
 from tests.streaming import PARTITIONS, create_topics, read_topic, start_worker, stop

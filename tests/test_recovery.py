@@ -12,7 +12,7 @@ import pytest
 
 from detectors.clients import ClientState
 from detectors.poisoning import SourceState
-from streams.cli.tail import partition_of
+from streams.records import partition_of
 from streams.worker.broker import EmbeddedBroker
 from streams.worker.tables import _APPLIED
 from tests.conftest import run_cli

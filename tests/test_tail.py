@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from streams.cli.tail import partition_of
+from streams.records import partition_of
 from streams.worker.broker import EmbeddedBroker
 from tests.conftest import ROOT, run_cli
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from streams.cli.tail import partition_of
-from streams.records import MAX_RECORD_BYTES, dead_letter_id
+from streams.records import MAX_RECORD_BYTES, dead_letter_id, partition_of
 from streams.worker.broker import EmbeddedBroker
 from streams.worker.decode import DEAD_LETTER_VALUE_MAX
 from tests.conftest import ROOT

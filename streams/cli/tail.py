@@ -22,17 +22,10 @@ from pathlib import Path
 
 import msgspec
 
-from streams.records import screen
+from streams.records import partition_of, screen
 from streams.settings import Settings
 from streams.tabular import UserError
 from streams.worker.kafka import client_options, refused
-
-
-def partition_of(client_id: str, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives this key."""
-    from kafka.partitioner.default import murmur2
-
-    return (murmur2(client_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 @dataclass

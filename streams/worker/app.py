@@ -22,11 +22,13 @@ others apply it. The state comes back equal to that of an uninterrupted run, and
 an alert raised again carries the same ``event.id``.
 
 Population baselines span partitions: each partition's clients are summed per
-shard (rebuilt from the restored client states after a restart or rebalance);
-at each event-time epoch a shard publishes its snapshot to a global table, and
-rules read the sum of all shards' latest snapshots. With several workers a
-shard that lags behind contributes its previous epoch's snapshot for a while:
-that is the bounded difference to ``replay``.
+shard (rebuilt from the restored client states after a restart or rebalance).
+When a shard's events enter an event-time epoch it publishes its snapshot and its
+mark to a global table, and a shard judges an epoch's events only once every
+shard has entered it (:class:`streams.worker.decode.InferenceJudge`), so the
+alerts are ``replay --partitions N``'s whatever the timing. Other workers' marks
+are read from the table's changelog by a consumer of its own; a partition idle at
+its end for ``IDLE_S`` enters the latest epoch, so the others go on.
 
 The pieces: :mod:`streams.worker.checkpoint` (the protocol), :mod:`streams.worker.decode`
 (judging a batch), :mod:`streams.worker.tables` (the working copies); this module

@@ -10,7 +10,9 @@ runs four steps:
 2. wait until the broker acknowledged those alerts and dead letters;
 3. write the changed state to the changelog (``write``, ``WRITE_BYTES`` at a
    time) and wait for it;
-4. acknowledge the records, except those of partitions given away since.
+4. acknowledge the records, except those of partitions given away since, and
+   those with events still waiting for other partitions' epochs (``deferred``):
+   they stay held for a later commit.
 
 A step that fails stops the worker (``crash``) and the steps after it do not
 run: the records after the last commit are read again by the next worker, so
