@@ -231,8 +231,10 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         """Events that wait for other partitions' epochs: enter the idle partitions' and
         judge what other workers' marks freed; write this worker's marks at once when
         they are what holds others back."""
+        if checkpoint.lock.locked():
+            return  # a batch under way judges what it frees itself
         idle = idle_partitions()
-        if not idle and not judge_inference_batch.deferred():
+        if not idle and not judge_inference_batch.any_waiting():
             return
         loop = asyncio.get_running_loop()
         async with checkpoint.judging("judge_inference", []):

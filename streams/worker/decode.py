@@ -229,15 +229,20 @@ class InferenceJudge:
         """Whether more than ``limit`` events wait and every one of ``partitions`` has
         some: then each has entered the epoch it waits in, so none holds others back,
         and reading more would only add to the wait."""
-        waiting = [self.waiting.get(p) for p in partitions]
+        waiting = [self.waiting.get(p) for p in partitions]  # the detector thread may add some
         return (sum(len(w.events) for w in waiting if w is not None) > limit
                 and all(w is not None and w.events for w in waiting))
 
     def deferred(self) -> set[tuple[str, int, int]]:
         """(topic, partition, offset) of the records with events still waiting: not to
         be acknowledged yet."""
-        return {(self.topic, partition, offset) for partition, waiting in self.waiting.items()
-                for offset in waiting.records}
+        # Copies: the event loop asks while the detector thread may add partitions.
+        return {(self.topic, partition, offset)
+                for partition, waiting in list(self.waiting.items())
+                for offset in list(waiting.records)}
+
+    def any_waiting(self) -> bool:
+        return any(w.events for w in list(self.waiting.values()))
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions given away: their clients, shards and restored populations."""
