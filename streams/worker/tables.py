@@ -241,8 +241,8 @@ class SharedSnapshots(MutableMapping):
         return cached[1]
 
     def __setitem__(self, key: str, snapshot: Population) -> None:
+        self.dirty.add(key)  # first: written() drops local copies that are not dirty
         self.local[key] = snapshot
-        self.dirty.add(key)
         self.deleted.discard(key)
 
     def __delitem__(self, key: str) -> None:
@@ -292,9 +292,11 @@ class SharedSnapshots(MutableMapping):
 
     def written(self) -> None:
         """The table holds every snapshot not changed since: read them from there."""
-        for key in [k for k in self.local if k not in self.dirty and shard_of_key(k) in self.owned]:
-            del self.local[key]
-        self.deleted = {k for k in self.deleted if self._stored(k) is not None}
+        # Copies: this runs outside the batch lock, while the detector thread publishes.
+        for key in [k for k in list(self.local)
+                    if k not in self.dirty and shard_of_key(k) in self.owned]:
+            self.local.pop(key, None)
+        self.deleted = {k for k in list(self.deleted) if self._stored(k) is not None}
 
 
 def write(table, partition: int, key: bytes, value: bytes | None):
