@@ -13,10 +13,20 @@ Against the embedded broker (Tansu, memory storage; 8 partitions):
 4. **Cold restart**: killed again, more fresh events, and a worker on an empty state
    folder: the tables come back from their changelog topics.
 
+Two more with ``--phases``, for the group's session timeout (a successor "on another
+host" runs in its own UTS namespace under another host name, with ``unshare``, so it
+cannot tell that the killed worker is gone):
+
+* ``kill-away``: kill -9, fresh events, then a warm restart on "another host": the group
+  waits for the dead member's session to expire (timed from the kill as well).
+* ``term-away``: SIGTERM (the worker leaves its group after its last commit), fresh events
+  once it exited, then a successor on "another host" (timed from the SIGTERM as well).
+
 Beside the restarts, the same run's first start: spawn to its first commit, with no
 state to restore (the worker's own start-up and group join, on this machine now).
 
 Usage: .venv/bin/python bench/restart_speed.py [--clients 100000] [--queries 3]
+       [--phases warm,cold,kill-away,term-away] [--worker-code TREE]
 """
 
 from __future__ import annotations
@@ -61,19 +71,44 @@ def light_events(templates: list[bytes], first_client: int, n_clients: int, quer
     return lines, clients
 
 
-def spawn(url: str, profiles: Path, state: Path, thresholds: Path, log) -> subprocess.Popen:
+PHASES = {  # name: (how the worker before stops, state folder, successor's host)
+    "warm": ("kill", "kept", "same"),
+    "cold": ("kill", "empty", "same"),
+    "kill-away": ("kill", "kept", "away"),
+    "term-away": ("term", "kept", "away"),
+}
+TITLES = {"warm": "warm restart (state folder kept)",
+          "cold": "cold restart (empty state folder, tables from changelogs)",
+          "kill-away": "kill -9, warm restart on another host (dead session must expire)",
+          "term-away": "SIGTERM, successor on another host (it left the group)"}
+worker_code = ROOT  # the tree the worker runs from (--worker-code)
+
+
+def spawn(url: str, profiles: Path, state: Path, thresholds: Path, log,
+          away: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # "Another host": another host name, so its client id does not match the dead one's.
+    host = ["unshare", "--uts", "--", "sh", "-c", 'hostname modelwatch-away && exec "$@"',
+            "sh"] if away else []
     return subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "--broker", url, "--profiles",
+        [*host, sys.executable, "-m", "streams.cli", "worker", "--broker", url, "--profiles",
          str(profiles), "--state-dir", str(state), "--thresholds", str(thresholds),
          "--metrics-port", "0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        cwd=worker_code, env=env, stdout=subprocess.DEVNULL, stderr=log,
+        start_new_session=True)
 
 
 def kill9(process: subprocess.Popen) -> None:
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def term(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM and wait for the exit (status 0: its last commit made, the group left)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    if process.wait(timeout=timeout_s) != 0:
+        raise RuntimeError(f"worker exited with status {process.returncode} after SIGTERM")
 
 
 def until_committed(commits: stream_speed.Commits, ends: dict[int, int], process,
@@ -93,9 +128,10 @@ def until_committed(commits: stream_speed.Commits, ends: dict[int, int], process
     raise RuntimeError(f"not committed within {timeout_s:.0f} s")
 
 
-def phases(log: Path, since: int, spawned: float) -> str:
-    """From the worker's log (written after byte ``since``): seconds from spawn until its
-    partitions were assigned, and the restores' seconds summed."""
+def phases(log: Path, since: int, spawned: float, stopped: float | None = None) -> str:
+    """From the worker's log (written after byte ``since``): seconds from spawn (and from
+    the predecessor's kill or SIGTERM, ``stopped``) until its partitions were assigned,
+    and the restores' seconds summed."""
     text = log.read_bytes()[since:].decode(errors="replace")
     assigned = re.search(r"^\[([\d-]+ [\d:,]+)\] .*worker: \S+ partitions \[", text, re.M)
     restores = [float(s) for s in re.findall(r"clients restored in ([\d.]+) s", text)]
@@ -103,8 +139,9 @@ def phases(log: Path, since: int, spawned: float) -> str:
     if assigned is None:
         return "no assignment in the log"
     at = datetime.datetime.strptime(assigned.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return (f"assigned {at - spawned:.1f} s after spawn; {clients:,} clients restored in "
-            f"{sum(restores):.1f} s")
+    since_stop = "" if stopped is None else f", {at - stopped:.1f} s after the stop"
+    return (f"assigned {at - spawned:.1f} s after spawn{since_stop}; {clients:,} clients "
+            f"restored in {sum(restores):.1f} s")
 
 
 def main() -> None:
@@ -113,11 +150,21 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=3, help="events per client at first")
     parser.add_argument("--fresh", type=int, default=2_000, help="events shipped before each restart")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--phases", default="warm,cold",
+                        help=f"comma-separated, in order: {', '.join(PHASES)}")
+    parser.add_argument("--worker-code", type=Path, default=ROOT,
+                        help="run the worker from this source tree (python -m from there "
+                             "imports its packages): other code measured by the same bench")
     args = parser.parse_args()
+    wanted = args.phases.split(",")
+    if not set(wanted) <= set(PHASES):
+        parser.error(f"--phases: one of {', '.join(PHASES)}")
+    global worker_code
+    worker_code = args.worker_code.resolve()
 
     profile, log = realistic_speed.make_day(0, 900)
     templates = realistic_speed._templates(log)
-    out = Path("bench/out/restart")
+    out = ROOT / "bench" / "out" / "restart"  # absolute: the worker may run elsewhere
     out.mkdir(parents=True, exist_ok=True)
     profiles = out / "profiles"
     profiles.mkdir(exist_ok=True)
@@ -146,10 +193,12 @@ def main() -> None:
                      "no state to restore, but its first checkpoint writes every new client"))
         rows.append(("first start: spawn to everything committed", f"{took:.1f} s",
                      f"{args.clients * args.queries / took:,.0f} events/s; peak RSS {rss:,.0f} MiB"))
-        for phase, seed in (("warm restart (state folder kept)", 2),
-                            ("cold restart (empty state folder, tables from changelogs)", 3)):
-            kill9(worker)
-            if seed == 3:
+        for seed, name in enumerate(wanted, start=2):
+            phase = TITLES[name]
+            how, folder, host = PHASES[name]
+            stopped = time.time()
+            kill9(worker) if how == "kill" else term(worker)
+            if folder == "empty":
                 state = Path(tempfile.mkdtemp(prefix="restart-cold-"))
                 stack.callback(shutil.rmtree, state, True)
             fresh, fresh_clients = light_events(
@@ -158,9 +207,9 @@ def main() -> None:
             ends = {p: max(ends.get(p, 0), new_ends.get(p, 0)) for p in set(ends) | set(new_ends)}
             worker_log.flush()
             since, spawned = (out / "worker.log").stat().st_size, time.time()
-            worker = spawn(broker.url, profiles, state, thresholds, worker_log)
+            worker = spawn(broker.url, profiles, state, thresholds, worker_log, host == "away")
             first, took = until_committed(commits, ends, worker, args.timeout_s)
-            where = phases(out / "worker.log", since, spawned)
+            where = phases(out / "worker.log", since, spawned, stopped)
             print(f"  {phase}: first commit {first:.1f} s, new events judged {took:.1f} s "
                   f"after spawn ({where}); peak RSS "
                   f"{stream_speed.peak_rss_mib(worker.pid):,.0f} MiB", flush=True)

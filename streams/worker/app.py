@@ -91,7 +91,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         broker_client_id=member_client_id(),  # a restart removes its killed predecessor
         store="rocksdb://",
         datadir=str(settings.state_dir),
-        broker_session_timeout=10,  # a new group joins in ~5 s on Tansu, not ~30 s
+        broker_session_timeout=6,  # Tansu holds a join for half of it, a dead member all of it
         producer_acks=-1,
         web_enabled=False,
         topic_disable_leader=True,
