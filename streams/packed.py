@@ -30,12 +30,13 @@ _packer = msgspec.msgpack.Encoder(enc_hook=lambda value: value.item())
 _unpacker = msgspec.msgpack.Decoder()
 
 
-def pack(state) -> bytes:
+def pack(state, zdict: bytes = b"") -> bytes:
     """A state in few bytes, for holding it in memory while it is idle.
 
     msgpack of the fields in order, each array as its dtype and shape, then all the
     arrays' bytes in one deflated stream. Column-major: a window's feature repeats
-    its values down its column far more than along a row.
+    its values down its column far more than along a row. ``zdict``: deflate's preset
+    dictionary (:func:`preset`); :func:`unpack` needs the same.
     """
     values, chunks = [], []
     for f in dataclasses.fields(state):
@@ -44,14 +45,24 @@ def pack(state) -> bytes:
             chunks.append(value.tobytes("F"))
             value = _Array(value.dtype.str, value.shape)
         values.append(value)
-    values.append(zlib.compress(b"".join(chunks), 1))
+    if zdict:
+        deflate = zlib.compressobj(1, zdict=zdict)
+        values.append(deflate.compress(b"".join(chunks)) + deflate.flush())
+    else:
+        values.append(zlib.compress(b"".join(chunks), 1))
     return _packer.encode(values)
 
 
-def unpack(cls, blob: bytes):
-    """The state :func:`pack` gave, with writable arrays of their own."""
+def unpack(cls, blob: bytes, zdict: bytes = b""):
+    """The state :func:`pack` gave (with the same ``zdict``), with writable arrays of
+    their own."""
     *values, deflated = _unpacker.decode(blob)
-    data, offset, out = zlib.decompress(deflated), 0, {}
+    if zdict:
+        inflate = zlib.decompressobj(zdict=zdict)
+        data = inflate.decompress(deflated) + inflate.flush()
+    else:
+        data = zlib.decompress(deflated)
+    offset, out = 0, {}
     for f, value in zip(dataclasses.fields(cls), values, strict=True):
         if isinstance(value, list):  # an _Array: a state's other fields are no lists
             dtype, shape = np.dtype(value[0]), value[1]
@@ -65,6 +76,23 @@ def unpack(cls, blob: bytes):
 class _Array(msgspec.Struct, array_like=True):
     dtype: str
     shape: tuple[int, ...]
+
+
+#: Deflate looks back this far: a preset dictionary longer than this is cut to its end.
+ZDICT_BYTES = 32 << 10
+
+
+def preset(states, rows: int = 4096) -> bytes:
+    """A preset dictionary for deflating these states' like: each feature's distinct
+    window values (over up to ``rows`` rows of the states of the first one's width).
+    A light client's window holds a few values per feature that the model's other
+    clients send too (the data's grid, scaled): with them in the dictionary its window
+    deflates to about half (digits: 1.4 -> 0.7 KB; a full window 8.1 -> 6.8 KB)."""
+    states = list(states)
+    width = states[0].window.shape[1]
+    windows = [s.window for s in states if s.window.shape[1] == width][:rows]
+    stacked = np.concatenate(windows)[:rows]
+    return b"".join(np.unique(column).tobytes() for column in stacked.T)[-ZDICT_BYTES:]
 
 
 #: Arrays of the client states replay keeps unpacked (PackedStates): a few hundred
@@ -89,10 +117,12 @@ class PackedStates(MutableMapping):
         self.live: OrderedDict[str, tuple[ClientState, int]] = OrderedDict()  # oldest write first
         self.live_bytes = 0
         self.written: set[str] = set()  # in this batch: never packed before it ends
+        self.zdict: bytes | None = None  # from the first states packed, then fixed: blobs need it
 
     def __getitem__(self, key: str) -> ClientState:
         found = self.live.get(key)
-        return found[0] if found is not None else unpack(ClientState, self.packed[key])
+        return found[0] if found is not None else unpack(ClientState, self.packed[key],
+                                                         self.zdict or b"")
 
     def __setitem__(self, key: str, state: ClientState) -> None:
         self._drop_live(key)
@@ -126,13 +156,18 @@ class PackedStates(MutableMapping):
     def settle(self) -> None:
         """A batch is done: pack the least recently written states past ``hot_bytes``,
         but none the batch wrote (replay's large batches hold most clients each)."""
-        while self.live_bytes > self.hot_bytes and self.live:
-            key = next(iter(self.live))
-            if key in self.written:  # written in write order: the rest are the batch's
+        going, over = [], self.live_bytes - self.hot_bytes
+        for key, (_, size) in self.live.items():  # oldest write first
+            if over <= 0 or key in self.written:  # written in write order: the rest are the batch's
                 break
+            going.append(key)
+            over -= size
+        if going and self.zdict is None:
+            self.zdict = preset(self.live[key][0] for key in going)
+        for key in going:
             state, size = self.live.pop(key)
             self.live_bytes -= size
-            self.packed[key] = pack(state)
+            self.packed[key] = pack(state, self.zdict)
         self.written.clear()
 
 
