@@ -38,11 +38,15 @@ def pack(state, zdict: bytes = b"") -> bytes:
     its values down its column far more than along a row. ``zdict``: deflate's preset
     dictionary (:func:`preset`); :func:`unpack` needs the same.
     """
-    values, chunks = [], []
+    values, chunks, window = [], [], None
     for f in dataclasses.fields(state):
         value = getattr(state, f.name)
         if isinstance(value, np.ndarray):
-            chunks.append(value.tobytes("F"))
+            if f.name == _SUM and _predictable(value.dtype, value.shape, window):
+                chunks.append(_residual(value, window))
+            else:
+                chunks.append(value.tobytes("F"))
+            window = value if f.name == _WINDOW else window
             value = _Array(value.dtype.str, value.shape)
         values.append(value)
     if zdict:
@@ -65,12 +69,43 @@ def unpack(cls, blob: bytes, zdict: bytes = b""):
     offset, out = 0, {}
     for f, value in zip(dataclasses.fields(cls), values, strict=True):
         if isinstance(value, list):  # an _Array: a state's other fields are no lists
-            dtype, shape = np.dtype(value[0]), value[1]
+            dtype, shape = np.dtype(value[0]), tuple(value[1])
             count = math.prod(shape)
-            value = np.frombuffer(data, dtype, count, offset).reshape(shape[::-1]).T.copy()
+            if f.name == _SUM and _predictable(dtype, shape, out.get(_WINDOW)):
+                value = _from_residual(data, offset, count, out[_WINDOW])
+            else:
+                value = np.frombuffer(data, dtype, count, offset).reshape(shape[::-1]).T.copy()
             offset += count * dtype.itemsize
         out[f.name] = value
     return cls(**out)
+
+
+# A light client's float64 feature sum (512 B with 64 features) does not deflate; its
+# window's column sums agree with it in the sign, exponent and top mantissa bits while
+# the window holds all its rows. Packed as its bits XOR theirs, bytes grouped by
+# significance: ~0.3 instead of ~0.5 KB (digits). Exact: the same sums at both ends.
+_SUM, _WINDOW = "z_sum", "window"
+
+
+def _predictable(dtype, shape, window) -> bool:
+    return (dtype == np.float64 and isinstance(window, np.ndarray) and window.ndim == 2
+            and tuple(shape) == (window.shape[1],))
+
+
+def _column_sums(window: np.ndarray) -> np.ndarray:
+    """Float64 sums down the window's columns, in one order whatever its memory layout."""
+    return np.ascontiguousarray(window).sum(0, dtype=np.float64)
+
+
+def _residual(value: np.ndarray, window: np.ndarray) -> bytes:
+    bits = np.ascontiguousarray(value).view(np.uint64) ^ _column_sums(window).view(np.uint64)
+    return bits.view(np.uint8).reshape(-1, 8).T.tobytes()
+
+
+def _from_residual(data: bytes, offset: int, count: int, window: np.ndarray) -> np.ndarray:
+    planes = np.frombuffer(data, np.uint8, count * 8, offset).reshape(8, count)
+    bits = np.ascontiguousarray(planes.T).view(np.uint64).reshape(count)
+    return (bits ^ _column_sums(window).view(np.uint64)).view(np.float64)
 
 
 class _Array(msgspec.Struct, array_like=True):
