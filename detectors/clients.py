@@ -635,7 +635,7 @@ _ZERO = 0.0
 def _floats(values: np.ndarray) -> list[float]:
     """``values.tolist()``, with whole counts as the shared float objects (the same
     values: +0.0 only for +0.0, never for -0.0)."""
-    return [_COUNTS.get(v, v) if v > 0.0 else _ZERO if v == 0.0 and math.copysign(1.0, v) > 0 else v
+    return [_COUNTS.get(v, v) if v else (_ZERO if math.copysign(1.0, v) > 0 else v)
             for v in values.tolist()]
 
 
