@@ -386,7 +386,7 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
 
 
 def memory_part(profile: Path, log: Path, light: tuple[int, int],
-                heavy: tuple[int, int]) -> list[tuple[str, str, str]]:
+                heavy: tuple[int, int], samples: int = 20) -> list[tuple[str, str, str]]:
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for kind, (n_clients, queries), target in (("light", light, 2), ("heavy", heavy, 16)):
@@ -394,7 +394,7 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
             continue
         parent, child = ctx.Pipe()
         started = time.perf_counter()
-        group = max(1, n_clients // 20)  # 20 RSS samples
+        group = max(1, n_clients // samples)  # clients a batch, an RSS sample after each
         proc = ctx.Process(target=memory_growth,
                            args=(profile, log, n_clients, queries, group, child))
         proc.start()
@@ -444,6 +444,10 @@ def main() -> None:
     parser.add_argument("--light-queries", type=int, default=10)
     parser.add_argument("--heavy", type=int, default=2_000, help="memory part: heavy clients")
     parser.add_argument("--heavy-queries", type=int, default=200)
+    parser.add_argument("--memory-samples", type=int, default=20,
+                        help="memory part: batches (one RSS sample each); more clients at "
+                        "the same batch size need more (a batch's decoding sets the allocator's "
+                        "high-water)")
     parser.add_argument("--workers", type=lambda text: [int(v) for v in text.split(",")],
                         default=[1, 2], help="workers part: workers in the group, per run")
     parser.add_argument("--stream-args", default="--worker-runs 1 --latency-s 20",
@@ -472,7 +476,7 @@ def main() -> None:
 
     if "memory" in parts:
         rows += memory_part(profile, log, (args.light, args.light_queries),
-                            (args.heavy, args.heavy_queries))
+                            (args.heavy, args.heavy_queries), args.memory_samples)
 
     if "workers" in parts:
         from bench import stream_speed
