@@ -3,7 +3,7 @@
 :func:`pack` and :func:`unpack` are for memory only, never stored (the field order is
 the running code's; :mod:`detectors.state` is the stored form).
 
->>> from detectors.clients import ClientState, row_hashes
+>>> from detectors.clients import ClientState
 >>> from detectors.state import dumps
 >>> s = ClientState(n_classes=3, n_features=4, size=8)
 >>> s.window = np.full((2, 4), 1.5, dtype=np.float32)
