@@ -386,7 +386,7 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
 
 
 def memory_part(profile: Path, log: Path, light: tuple[int, int],
-                heavy: tuple[int, int], samples: int = 20) -> list[tuple[str, str, str]]:
+                heavy: tuple[int, int], batches: int = 20) -> list[tuple[str, str, str]]:
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for kind, (n_clients, queries), target in (("light", light, 2), ("heavy", heavy, 16)):
@@ -394,7 +394,7 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
             continue
         parent, child = ctx.Pipe()
         started = time.perf_counter()
-        group = max(1, n_clients // samples)  # clients a batch, an RSS sample after each
+        group = max(1, n_clients // batches)  # clients a batch, an RSS sample after each
         proc = ctx.Process(target=memory_growth,
                            args=(profile, log, n_clients, queries, group, child))
         proc.start()
