@@ -55,9 +55,11 @@ import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import msgspec  # noqa: E402
@@ -307,6 +309,22 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS")
 
 
+def _arenas() -> int:
+    """The interpreter's small-object allocator's arenas (1 MiB each) in use: they stay while
+    one object in them lives, so a batch's decoded floats can leave them behind."""
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)  # sys._debugmallocstats writes to the C stderr
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        found = re.search(rb"# arenas allocated current\s*=\s*([\d,]+)", out.read())
+    return int(found.group(1).replace(b",", b"")) if found else -1
+
+
 def _templates(log: Path, n: int = 20_000) -> list[bytes]:
     """Honest queries of the day without their key, time and ids: the rest of each object."""
     kinds = json.loads(log.with_suffix(".kinds.json").read_text())
@@ -359,7 +377,7 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
         pipeline.process_inference(screened.events, screened.ts)
         del screened
         gc.collect()
-        samples.append((len(pipeline.clients), _rss_bytes()))
+        samples.append((len(pipeline.clients), _rss_bytes(), _arenas()))
     arrays = statistics.median(state_bytes(s) for s in pipeline.clients.values())
     packed = getattr(pipeline.clients, "packed", None)  # replay holds idle states packed
     conn.send({"samples": samples, "arrays": arrays,
@@ -368,7 +386,7 @@ def memory_growth(profile_path: Path, log: Path, n_clients: int, queries: int,
 
 
 def memory_part(profile: Path, log: Path, light: tuple[int, int],
-                heavy: tuple[int, int]) -> list[tuple[str, str, str]]:
+                heavy: tuple[int, int], batches: int = 20) -> list[tuple[str, str, str]]:
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for kind, (n_clients, queries), target in (("light", light, 2), ("heavy", heavy, 16)):
@@ -376,13 +394,14 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
             continue
         parent, child = ctx.Pipe()
         started = time.perf_counter()
-        group = max(1, n_clients // 20)  # 20 RSS samples
+        group = max(1, n_clients // batches)  # clients a batch, an RSS sample after each
         proc = ctx.Process(target=memory_growth,
                            args=(profile, log, n_clients, queries, group, child))
         proc.start()
         result = parent.recv()
         proc.join()
         samples = np.array(result["samples"], dtype=float)
+        arenas = samples[:, 2]
         # From the first batch on (start-up allocations are not per client): least squares.
         slope = np.polyfit(samples[:, 0], samples[:, 1], 1)[0] if len(samples) > 2 else float("nan")
         # Also over the later half: the interpreter's allocator keeps the arenas a batch's
@@ -393,13 +412,15 @@ def memory_part(profile: Path, log: Path, light: tuple[int, int],
               f"{time.perf_counter() - started:.0f} s; RSS {samples[0, 1] / 2**20:,.0f} MiB at "
               f"{samples[0, 0]:,.0f} clients -> {samples[-1, 1] / 2**20:,.0f} MiB at "
               f"{samples[-1, 0]:,.0f}; MiB per sample: "
-              f"{', '.join(f'{v / 2**20:.0f}' for v in samples[:, 1])}", flush=True)
+              f"{', '.join(f'{v / 2**20:.0f}' for v in samples[:, 1])}; pymalloc arenas: "
+              f"{', '.join(f'{v:.0f}' for v in arenas)}", flush=True)
         rows.append((f"RSS growth per {kind} client ({queries} queries), over {n_clients:,}",
                      f"{slope / 1024:,.1f} KiB",
                      f"target <= {target} KiB; state arrays {result['arrays'] / 1024:.1f} KiB "
                      + (f"({result['packed'] / 1024:.1f} KiB packed) " if result["packed"] else "")
                      + f"(median); least squares over {len(samples)} batches of {group:,} clients; "
-                     f"over the later {len(later)}: {late / 1024:,.1f} KiB"))
+                     f"over the later {len(later)}: {late / 1024:,.1f} KiB; pymalloc arenas "
+                     f"{arenas[0]:.0f} -> {arenas[-1]:.0f}"))
     return rows
 
 
@@ -423,6 +444,10 @@ def main() -> None:
     parser.add_argument("--light-queries", type=int, default=10)
     parser.add_argument("--heavy", type=int, default=2_000, help="memory part: heavy clients")
     parser.add_argument("--heavy-queries", type=int, default=200)
+    parser.add_argument("--memory-samples", type=int, default=20,
+                        help="memory part: batches (one RSS sample each); more clients at "
+                        "the same batch size need more (a batch's decoding sets the allocator's "
+                        "high-water)")
     parser.add_argument("--workers", type=lambda text: [int(v) for v in text.split(",")],
                         default=[1, 2], help="workers part: workers in the group, per run")
     parser.add_argument("--stream-args", default="--worker-runs 1 --latency-s 20",
@@ -451,7 +476,7 @@ def main() -> None:
 
     if "memory" in parts:
         rows += memory_part(profile, log, (args.light, args.light_queries),
-                            (args.heavy, args.heavy_queries))
+                            (args.heavy, args.heavy_queries), args.memory_samples)
 
     if "workers" in parts:
         from bench import stream_speed

@@ -551,7 +551,7 @@ class Population:
             if not ids and not counts.any():
                 del self.ips[state.ip]
             else:
-                self.ips[state.ip] = {"ids": ids, "counts": [float(c) for c in counts]}
+                self.ips[state.ip] = {"ids": ids, "counts": _floats(counts)}
 
     def new_id(self, ip: str) -> list | None:
         """Count a client id new to the model from source ``ip`` this epoch; returns its
@@ -617,7 +617,7 @@ class Population:
             if client_id not in ids and len(ids) < MAX_IDS_PER_IP:
                 ids = [*ids, client_id]
         # A new entry, never a change in place: snapshots share the entries (snapshot()).
-        self.ips[ip] = {"ids": ids, "counts": (np.asarray(entry["counts"]) + counts).tolist()}
+        self.ips[ip] = {"ids": ids, "counts": _floats(np.asarray(entry["counts"]) + counts)}
 
     def snapshot(self) -> Population:
         """A copy that later changes to this population leave alone, sharing its per-IP
@@ -626,6 +626,20 @@ class Population:
             self, class_counts=self.class_counts.copy(), rate_hist=self.rate_hist.copy(),
             volume_hist=self.volume_hist.copy(), minting_hist=self.minting_hist.copy(),
             ips=dict(self.ips), minting={ip: list(entry) for ip, entry in self.minting.items()})
+
+
+#: One float object per whole count up to 4,096 (and +0.0), shared by the per-IP entries: a
+#: source's five sums are counts of events (sums of ones and zeros), and an entry per
+#: source IP otherwise holds five floats of its own (160 of its ~550 bytes).
+_COUNTS = {float(i): float(i) for i in range(1, 4097)}
+_ZERO = 0.0
+
+
+def _floats(values: np.ndarray) -> list[float]:
+    """``values.tolist()``, with whole counts as the shared float objects (the same
+    values: +0.0 only for +0.0, never for -0.0)."""
+    return [_COUNTS.get(v, v) if v else (_ZERO if math.copysign(1.0, v) > 0 else v)
+            for v in values.tolist()]
 
 
 def with_rate_rows(values: np.ndarray, fill) -> np.ndarray:
