@@ -1,6 +1,6 @@
 """A worker stopped with SIGTERM or SIGINT leaves its group (issue 11), against the real
 embedded broker: a successor on another host is assigned at once, not after this
-worker's session (10 s). aiokafka leaves only for a generation > 0, and Tansu numbers a
+worker's session (6 s). aiokafka leaves only for a generation > 0, and Tansu numbers a
 group's first generation 0, so a lone worker stayed a member after exiting.
 """
 

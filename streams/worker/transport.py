@@ -8,7 +8,7 @@
 * Faust hard-codes the consumer's ``fetch_max_wait_ms`` to 1,500 ms, which is
   the floor of event-to-alert latency at moderate load; modelwatch sets it.
 * A worker restarted after a kill -9 waited for its dead predecessor's session to
-  expire (10 s) before the group would rebalance. The consumer's client id names
+  expire (6 s) before the group would rebalance. The consumer's client id names
   its host and process (:func:`member_client_id`); before joining, a worker asks
   the broker to remove members of its group whose process on this host is gone
   (:func:`remove_dead_members`).
@@ -236,7 +236,7 @@ async def remove_dead_members(servers, group: str, **auth) -> list[str]:
 
 async def leave_group(servers, group: str, member: str, **auth) -> bool:
     """Take this worker's ``member`` out of ``group`` as it stops, if still listed, so the
-    group rebalances at once (not after the session, 10 s)."""
+    group rebalances at once (not after the session, 6 s)."""
     left = await remove_members(
         servers, group, lambda ids: [m for m in ids if m == member],
         f"leave group {group}", "it rebalances when this member's session expires", **auth)
