@@ -271,7 +271,7 @@ class Pipeline:
                 return False
         return True
 
-    def waiting_for(self) -> float | None:
+    def latest_epoch(self) -> float | None:
         """The latest epoch any shard has entered (what an idle shard enters, see
         :meth:`enter`), or None if none has."""
         entered = [e for s in range(self.n_shards) if (e := self.epoch_of(s)) is not None]

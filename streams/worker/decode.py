@@ -214,7 +214,7 @@ class InferenceJudge:
         """Partitions with nothing to judge and nothing more on the broker for a while
         enter the latest epoch any partition has, so the others' events of it are
         judged (an idle source's watermark); then judge what that freed."""
-        target = self.pipeline.waiting_for()
+        target = self.pipeline.latest_epoch()
         if target is None:
             return Judged([], [])
         for partition in sorted(partitions):
