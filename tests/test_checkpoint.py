@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from streams.worker.checkpoint import Checkpoint
+from streams.worker.checkpoint import Checkpoint, Stopped
 
 T = "inference-logs"
 
@@ -189,6 +189,25 @@ def test_a_failed_agent_stops_the_worker_and_acknowledges_nothing_more(capsys):
     assert not [e for e in world.log if e[0] in ("cut", "ack")]
     assert [type(e) for e in world.crashes] == [ValueError]
     assert "judge_inference failed (ValueError: a detector broke)" in capsys.readouterr().err
+
+
+def test_a_timer_that_fails_stops_the_worker_and_returns(capsys):
+    """A timer's judging (waiting events) must return after a failure: the worker's stop
+    waits for its timers, and one that halted hung it."""
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge_waiting", [], halt=False):
+            raise ValueError("a detector broke")
+        with pytest.raises(Stopped):
+            async with cp.judging("judge_waiting", [], halt=False):
+                raise AssertionError("judged after the failure")
+
+    run(scenario())
+    assert [type(e) for e in world.crashes] == [ValueError]
+    assert "judge_waiting failed (ValueError: a detector broke)" in capsys.readouterr().err
 
 
 def test_records_of_a_revoked_partition_are_never_acknowledged():

@@ -39,7 +39,9 @@ rebalance handlers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import signal
 import sys
 import time
@@ -57,7 +59,7 @@ from streams.metrics import WorkerMetrics
 from streams.pipeline import Pipeline
 from streams.settings import Settings
 from streams.sinks.base import Outbox
-from streams.worker.checkpoint import HOLE_RETRY_S, Checkpoint
+from streams.worker.checkpoint import HOLE_RETRY_S, Checkpoint, Stopped
 from streams.worker.decode import InferenceJudge, Judged, StatsJudge, dead_letter_record
 from streams.worker.tables import KeyedStates, SharedSnapshots, write
 from streams.worker.transport import connection, faust_broker_urls, follow_topic, member_client_id
@@ -73,6 +75,7 @@ TICK_S = 1.0
 # earlier epoch that arrives after that is judged late, against the newer population.
 IDLE_S = 5.0
 WAIT_TICK_S = 0.25
+CRASH_EXIT_S = 20.0
 MAX_WAITING = 50_000  # events waiting for other partitions' epochs (~2.5 KB each)
 # A judged record that has waited this long for a commit means something is stuck: say
 # so, with every task's and thread's stack (what ``kill -USR1`` prints at any time).
@@ -131,8 +134,16 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         shared.forget(inference_revoked)
         judge_stats_batch.forget({p for t, p in revoked if t == settings.topic_stats})
 
+    async def crash(exc: BaseException) -> None:
+        """Stop the worker on a failure. Faust's stop after a crash can hang (seen: a
+        last offset commit through a consumer thread already stopped), and a worker
+        that neither judges nor exits is the worst outcome: exit if it has not ended
+        within CRASH_EXIT_S. Nothing it did not judge has been committed."""
+        asyncio.get_running_loop().call_later(CRASH_EXIT_S, exit_now)
+        await app.crash(exc)
+
     checkpoint = Checkpoint(cut_state=cut_state, write=write, written=shared.written,
-                            forget=forget, crash=app.crash,
+                            forget=forget, crash=crash,
                             deferred=judge_inference_batch.deferred,
                             generation=lambda: app.consumer_generation_id,
                             committed=lambda tp: app.consumer.committed_offset(TP(*tp)),
@@ -232,16 +243,18 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         """Events that wait for other partitions' epochs: enter the idle partitions' and
         judge what other workers' marks freed; write this worker's marks at once when
         they are what holds others back."""
-        if checkpoint.lock.locked():
+        if checkpoint.lock.locked() or checkpoint.failed:
             return  # a batch under way judges what it frees itself
         idle = idle_partitions()
         if not idle and not judge_inference_batch.any_waiting():
             return
         loop = asyncio.get_running_loop()
-        async with checkpoint.judging("judge_inference", []):
-            await send(await loop.run_in_executor(None, judge_inference_batch.enter_idle,
-                                                  idle & checkpoint.owned(settings.topic_inference)))
-        if shared.marks_unwritten():
+        with contextlib.suppress(Stopped):
+            async with checkpoint.judging("judge_inference", [], halt=False):
+                await send(await loop.run_in_executor(
+                    None, judge_inference_batch.enter_idle,
+                    idle & checkpoint.owned(settings.topic_inference)))
+        if shared.marks_unwritten() and not checkpoint.failed:
             await checkpoint.commit()
 
     @app.task
@@ -309,6 +322,12 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     app.modelwatch_pipeline = pipeline
     return app
+
+
+def exit_now() -> None:
+    print(f"worker: the stop after the failure did not end in {CRASH_EXIT_S:.0f} s; exiting",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def await_chain(task: asyncio.Task) -> list[str]:

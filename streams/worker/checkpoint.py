@@ -59,6 +59,10 @@ async def halt() -> None:
     await asyncio.Event().wait()
 
 
+class Stopped(Exception):
+    """The worker has failed: nothing more is judged."""
+
+
 class Checkpoint:
     """Held records, pending sends and the commit that acknowledges them.
 
@@ -127,19 +131,24 @@ class Checkpoint:
         self.sends.append(future)
 
     @contextlib.asynccontextmanager
-    async def judging(self, agent: str, batch):
+    async def judging(self, agent: str, batch, halt: bool = True):
         """Judge a batch under the batch lock: yields its records to judge (see
-        :meth:`hold`). An exception stops the worker and never returns."""
+        :meth:`hold`). An exception stops the worker; an agent (``halt``) never
+        returns then. A timer must return, or the worker's stop waits for it: it
+        gets :class:`Stopped` if the worker has already failed."""
         async with self.lock:
             if self.failed:
-                await self.halt()
+                if halt:
+                    await self.halt()
+                raise Stopped
             try:
                 events = self.hold(batch)
                 await self.rewind_pending()
                 yield events
             except Exception as exc:
                 await self.fail(agent, exc)
-                await self.halt()
+                if halt:
+                    await self.halt()
 
     def hold(self, batch) -> list:
         """Keep a batch's records from being acknowledged until a checkpoint holds their
