@@ -191,6 +191,22 @@ def test_a_failed_agent_stops_the_worker_and_acknowledges_nothing_more(capsys):
     assert "judge_inference failed (ValueError: a detector broke)" in capsys.readouterr().err
 
 
+def test_a_forced_commit_writes_state_changed_without_records():
+    """A partition entering an idle epoch changes shared state with no record held: the
+    waiting timer forces a commit, or other workers would wait on it for good."""
+    world = World()
+
+    async def scenario():
+        cp = world.checkpoint()
+        await cp.assign([(T, 0)])
+        world.writes = [(None, 0, b"#0", b"mark")]
+        await cp.commit()  # nothing held: no cut
+        await cp.commit(force=True)
+
+    run(scenario())
+    assert world.log == [("cut", (0,)), ("write", b"#0"), ("written",)]
+
+
 def test_a_timer_that_fails_stops_the_worker_and_returns(capsys):
     """A timer's judging (waiting events) must return after a failure: the worker's stop
     waits for its timers, and one that halted hung it."""

@@ -255,7 +255,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                     None, judge_inference_batch.enter_idle,
                     idle & checkpoint.owned(settings.topic_inference)))
         if shared.marks_unwritten() and not checkpoint.failed:
-            await checkpoint.commit()
+            # Even with no record held: an idle worker's marks are what others wait on.
+            await checkpoint.commit(force=True)
 
     @app.task
     async def follow_populations() -> None:

@@ -238,13 +238,15 @@ class Checkpoint:
         self.sends.clear()
         await self.crash(exc)
 
-    async def commit(self) -> None:
-        """Steps 1–4 (see the module); a no-op with nothing held or after a failure."""
+    async def commit(self, force: bool = False) -> None:
+        """Steps 1–4 (see the module); a no-op with nothing held (unless ``force``: state
+        changed without records, such as a partition entering an idle epoch) or after
+        a failure."""
         # One at a time, and a revocation waits for the one under way: a write sent
         # late could otherwise land after the next owner's.
         async with self.committing:
             async with self.lock:  # 1. the cut
-                if not self.held or self.failed:
+                if not (self.held or force) or self.failed:
                     return
                 self.due = self.clock() + self.interval_s
                 sends, self.sends = self.sends, []
