@@ -250,11 +250,17 @@ class Checkpoint:
                     return
                 self.due = self.clock() + self.interval_s
                 sends, self.sends = self.sends, []
-                waiting = self.deferred()
+                # Faust commits up to the end of the first run of acknowledged offsets,
+                # wherever it starts: a record after one that waits must wait too.
+                first_waiting: dict[TP, int] = {}
+                for topic, partition, offset in self.deferred():
+                    first_waiting[topic, partition] = min(
+                        offset, first_waiting.get((topic, partition), offset))
                 held, events, self.held = self.held, [], []
                 for event in held:
                     message = event.message
-                    (self.held if (message.topic, message.partition, message.offset) in waiting
+                    first = first_waiting.get((message.topic, message.partition))
+                    (self.held if first is not None and message.offset >= first
                      else events).append(event)
                 if not self.held:
                     self.waiting_since = None
