@@ -330,17 +330,16 @@ class Pipeline:
         return merged.get(model)
 
     def _merge_at(self, epoch: float) -> dict[str, Population]:
-        chosen: dict[tuple[str, int], tuple[float, Population]] = {}
-        for key, snapshot in list(self.shared.items()):
-            parsed = parse_snapshot_key(key)
-            if parsed is None:
-                continue
-            model, shard, label = parsed
-            label = snapshot.epoch if label is None else label
+        chosen: dict[tuple[str, int], tuple[float, str]] = {}
+        for key, label in self._labelled_keys():
+            model, shard, _ = parse_snapshot_key(key)
             if label >= epoch and ((model, shard) not in chosen or label < chosen[model, shard][0]):
-                chosen[model, shard] = (label, snapshot)
+                chosen[model, shard] = (label, key)
         merged: dict[str, Population] = {}
-        for (model, _), (_, snapshot) in sorted(chosen.items()):
+        for (model, _), (_, key) in sorted(chosen.items()):
+            snapshot = self.shared.get(key)  # only the chosen ones are decoded
+            if snapshot is None:
+                continue
             if model in merged:
                 merged[model].merge(snapshot)
             else:
@@ -348,6 +347,14 @@ class Pipeline:
         for population in merged.values():
             population.epoch = epoch
         return merged
+
+    def _labelled_keys(self):
+        """(key, epoch) of every snapshot in ``shared``; only a key stored before
+        snapshots were kept per epoch is decoded for it."""
+        for key in list(self.shared):
+            parsed = parse_snapshot_key(key)
+            if parsed is not None:
+                yield key, self.shared[key].epoch if parsed[2] is None else parsed[2]
 
     def restore_shard(self, shard: int, clients) -> None:
         """After a restart or rebalance: a shard's population is the sum of its clients'
@@ -365,11 +372,10 @@ class Pipeline:
         self.pending[shard] = pending
         # The snapshots this shard published before, oldest first, and its epoch.
         published: dict[str, list[tuple[float, str]]] = defaultdict(list)
-        for key, snapshot in list(self.shared.items()):
-            parsed = parse_snapshot_key(key)
-            if parsed is not None and parsed[1] == shard:
-                label = snapshot.epoch if parsed[2] is None else parsed[2]
-                published[parsed[0]].append((label, key))
+        for key, label in self._labelled_keys():
+            model, key_shard, _ = parse_snapshot_key(key)
+            if key_shard == shard:
+                published[model].append((label, key))
         for model, kept in published.items():
             self._published[model, shard] = sorted(kept)
         self.shard_epochs.pop(shard, None)
