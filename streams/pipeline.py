@@ -151,6 +151,30 @@ class Tracked:
         self.heaps.pop(model, None)
 
 
+@dataclass
+class GatheredClients:
+    """A shard's restored clients summed per model, and what a restore reads of each:
+    (model, key, origin, first event time, last event time)."""
+    populations: dict[str, Population]
+    clients: list[tuple[str, str, str, float, float]]
+
+
+def gather_clients(clients) -> GatheredClients:
+    """The part of a restore that reads only the clients' states ((key, state) pairs), so
+    that it can run before the shard is assigned (see :meth:`Pipeline.restore_shard`)."""
+    populations: dict[str, Population] = {}
+    restored, by_model = [], defaultdict(list)
+    for key, state in clients:
+        model, client = split_key(key, state.model)
+        if model not in populations:
+            populations[model] = Population(state.n_classes)
+        by_model[model].append((client, state))
+        restored.append((model, key, state.origin, state.first_ts, state.last_ts))
+    for model, members in by_model.items():
+        populations[model].add_clients(members)
+    return GatheredClients(populations, restored)
+
+
 class Pipeline:
     def __init__(self, profiles: list[Profile], thresholds: Thresholds,
                  clients: MutableMapping | None = None, sources: MutableMapping | None = None,
@@ -358,17 +382,10 @@ class Pipeline:
 
     def restore_shard(self, shard: int, clients) -> None:
         """After a restart or rebalance: a shard's population is the sum of its clients'
-        restored states (``clients`` yields (key, ClientState) pairs)."""
-        pending: dict[str, Population] = {}
-        restored, by_model = [], defaultdict(list)
-        for key, state in clients:
-            model, client = split_key(key, state.model)
-            if model not in pending:
-                pending[model] = Population(state.n_classes)
-            by_model[model].append((client, state))
-            restored.append((model, key, state))
-        for model, members in by_model.items():
-            pending[model].add_clients(members)
+        restored states (``clients`` yields (key, ClientState) pairs, or is what
+        :func:`gather_clients` made of them)."""
+        gathered = clients if isinstance(clients, GatheredClients) else gather_clients(clients)
+        pending, restored = gathered.populations, gathered.clients
         self.pending[shard] = pending
         # The snapshots this shard published before, oldest first, and its epoch.
         published: dict[str, list[tuple[float, str]]] = defaultdict(list)
@@ -394,13 +411,13 @@ class Pipeline:
             if snapshot is not None:
                 population.minting_hist = snapshot.minting_hist.copy()
                 population.minting = copy.deepcopy(snapshot.minting)
-        for model, key, state in restored:
-            if state.origin and epoch is not None and np.floor(state.first_ts / self.epoch_s) == epoch:
-                pending[model].new_id(state.origin)
-            self.tracked.touch(model, key, state.last_ts, shard)
+        for model, key, origin, first_ts, last_ts in restored:
+            if origin and epoch is not None and np.floor(first_ts / self.epoch_s) == epoch:
+                pending[model].new_id(origin)
+            self.tracked.touch(model, key, last_ts, shard)
             if model not in self.profiles:
                 self._unprofiled_last[model] = max(self._unprofiled_last.get(model, -math.inf),
-                                                   state.last_ts)
+                                                   last_ts)
         self._evict_unprofiled(None)
         for model in list(self.tracked.last):
             self._make_room(model, 0)

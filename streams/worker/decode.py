@@ -179,7 +179,12 @@ class InferenceJudge:
         started, count = time.perf_counter(), Counter()
         # The restored population and state views live on: set them aside too.
         with cyclic_gc_paused(freeze_after=True):
-            self.pipeline.restore_shard(partition, counted(self.clients.restored(partition), count))
+            gathered = self.clients.prefetched(partition)
+            if gathered is None:
+                gathered = counted(self.clients.restored(partition), count)
+            else:
+                count["n"] = len(gathered.clients)
+            self.pipeline.restore_shard(partition, gathered)
         self.restored.add(partition)
         print(f"worker: {self.topic}[{partition}]: {count['n']:,} clients restored in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)

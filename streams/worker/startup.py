@@ -17,33 +17,21 @@ import asyncio
 import logging
 import shutil
 import sys
-from pathlib import Path
 
 from streams.settings import Settings
-
-OFFSET_KEY = b"__faust\0offset__"  # where Faust's RocksDB store keeps a partition's offset
+from streams.worker.tables import OFFSET_KEY, partition_databases, read_only
 
 
 def stored_offsets(app) -> dict[tuple[str, int], int]:
     """(changelog topic, partition) -> last offset applied, for each table database on disk."""
-    from rocksdict import AccessType, Options, Rdict
-
     found = {}
-    tabledir = Path(app.conf.tabledir)
     for table in app.tables.values():
         changelog = table.changelog_topic.get_topic_name()
-        for path in tabledir.glob(f"{table.name}-*.db"):
-            partition = path.name.removeprefix(f"{table.name}-").removesuffix(".db")
-            if not partition.isdigit():
-                continue
-            db = Rdict(str(path), options=Options(raw_mode=True),
-                       access_type=AccessType.read_only())
-            try:
+        for partition, path in partition_databases(app.conf.tabledir, table.name).items():
+            with read_only(path) as db:
                 offset = db.get(OFFSET_KEY)
-            finally:
-                db.close()
             if offset is not None:
-                found[(changelog, int(partition))] = int(offset)
+                found[(changelog, partition)] = int(offset)
     return found
 
 

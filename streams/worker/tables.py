@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 
+import faust.tables
 import msgspec
 import numpy as np
 from faust.streams import _current_event
+from faust.types import TP
 
 from detectors.clients import Population
 from detectors.state import dumps, loads, split
-from streams.pipeline import parse_snapshot_key, shard_of_key
+from streams.gcpause import cyclic_gc_paused
+from streams.pipeline import GatheredClients, gather_clients, parse_snapshot_key, shard_of_key
+
+OFFSET_KEY = b"__faust\0offset__"  # where Faust's RocksDB store keeps a partition's offset
 
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 # ... then, when the partition field is -(partition + 1), a count and that many
@@ -64,6 +72,7 @@ class KeyedStates(MutableMapping):
         self.position: tuple[int, int] = (-1, -1)  # the records being applied now
         # per key, its events of those records left to apply: (offset, element) pairs
         self.skipped: dict[str, tuple] = {}
+        self.prefetch: Prefetch | None = None
 
     def _load(self, key: str) -> bool:
         if key in self.live:
@@ -156,6 +165,26 @@ class KeyedStates(MutableMapping):
             self.applied[key] = applied  # so forget() knows the key's partition
             yield key, StoredState(self.cls, blob, size)
 
+    def prefetched(self, partition: int) -> GatheredClients | None:
+        """A partition's clients as :class:`Prefetch` read and summed them before the
+        assignment, if its database has not changed since and none of them is loaded."""
+        if self.prefetch is None:
+            return None
+        found = self.prefetch.take(partition)
+        if found is None:
+            return None
+        offset, applied, gathered = found
+        if (offset != self._persisted_offset(partition) or applied.keys() & self.live.keys()
+                or applied.keys() & self.deleted.keys()):
+            return None
+        self.applied.update(applied)
+        return gathered
+
+    def _persisted_offset(self, partition: int) -> int | None:
+        """The last changelog offset the partition's database holds (Faust's store)."""
+        return self.table.data.persisted_offset(
+            TP(self.table.changelog_topic.get_topic_name(), partition))
+
     def _stored(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """A partition's stored (key, value) pairs: from its own RocksDB database
         (Faust's ``items()`` reads every assigned partition's, so restoring 8
@@ -166,6 +195,98 @@ class KeyedStates(MutableMapping):
             return iter(list(self.table.items()))
         db = dbs.get(partition)
         return iter(()) if db is None else store._visible_items(db)
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """A table partition's RocksDB database, opened read-only (Faust may hold it open for
+    writing meanwhile: a read-only instance takes no lock and sees the data as it was)."""
+    from rocksdict import AccessType, Options, Rdict
+
+    db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def partition_databases(tabledir: Path, table: str) -> dict[int, Path]:
+    """partition -> its database of ``table`` in the state folder."""
+    found = {}
+    for path in Path(tabledir).glob(f"{table}-*.db"):
+        partition = path.name.removeprefix(f"{table}-").removesuffix(".db")
+        if partition.isdigit():
+            found[int(partition)] = path
+    return found
+
+
+class Prefetch:
+    """Reads each partition's stored client states from the state folder, and sums them
+    as a restore does (:func:`streams.pipeline.gather_clients`), in a thread started with
+    the worker. A restart on the same folder gets its partitions back once the group has
+    formed (Tansu holds a join for half the session), and their restores used to start
+    only then: ~1 s per 12,500 clients. A partition's restore uses what this read if its
+    database still holds the same changelog offset (nothing recovered into it since)."""
+
+    def __init__(self, tabledir: Path, table: str, cls):
+        self.tabledir, self.table, self.cls = Path(tabledir), table, cls
+        self.found: dict[int, tuple[int | None, dict, GatheredClients]] = {}
+        self.wanted: set[int] | None = None  # None: not assigned yet, read every partition
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def assigned(self, partitions: set[int]) -> None:
+        """Keep only what the worker was given (the rest would only hold memory)."""
+        self.wanted = set(partitions)
+        for partition in list(self.found):
+            if partition not in self.wanted:
+                self.found.pop(partition, None)
+
+    def take(self, partition: int) -> tuple[int | None, dict, GatheredClients] | None:
+        """What was read of a partition (once): (its offset, key -> applied, sums)."""
+        if self.thread.ident is None:  # never started
+            return None
+        self.done.wait()
+        return self.found.pop(partition, None)
+
+    def _run(self) -> None:
+        try:
+            with cyclic_gc_paused(freeze_after=True):  # long-lived, as in a restore
+                for partition, path in sorted(partition_databases(self.tabledir, self.table).items()):
+                    if self.wanted is None or partition in self.wanted:
+                        self.found[partition] = self._read(partition, path)
+        except Exception as exc:  # a restore then reads the database itself
+            print(f"worker: could not read stored states ahead of the assignment: {exc!r}",
+                  file=sys.stderr, flush=True)
+        finally:
+            self.done.set()
+
+    def _read(self, partition: int, path: Path) -> tuple[int | None, dict, GatheredClients]:
+        with read_only(path) as db:
+            offset = db.get(OFFSET_KEY)
+            items = [(k, v) for k, v in db.items() if k != OFFSET_KEY]
+        applied, views = {}, []
+        for raw_key, blob in items:
+            held, size = unpack_applied(blob)
+            if held[0] != partition:
+                continue
+            key = raw_key.decode()
+            applied[key] = held
+            views.append((key, StoredState(self.cls, blob, size)))
+        return (None if offset is None else int(offset)), applied, gather_clients(views)
+
+
+class TableManager(faust.tables.TableManager):
+    """Faust's, without the second it sleeps at start for agents to declare their tables:
+    this app declares them all before it starts."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 class StoredState:
