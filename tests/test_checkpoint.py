@@ -321,6 +321,36 @@ def test_commits_are_due_at_once_after_an_assignment_then_every_interval():
         ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1)]
 
 
+def test_after_an_assignment_commits_stay_due_at_once_while_records_are_held_back():
+    """A partition read a batch later than the others holds their events back (they
+    wait for its epoch): once they are judged, they are committed at the next tick, not
+    an interval later. After a commit that holds nothing back, the interval resumes."""
+    world = World()
+    waiting = {(T, 0, 1)}
+
+    async def scenario():
+        cp = world.checkpoint()
+        cp.deferred = lambda: set(waiting)
+        await cp.assign([(T, 0)])
+        async with cp.judging("judge", world.events(0, 0, 1)):
+            pass
+        await cp.tick()                     # due at once: acknowledges 0, holds 1 back
+        waiting.clear()
+        world.now += 1
+        await cp.tick()                     # still due at once
+        async with cp.judging("judge", world.events(0, 2)):
+            pass
+        world.now += 1
+        await cp.tick()                     # settled: the interval again
+        world.now += 4
+        await cp.tick()
+
+    run(scenario())
+    assert [e for e in world.log if e[0] in ("cut", "ack")] == [
+        ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1), ("cut", (0,)), ("ack", 0, 2)]
+    assert world.now == 106
+
+
 def test_state_writes_are_paced_by_bytes_as_well_as_by_count():
     """Small values go many at a time, large ones few: states grow with use."""
     def in_flight(values: list[bytes]) -> int:

@@ -34,7 +34,9 @@ from collections.abc import Awaitable, Callable, Iterable
 # State to the changelog, then offsets may be committed. Every checkpoint writes each
 # key changed since the last (~4-35 KiB a client): at 5,000 events/s from 1,000 clients
 # 660 keys a second at 1 s, 200 at 5 s. The first after an assignment comes at once,
-# so a new worker commits within a second of its first batch.
+# so a new worker commits within a second of its first batch, and so does each after it
+# that holds back records whose events wait (a partition read later than the others
+# enters the new epoch a batch later: its records would wait a whole interval).
 CHECKPOINT_S = 5.0
 # Changelog writes in flight at most: this many bytes of values (a light client's state
 # is ~4 KiB, a heavy one's ~35 KiB), and this many writes.
@@ -121,6 +123,7 @@ class Checkpoint:
         self.pending_rewinds: dict[TP, int] = {}
         self.progress_at: dict[TP, float] = {}  # when a record of the partition was last judged
         self.due = 0.0  # clock time of the next commit
+        self.settling = False  # since an assignment, until a commit holds nothing back
         self.waiting_since: float | None = None  # clock time the oldest held record was judged
 
     def owned(self, topic: str) -> set[int]:
@@ -264,6 +267,9 @@ class Checkpoint:
                      else events).append(event)
                 if not self.held:
                     self.waiting_since = None
+                    self.settling = False
+                elif self.settling:
+                    self.due = 0.0
                 writes = self.cut_state(self.owned)
             # A state that holds a record is never stored before the record's alerts.
             await self.delivered(sends)                      # 2. alerts, dead letters
@@ -315,7 +321,7 @@ class Checkpoint:
         async with self.lock:
             tps = set(tps)
             self.assigned.update(tps)
-            self.due = 0.0
+            self.due, self.settling = 0.0, True
             for tp in tps:
                 self.progress_at[tp] = self.clock()
 
