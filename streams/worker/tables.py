@@ -238,6 +238,9 @@ class Prefetch:
     def start(self) -> None:
         self.thread.start()
 
+    def running(self) -> bool:
+        return self.thread.ident is not None and not self.done.is_set()
+
     def assigned(self, partitions: set[int]) -> None:
         """Keep only what the worker was given (the rest would only hold memory)."""
         self.wanted = set(partitions)
