@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from streams.worker.checkpoint import Checkpoint, Stopped
+from streams.worker.checkpoint import SETTLE_S, Checkpoint, Stopped
 
 T = "inference-logs"
 
@@ -307,24 +307,28 @@ def test_commits_are_due_at_once_after_an_assignment_then_every_interval():
         async with cp.judging("judge", world.events(0, 0)):
             pass
         await cp.tick()                     # due at once
+        world.now += SETTLE_S
         async with cp.judging("judge", world.events(0, 1)):
+            pass
+        await cp.tick()                     # due since the last
+        async with cp.judging("judge", world.events(0, 2)):
             pass
         world.now += 4.9
         await cp.tick()                     # not yet
-        assert ("ack", 0, 1) not in world.log
+        assert ("ack", 0, 2) not in world.log
         world.now += 0.2
         await cp.tick()
         await cp.tick()                     # nothing held: no cut
 
     run(scenario())
     assert [e for e in world.log if e[0] in ("cut", "ack")] == [
-        ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1)]
+        ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1), ("cut", (0,)), ("ack", 0, 2)]
 
 
-def test_after_an_assignment_commits_stay_due_at_once_while_records_are_held_back():
-    """A partition read a batch later than the others holds their events back (they
-    wait for its epoch): once they are judged, they are committed at the next tick, not
-    an interval later. After a commit that holds nothing back, the interval resumes."""
+def test_for_a_while_after_an_assignment_every_tick_commits():
+    """A restart judges its backlog in several batches, and a partition fetched a batch
+    after the others holds their events back (they wait for its epoch): for SETTLE_S
+    after an assignment each tick commits what was judged, not an interval later."""
     world = World()
     waiting = {(T, 0, 1)}
 
@@ -334,21 +338,29 @@ def test_after_an_assignment_commits_stay_due_at_once_while_records_are_held_bac
         await cp.assign([(T, 0)])
         async with cp.judging("judge", world.events(0, 0, 1)):
             pass
-        await cp.tick()                     # due at once: acknowledges 0, holds 1 back
+        await cp.tick()                     # acknowledges 0, holds 1 back
         waiting.clear()
         world.now += 1
-        await cp.tick()                     # still due at once
+        await cp.tick()                     # at once: 1
         async with cp.judging("judge", world.events(0, 2)):
             pass
         world.now += 1
-        await cp.tick()                     # settled: the interval again
-        world.now += 4
+        await cp.tick()                     # at once: 2
+        world.now += SETTLE_S               # settled
+        async with cp.judging("judge", world.events(0, 3)):
+            pass
+        await cp.tick()                     # the last commit was 15 s ago: 3
+        async with cp.judging("judge", world.events(0, 4)):
+            pass
+        world.now += 4.9
+        await cp.tick()                     # the interval again: not yet
+        world.now += 0.1
         await cp.tick()
 
     run(scenario())
-    assert [e for e in world.log if e[0] in ("cut", "ack")] == [
-        ("cut", (0,)), ("ack", 0, 0), ("cut", (0,)), ("ack", 0, 1), ("cut", (0,)), ("ack", 0, 2)]
-    assert world.now == 106
+    assert [e for e in world.log if e[0] == "ack"] == [
+        ("ack", 0, 0), ("ack", 0, 1), ("ack", 0, 2), ("ack", 0, 3), ("ack", 0, 4)]
+    assert [e for e in world.log if e[0] in ("cut", "ack")][-2:] == [("cut", (0,)), ("ack", 0, 4)]
 
 
 def test_state_writes_are_paced_by_bytes_as_well_as_by_count():

@@ -34,10 +34,12 @@ from collections.abc import Awaitable, Callable, Iterable
 # State to the changelog, then offsets may be committed. Every checkpoint writes each
 # key changed since the last (~4-35 KiB a client): at 5,000 events/s from 1,000 clients
 # 660 keys a second at 1 s, 200 at 5 s. The first after an assignment comes at once,
-# so a new worker commits within a second of its first batch, and so does each after it
-# that holds back records whose events wait (a partition read later than the others
-# enters the new epoch a batch later: its records would wait a whole interval).
+# so a new worker commits within a second of its first batch.
 CHECKPOINT_S = 5.0
+# ... and each tick for this long after an assignment: a restart judges its backlog in
+# several batches (and a partition fetched a batch later than the others holds their
+# events back), and all but the first were committed one or two intervals later.
+SETTLE_S = 15.0
 # Changelog writes in flight at most: this many bytes of values (a light client's state
 # is ~4 KiB, a heavy one's ~35 KiB), and this many writes.
 WRITE_BYTES = 1_300_000
@@ -123,7 +125,7 @@ class Checkpoint:
         self.pending_rewinds: dict[TP, int] = {}
         self.progress_at: dict[TP, float] = {}  # when a record of the partition was last judged
         self.due = 0.0  # clock time of the next commit
-        self.settling = False  # since an assignment, until a commit holds nothing back
+        self.settle_until = 0.0  # clock time: until then, a commit at every tick
         self.waiting_since: float | None = None  # clock time the oldest held record was judged
 
     def owned(self, topic: str) -> set[int]:
@@ -251,7 +253,8 @@ class Checkpoint:
             async with self.lock:  # 1. the cut
                 if not (self.held or force) or self.failed:
                     return
-                self.due = self.clock() + self.interval_s
+                self.due = self.clock() + (0.0 if self.clock() < self.settle_until
+                                           else self.interval_s)
                 sends, self.sends = self.sends, []
                 # Faust commits up to the end of the first run of acknowledged offsets,
                 # wherever it starts: a record after one that waits must wait too.
@@ -267,9 +270,6 @@ class Checkpoint:
                      else events).append(event)
                 if not self.held:
                     self.waiting_since = None
-                    self.settling = False
-                elif self.settling:
-                    self.due = 0.0
                 writes = self.cut_state(self.owned)
             # A state that holds a record is never stored before the record's alerts.
             await self.delivered(sends)                      # 2. alerts, dead letters
@@ -321,7 +321,7 @@ class Checkpoint:
         async with self.lock:
             tps = set(tps)
             self.assigned.update(tps)
-            self.due, self.settling = 0.0, True
+            self.due, self.settle_until = 0.0, self.clock() + SETTLE_S
             for tp in tps:
                 self.progress_at[tp] = self.clock()
 
