@@ -196,7 +196,6 @@ def _worker(args) -> int:
     from streams.worker.startup import start_clean_if_stale
 
     start_clean_if_stale(app, settings)  # else a ConsistencyError at every start
-    app.modelwatch_prefetch.start()  # while the group forms
     print(f"worker: {len(profiles)} profiles, consuming {settings.topic_inference} and "
           f"{settings.topic_stats} from {settings.broker}", file=sys.stderr)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True)

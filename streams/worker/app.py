@@ -328,10 +328,12 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app, revoked, **kwargs) -> None:
+        # The first comes as the worker joins its group: read the stored clients while
+        # the broker holds the join (started earlier, it slowed the start-up's own steps).
+        clients.prefetch.start()
         await checkpoint.revoke((tp.topic, tp.partition) for tp in revoked)
 
     app.modelwatch_pipeline = pipeline
-    app.modelwatch_prefetch = clients.prefetch  # started once the state folder is checked
     return app
 
 

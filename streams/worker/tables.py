@@ -222,10 +222,10 @@ def partition_databases(tabledir: Path, table: str) -> dict[int, Path]:
 
 class Prefetch:
     """Reads each partition's stored client states from the state folder, and sums them
-    as a restore does (:func:`streams.pipeline.gather_clients`), in a thread started with
-    the worker. A restart on the same folder gets its partitions back once the group has
-    formed (Tansu holds a join for half the session), and their restores used to start
-    only then: ~1 s per 12,500 clients. A partition's restore uses what this read if its
+    as a restore does (:func:`streams.pipeline.gather_clients`), in a thread started as
+    the worker joins its group. A restart on the same folder gets its partitions back once
+    the group has formed (Tansu holds a join for half the session), and their restores
+    used to start only then: ~1 s per 12,500 clients. A partition's restore uses what this read if its
     database still holds the same changelog offset (nothing recovered into it since)."""
 
     def __init__(self, tabledir: Path, table: str, cls):
@@ -236,7 +236,8 @@ class Prefetch:
         self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     def start(self) -> None:
-        self.thread.start()
+        if self.thread.ident is None:
+            self.thread.start()
 
     def running(self) -> bool:
         return self.thread.ident is not None and not self.done.is_set()
