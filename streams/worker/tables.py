@@ -225,8 +225,9 @@ class Prefetch:
     as a restore does (:func:`streams.pipeline.gather_clients`), in a thread started as
     the worker joins its group. A restart on the same folder gets its partitions back once
     the group has formed (Tansu holds a join for half the session), and their restores
-    used to start only then: ~1 s per 12,500 clients. A partition's restore uses what this read if its
-    database still holds the same changelog offset (nothing recovered into it since)."""
+    used to start only then: ~1 s per 12,500 clients. A partition's restore uses what was
+    read if its database still holds the same changelog offset (nothing recovered into it
+    since)."""
 
     def __init__(self, tabledir: Path, table: str, cls):
         self.tabledir, self.table, self.cls = Path(tabledir), table, cls
