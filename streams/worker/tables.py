@@ -29,6 +29,7 @@ from streams.gcpause import cyclic_gc_paused
 from streams.pipeline import GatheredClients, gather_clients, parse_snapshot_key, shard_of_key
 
 OFFSET_KEY = b"__faust\0offset__"  # where Faust's RocksDB store keeps a partition's offset
+PREFETCH_SWITCH_S = 0.0005  # the interpreter's switch interval while Prefetch reads
 
 _APPLIED = struct.Struct("<iq")  # partition, offset of the last record applied to a key
 # ... then, when the partition field is -(partition + 1), a count and that many
@@ -258,6 +259,11 @@ class Prefetch:
         return self.found.pop(partition, None)
 
     def _run(self) -> None:
+        # The event loop meanwhile joins the group and opens the partitions: many short
+        # steps, each waiting for this thread to hand over the interpreter (up to 5 ms by
+        # default). With 100,000 clients its assignment took 4 s instead of 0.7.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(PREFETCH_SWITCH_S)
         try:
             with cyclic_gc_paused(freeze_after=True):  # long-lived, as in a restore
                 for partition, path in sorted(partition_databases(self.tabledir, self.table).items()):
@@ -267,6 +273,7 @@ class Prefetch:
             print(f"worker: could not read stored states ahead of the assignment: {exc!r}",
                   file=sys.stderr, flush=True)
         finally:
+            sys.setswitchinterval(switch)
             self.done.set()
 
     def _read(self, partition: int, path: Path) -> tuple[int | None, dict, GatheredClients]:
