@@ -3,6 +3,8 @@ and per-client results that do not depend on how a stream is cut into batches.""
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from detectors.clients import ClientState, Population, QueryBatch, state_bytes
 from detectors.config import load_thresholds
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import PoisoningDetector, SourceState
-from detectors.state import dumps, loads
+from detectors.state import dumps, loads, split
 from streams.packed import PackedStates, pack, unpack
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
@@ -121,7 +123,22 @@ def test_population_snapshot_is_unchanged_by_later_pooling():
     gone.ip_counts = np.ones(5)
     population.remove_client("a", gone)
     assert dumps(snapshot) == before
-    assert population.ips["192.0.2.1"] == {"ids": ["b"], "counts": [1.0] * 5}
+    entry = population.ips["192.0.2.1"]
+    assert entry.ids == ("b",) and entry.counts == (1.0,) * 5
+
+
+def test_population_entries_are_stored_as_before():
+    """Per-IP entries are tuples in memory; stored, they keep the form older code wrote
+    and reads ({"ids", "counts"}), and that form loads back into the same entries."""
+    population = Population(3)
+    population.pool("192.0.2.1", "a", np.ones(5))
+    population.pool("192.0.2.1", "b", np.array([0.0, 2.0, 0.5, 1.0, 3.0]))
+    blob = dumps(population)
+    header = json.loads(bytes(split(blob)[0]))
+    assert header["s"]["ips"] == {"192.0.2.1": {"ids": ["a", "b"], "counts": [1.0, 3.0, 1.5, 2.0, 4.0]}}
+    restored = loads(Population, blob)
+    assert restored.ips == population.ips and dumps(restored) == blob
+    assert restored.ips["192.0.2.1"].ids == ("a", "b")
 
 
 def test_adding_clients_in_bulk_is_removing_them_undone():
