@@ -14,7 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
@@ -367,12 +367,15 @@ class Pipeline:
             if label >= epoch and ((model, shard) not in chosen or label < chosen[model, shard][0]):
                 chosen[model, shard] = (label, key)
         merged: dict[str, Population] = {}
+        shards = Counter(model for model, _ in chosen)
         for (model, _), (_, key) in sorted(chosen.items()):
             snapshot = self.shared.get(key)  # only the chosen ones are decoded
             if snapshot is None:
                 continue
             if model in merged:
                 merged[model].merge(snapshot)
+            elif shards[model] == 1:  # rules only read it: share the snapshot's per-IP dict
+                merged[model] = replace(snapshot)
             else:
                 merged[model] = snapshot.snapshot()
         for population in merged.values():
