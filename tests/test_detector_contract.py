@@ -109,6 +109,8 @@ def test_packed_state_gives_the_same_verdicts_and_state(digits):
     assert plain == packed
     assert dumps(unpack(ClientState, pack(whole))) == dumps(whole) == dumps(restored)
     assert len(pack(whole)) < len(dumps(whole))  # noisy features deflate little: not by half
+    whole.class_counts = whole.class_counts.astype(">i4")  # a dtype packed by its name
+    assert dumps(unpack(ClientState, pack(whole))) == dumps(whole)
 
 
 def test_population_snapshot_is_unchanged_by_later_pooling():
