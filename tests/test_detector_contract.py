@@ -14,7 +14,7 @@ from detectors.config import load_thresholds
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import PoisoningDetector, SourceState
 from detectors.state import dumps, loads, split
-from streams.packed import PackedStates, pack, unpack
+from streams.packed import PackedStates, pack, preset, unpack
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
@@ -111,6 +111,27 @@ def test_packed_state_gives_the_same_verdicts_and_state(digits):
     assert len(pack(whole)) < len(dumps(whole))  # noisy features deflate little: not by half
     whole.class_counts = whole.class_counts.astype(">i4")  # a dtype packed by its name
     assert dumps(unpack(ClientState, pack(whole))) == dumps(whole)
+
+
+def test_packed_windows_on_the_preset_grid_and_off_it_come_back_whole():
+    """A window of values the preset holds packs as their indices; one with a value it
+    does not hold, or of another width, packs as floats: every bit comes back."""
+    rng = np.random.default_rng(2)
+    grid = np.vstack([rng.normal(size=(4, 8)), np.zeros(8), -np.zeros(8)]).astype(np.float32)
+
+    def state(rows, width=8):
+        s = ClientState(3, width, 16)
+        s.window = grid[rng.integers(0, len(grid), (rows, width)), np.arange(width)]
+        s.events = rows
+        return s
+
+    learned = preset([state(16) for _ in range(8)])
+    on, off, wider = state(10), state(10), ClientState(3, 9, 16)
+    off.window[4, 2] = 0.123
+    wider.window = np.ones((3, 9), np.float32)
+    for s in (on, off, wider, state(0)):
+        assert dumps(unpack(ClientState, pack(s, learned), learned)) == dumps(s)
+    assert len(pack(on, learned)) < len(pack(off, learned))  # 225 against 284 B
 
 
 def test_population_snapshot_is_unchanged_by_later_pooling():
