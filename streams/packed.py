@@ -192,7 +192,7 @@ def preset(states, rows: int = 4096) -> Preset:
     windows = [s.window for s in states if s.window.shape[1] == width][:rows]
     stacked = np.concatenate(windows)[:rows]
     zdict = b"".join(np.unique(column).tobytes() for column in stacked.T)[-ZDICT_BYTES:]
-    distinct = [np.unique(column) for column in _keys(stacked).T]
+    distinct = [np.unique(column) for column in _keys(stacked.astype(np.float32)).T]
     keys = np.concatenate([np.zeros(0, np.uint64)]
                           + [found for found in distinct if len(found) <= 256])
     starts = np.searchsorted(keys, np.arange(width, dtype=np.uint64) << np.uint64(32))
