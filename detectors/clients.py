@@ -467,6 +467,10 @@ def axis_probes(Q: np.ndarray, R: np.ndarray, compared: np.ndarray, tolerance) -
     return (near >= PROBE_NEIGHBOURS) & ~(changed == 0).any(1)
 
 
+def _stored_ips(ips: dict) -> dict:
+    return {ip: entry.stored() for ip, entry in ips.items()}
+
+
 @dataclass
 class Population:
     """What the population of one model's clients looks like, for comparisons.
@@ -482,7 +486,7 @@ class Population:
     class_counts: np.ndarray = field(default=None)
     rate_hist: np.ndarray = field(default=None)       # (RATES, 101) clients per rate bin (percent)
     volume_hist: np.ndarray = field(default=None)     # clients per log2(events) bin
-    ips: dict = field(default_factory=dict)           # ip -> {"ids": [...], "counts": [5 sums]}
+    ips: dict = field(default_factory=dict, metadata={"store": _stored_ips})  # ip -> IpEntry
     epoch: float = -1.0                               # event-time epoch this snapshot opens
     minting: dict = field(default_factory=dict)       # ip -> [new ids this epoch, its last minting alert]
     minting_hist: np.ndarray = field(default=None)    # sources per log2(new ids in an epoch) bin
@@ -495,6 +499,8 @@ class Population:
         if self.minting_hist is None:  # absent from snapshots stored before key minting
             self.minting_hist = np.zeros(40, dtype=np.int64)
         self.rate_hist = with_rate_rows(self.rate_hist, 0)  # stored before a rate was added
+        if isinstance(next(iter(self.ips.values()), None), dict):  # as stored (_stored_ips)
+            self.ips = {ip: IpEntry.of(e["ids"], e["counts"]) for ip, e in self.ips.items()}
 
     def baseline(self, rate: str, quantile: float, min_clients: int) -> float | None:
         """The ``quantile`` of per-client rates of ``rate`` over clients with a rate worth
@@ -546,12 +552,12 @@ class Population:
         self.rate_hist[joined, state.rate_bins[joined]] -= 1
         entry = self.ips.get(state.ip) if state.ip else None
         if entry is not None:
-            ids = [i for i in entry["ids"] if i != client_id]  # a new entry: see snapshot()
-            counts = np.maximum(np.asarray(entry["counts"]) - state.ip_counts, 0.0)
+            ids = [i for i in entry.ids if i != client_id]  # a new entry: see snapshot()
+            counts = np.maximum(np.asarray(entry.counts) - state.ip_counts, 0.0)
             if not ids and not counts.any():
                 del self.ips[state.ip]
             else:
-                self.ips[state.ip] = {"ids": ids, "counts": _floats(counts)}
+                self.ips[state.ip] = IpEntry.of(ids, counts)
 
     def new_id(self, ip: str) -> list | None:
         """Count a client id new to the model from source ``ip`` this epoch; returns its
@@ -604,20 +610,20 @@ class Population:
         self.volume_hist += other.volume_hist
         self.minting_hist += other.minting_hist
         for ip, entry in other.ips.items():
-            self._pool(ip, entry["ids"], np.asarray(entry["counts"]))
+            self._pool(ip, entry.ids, np.asarray(entry.counts))
 
-    def _pool(self, ip: str, client_ids: list[str], counts: np.ndarray) -> None:
+    def _pool(self, ip: str, client_ids, counts: np.ndarray) -> None:
         entry = self.ips.get(ip)
         if entry is None:
             if len(self.ips) >= MAX_IPS:  # bounded: MAX_IPS addresses, MAX_IDS_PER_IP ids each
                 return
-            entry = {"ids": [], "counts": [0.0] * 5}
-        ids = entry["ids"]
+            entry = UNSEEN_IP
+        ids = entry.ids
         for client_id in client_ids:
             if client_id not in ids and len(ids) < MAX_IDS_PER_IP:
-                ids = [*ids, client_id]
+                ids = (*ids, client_id)
         # A new entry, never a change in place: snapshots share the entries (snapshot()).
-        self.ips[ip] = {"ids": ids, "counts": _floats(np.asarray(entry["counts"]) + counts)}
+        self.ips[ip] = IpEntry.of(ids, np.asarray(entry.counts) + counts)
 
     def snapshot(self) -> Population:
         """A copy that later changes to this population leave alone, sharing its per-IP
@@ -628,9 +634,33 @@ class Population:
             ips=dict(self.ips), minting={ip: list(entry) for ip, entry in self.minting.items()})
 
 
+class IpEntry(tuple):
+    """A source IP's entry in a population: its five pooled sums, then its client ids (at
+    most MAX_IDS_PER_IP), in one tuple. There is one per source IP, and a dict of two
+    lists took ~250 B more each. Replaced, never changed: snapshots share them."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, ids, counts) -> IpEntry:
+        return cls((*_floats(np.asarray(counts, dtype=np.float64)), *ids))
+
+    @property
+    def counts(self) -> tuple[float, ...]:
+        return self[:5]
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self[5:]
+
+    def stored(self) -> dict:
+        """The form populations are stored in (:func:`detectors.state.dumps`)."""
+        return {"ids": list(self.ids), "counts": list(self.counts)}
+
+
 #: One float object per whole count up to 4,096 (and +0.0), shared by the per-IP entries: a
 #: source's five sums are counts of events (sums of ones and zeros), and an entry per
-#: source IP otherwise holds five floats of its own (160 of its ~550 bytes).
+#: source IP otherwise holds five floats of its own.
 _COUNTS = {float(i): float(i) for i in range(1, 4097)}
 _ZERO = 0.0
 
@@ -640,6 +670,9 @@ def _floats(values: np.ndarray) -> list[float]:
     values: +0.0 only for +0.0, never for -0.0)."""
     return [_COUNTS.get(v, v) if v else (_ZERO if math.copysign(1.0, v) > 0 else v)
             for v in values.tolist()]
+
+
+UNSEEN_IP = IpEntry.of((), np.zeros(5))  # a source IP without an entry
 
 
 def with_rate_rows(values: np.ndarray, fill) -> np.ndarray:

@@ -21,6 +21,7 @@ from detectors.clients import (
     RATE_BINS,
     RATE_MIN_ELIGIBLE,
     RATES,
+    UNSEEN_IP,
     ClientState,
     Neighbours,
     Population,
@@ -200,14 +201,14 @@ class QueryMonitor:
         per_event = np.empty((m, 5))
         per_event[:, :4] = view.columns[:, [view.rate_names["ood"], view.rate_names["sign_step"]]].reshape(m, 4)
         per_event[:, 4] = 1.0
-        seen = view.population.ips.get(ip, _UNSEEN_IP)
-        ids = seen["ids"] if client in seen["ids"] else [*seen["ids"], client][:MAX_IDS_PER_IP]
+        seen = view.population.ips.get(ip, UNSEEN_IP)
+        ids = seen.ids if client in seen.ids else (*seen.ids, client)[:MAX_IDS_PER_IP]
         # The snapshot, plus this client's own events of the epoch so far: other
         # ids' events of the epoch count from the next epoch on, in any batching.
         state = view.state
         if state.pooled_epoch != view.population.epoch:
             state.pooled_epoch, state.pooled_counts = view.population.epoch, np.zeros(5)
-        before = np.asarray(seen["counts"])
+        before = np.asarray(seen.counts)
         running = np.cumsum(per_event, axis=0)
         counts = before + state.pooled_counts + running
         state.pooled_counts = counts[-1] - before
@@ -332,7 +333,6 @@ def _rate_rows(names: tuple[str, ...]) -> tuple[list[str], slice | list[int], di
 
 
 _RATE_ROWS: dict = {}
-_UNSEEN_IP = {"ids": [], "counts": [0.0] * 5}  # read only
 MAX_IP_LENGTH = 64  # source_ip is free text from the client: keep state bounded
 #: A query nearer its nearest earlier one than this share of the distance at which honest
 #: distinct records crowd (profile's 0.1 % k-NN quantile) re-sends one entity: PRADA skips it.

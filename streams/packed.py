@@ -19,6 +19,7 @@ import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -30,30 +31,35 @@ _packer = msgspec.msgpack.Encoder(enc_hook=lambda value: value.item())
 _unpacker = msgspec.msgpack.Decoder()
 
 
-def pack(state, zdict: bytes = b"") -> bytes:
+def pack(state, preset: Preset | None = None) -> bytes:
     """A state in few bytes, for holding it in memory while it is idle.
 
     msgpack of the fields in order, each array as its dtype and shape, then all the
     arrays' bytes in one deflated stream. Column-major: a window's feature repeats
-    its values down its column far more than along a row. ``zdict``: deflate's preset
-    dictionary (:func:`preset`); :func:`unpack` needs the same.
+    its values down its column far more than along a row. ``preset``: what packing
+    learned from the first states (:func:`preset`); :func:`unpack` needs the same.
     """
     values, chunks, window = [], [], None
     for f in dataclasses.fields(state):
         value = getattr(state, f.name)
         if isinstance(value, np.ndarray):
-            derived = f.name == _HASH and _hashes_of(window, value)
-            if derived:
-                pass  # unpack hashes the window's rows again
+            code = _DTYPE_CODES.get(value.dtype.str, value.dtype.str)
+            if f.name == _HASH and _hashes_of(window, value):
+                described = [code]  # derived: unpack hashes the window's rows again
             elif f.name == _SUM and _predictable(value.dtype, value.shape, window):
                 chunks.append(_residual(value, window))
+                described = [code, value.shape]
+            elif f.name == _WINDOW and preset is not None and (indices := preset.indices(value)) is not None:
+                chunks.append(indices.tobytes("F"))
+                described = [code, value.shape, 1]
             else:
                 chunks.append(value.tobytes("F"))
+                described = [code, value.shape]
             window = value if f.name == _WINDOW else window
-            value = _Array(value.dtype.str, value.shape, derived)
+            value = described
         values.append(value)
-    if zdict:
-        deflate = zlib.compressobj(1, zdict=zdict)
+    if preset is not None:
+        deflate = zlib.compressobj(1, zdict=preset.zdict)
         values.append(deflate.compress(b"".join(chunks)) + deflate.flush())
     else:
         values.append(zlib.compress(b"".join(chunks), 1))
@@ -62,28 +68,33 @@ def pack(state, zdict: bytes = b"") -> bytes:
     return bytes(memoryview(_packer.encode(values)))
 
 
-def unpack(cls, blob: bytes, zdict: bytes = b""):
-    """The state :func:`pack` gave (with the same ``zdict``), with writable arrays of
+def unpack(cls, blob: bytes, preset: Preset | None = None):
+    """The state :func:`pack` gave (with the same ``preset``), with writable arrays of
     their own."""
     *values, deflated = _unpacker.decode(blob)
-    if zdict:
-        inflate = zlib.decompressobj(zdict=zdict)
+    if preset is not None:
+        inflate = zlib.decompressobj(zdict=preset.zdict)
         data = inflate.decompress(deflated) + inflate.flush()
     else:
         data = zlib.decompress(deflated)
     offset, out = 0, {}
     for f, value in zip(dataclasses.fields(cls), values, strict=True):
-        if isinstance(value, list):  # an _Array: a state's other fields are no lists
-            dtype, shape = np.dtype(value[0]), tuple(value[1])
-            count = math.prod(shape)
-            if value[2]:  # derived
+        if isinstance(value, list):  # an array: a state's other fields are no lists
+            if len(value) == 1:  # derived
                 out[f.name] = row_hashes(out[_WINDOW])
                 continue
-            if f.name == _SUM and _predictable(dtype, shape, out.get(_WINDOW)):
+            code, shape = value[0], tuple(value[1])
+            dtype = np.dtype(_DTYPES[code] if isinstance(code, int) else code)
+            count = math.prod(shape)
+            if len(value) == 3:  # the preset's values, by their indices
+                indices = np.frombuffer(data, np.uint8, count, offset).reshape(shape[::-1]).T
+                value, offset = preset.values_at(indices), offset + count
+            elif f.name == _SUM and _predictable(dtype, shape, out.get(_WINDOW)):
                 value = _from_residual(data, offset, count, out[_WINDOW])
+                offset += count * dtype.itemsize
             else:
                 value = np.frombuffer(data, dtype, count, offset).reshape(shape[::-1]).T.copy()
-            offset += count * dtype.itemsize
+                offset += count * dtype.itemsize
         out[f.name] = value
     return cls(**out)
 
@@ -116,10 +127,12 @@ def _from_residual(data: bytes, offset: int, count: int, window: np.ndarray) -> 
     return (bits ^ _column_sums(window).view(np.uint64)).view(np.float64)
 
 
-class _Array(msgspec.Struct, array_like=True):
-    dtype: str
-    shape: tuple[int, ...]
-    derived: bool = False  # not in the deflated bytes: computed from the fields before it
+#: An array is packed as [dtype, shape], its dtype as its index here (else its string):
+#: descriptors with dtype strings and a "derived" flag were ~40 B more of a light
+#: client's ~1.3 KB. A derived array (not in the deflated bytes: computed from the
+#: fields before it) is [dtype] alone.
+_DTYPES = ("<f4", "<f8", "<i2", "<i8", "|b1", "<u8")
+_DTYPE_CODES = {name: i for i, name in enumerate(_DTYPES)}
 
 
 def _hashes_of(window, hashes: np.ndarray) -> bool:
@@ -134,17 +147,56 @@ def _hashes_of(window, hashes: np.ndarray) -> bool:
 ZDICT_BYTES = 32 << 10
 
 
-def preset(states, rows: int = 4096) -> bytes:
-    """A preset dictionary for deflating these states' like: each feature's distinct
-    window values (over up to ``rows`` rows of the states of the first one's width).
-    A light client's window holds a few values per feature that the model's other
-    clients send too (the data's grid, scaled): with them in the dictionary its window
-    deflates to about half (digits: 1.4 -> 0.7 KB; a full window 8.1 -> 6.8 KB)."""
+@dataclass(frozen=True)
+class Preset:
+    """Each feature's distinct window values over the first states packed, fixed from
+    then on (blobs need it). A light client's window holds a few values per feature
+    that the model's other clients send too (the data's grid, scaled, as digits' 17
+    grey levels). A window whose values are all here packs as one byte per value, its
+    index among its feature's values: digits' light windows deflate to ~0.3 instead of
+    ~0.7 KB. Other windows deflate with the values as deflate's preset dictionary
+    (``zdict``): to about half (digits: 1.4 -> 0.7 KB; a full window 8.1 -> 6.8 KB)."""
+
+    zdict: bytes
+    keys: np.ndarray    # sorted: feature << 32 | the value's float32 bits
+    starts: np.ndarray  # each feature's first place in keys
+
+    def indices(self, window: np.ndarray) -> np.ndarray | None:
+        """Each value's index among its feature's values (uint8), or None if one is not
+        there (or the window is not float32 of the preset's width)."""
+        if (window.dtype != np.float32 or window.ndim != 2 or window.shape[1] != len(self.starts)
+                or not len(self.keys)):
+            return None
+        keys = _keys(window)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        if not np.array_equal(self.keys[at], keys):
+            return None
+        return (at - self.starts).astype(np.uint8)
+
+    def values_at(self, indices: np.ndarray) -> np.ndarray:
+        bits = (self.keys[self.starts + indices] & 0xFFFFFFFF).astype(np.uint32)
+        return bits.view(np.float32)
+
+
+def _keys(window: np.ndarray) -> np.ndarray:
+    columns = np.arange(window.shape[1], dtype=np.uint64) << np.uint64(32)
+    return columns | np.ascontiguousarray(window).view(np.uint32).astype(np.uint64)
+
+
+def preset(states, rows: int = 4096) -> Preset:
+    """The :class:`Preset` of these states (up to ``rows`` rows of the states of the first
+    one's width). A feature with more than 256 values keeps none: its windows are not
+    of a grid, and pack as floats."""
     states = list(states)
     width = states[0].window.shape[1]
     windows = [s.window for s in states if s.window.shape[1] == width][:rows]
     stacked = np.concatenate(windows)[:rows]
-    return b"".join(np.unique(column).tobytes() for column in stacked.T)[-ZDICT_BYTES:]
+    zdict = b"".join(np.unique(column).tobytes() for column in stacked.T)[-ZDICT_BYTES:]
+    distinct = [np.unique(column) for column in _keys(stacked.astype(np.float32)).T]
+    keys = np.concatenate([np.zeros(0, np.uint64)]
+                          + [found for found in distinct if len(found) <= 256])
+    starts = np.searchsorted(keys, np.arange(width, dtype=np.uint64) << np.uint64(32))
+    return Preset(zdict, keys, starts)
 
 
 #: Arrays of the client states replay keeps unpacked (PackedStates): a few hundred
@@ -169,12 +221,11 @@ class PackedStates(MutableMapping):
         self.live: OrderedDict[str, tuple[ClientState, int]] = OrderedDict()  # oldest write first
         self.live_bytes = 0
         self.written: set[str] = set()  # in this batch: never packed before it ends
-        self.zdict: bytes | None = None  # from the first states packed, then fixed: blobs need it
+        self.preset: Preset | None = None  # from the first states packed, then fixed
 
     def __getitem__(self, key: str) -> ClientState:
         found = self.live.get(key)
-        return found[0] if found is not None else unpack(ClientState, self.packed[key],
-                                                         self.zdict or b"")
+        return found[0] if found is not None else unpack(ClientState, self.packed[key], self.preset)
 
     def __setitem__(self, key: str, state: ClientState) -> None:
         self._drop_live(key)
@@ -214,12 +265,12 @@ class PackedStates(MutableMapping):
                 break
             going.append(key)
             over -= size
-        if going and self.zdict is None:
-            self.zdict = preset(self.live[key][0] for key in going)
+        if going and self.preset is None:
+            self.preset = preset(self.live[key][0] for key in going)
         for key in going:
             state, size = self.live.pop(key)
             self.live_bytes -= size
-            self.packed[key] = pack(state, self.zdict)
+            self.packed[key] = pack(state, self.preset)
         self.written.clear()
 
 

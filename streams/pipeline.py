@@ -14,7 +14,7 @@ import contextlib
 import copy
 import heapq
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
@@ -87,26 +87,47 @@ class Counters:
 class Tracked:
     """Tracked client keys per model with the event time of their last event, to find
     the longest idle: (last time, key) is the order, so replay and a worker that see the
-    same batches evict the same keys. Heaps with lazy deletion: a key's older entries
-    are skipped when they come up, and the heaps are rebuilt once half stale. A heap is
-    built when a cap first asks for the oldest key: below the caps it would be an entry
-    per client for nothing."""
+    same batches evict the same keys. Times are kept per model and shard, one float per
+    key: a (time, shard) tuple per key cost ~100 B more. Heaps with lazy deletion: a key's
+    older entries are skipped when they come up, and the heaps are rebuilt once half
+    stale. A heap is built when a cap first asks for the oldest key: below the caps it
+    would be an entry per client for nothing."""
 
     def __init__(self):
-        self.last: dict[str, dict[str, tuple[float, int]]] = {}  # model -> key -> (time, shard)
+        self.last: dict[str, dict[int, dict[str, float]]] = {}  # model -> shard -> key -> time
         self.heaps: dict[str, list] = {}   # model -> [(time, key)], once asked
         self.all: list | None = None       # [(time, key, model)], once asked
         self.count = 0
 
+    def size(self, model: str) -> int:
+        return sum(map(len, self.last.get(model, {}).values()))
+
+    def keys(self, model: str) -> list[str]:
+        return [key for keys in self.last.get(model, {}).values() for key in keys]
+
+    def _time(self, model: str, key: str) -> float | None:
+        for keys in self.last.get(model, {}).values():
+            if key in keys:
+                return keys[key]
+        return None
+
     def touch(self, model: str, key: str, ts: float, shard: int) -> None:
         ts = ts if ts == ts else -math.inf  # a state without events: idle the longest
-        keys = self.last.setdefault(model, {})
-        self.count += key not in keys
-        keys[key] = (ts, shard)
+        shards = self.last.setdefault(model, {})
+        keys = shards.get(shard)
+        if keys is None:
+            keys = shards[shard] = {}
+        if key not in keys:
+            moved = next((other for other in shards.values() if key in other), None)
+            if moved is None:
+                self.count += 1
+            else:  # tracked under another shard before
+                del moved[key]
+        keys[key] = ts
         heap = self.heaps.get(model)
         if heap is not None:
             heapq.heappush(heap, (ts, key))
-            if len(heap) > 2 * len(keys) + 64:
+            if len(heap) > 2 * self.size(model) + 64:
                 self.heaps[model] = self._heap(model)
         if self.all is not None:
             heapq.heappush(self.all, (ts, key, model))
@@ -115,9 +136,10 @@ class Tracked:
 
     def _heap(self, model: str | None) -> list:
         if model is None:
-            heap = [(t, k, m) for m, ks in self.last.items() for k, (t, _) in ks.items()]
+            heap = [(t, k, m) for m, shards in self.last.items()
+                    for keys in shards.values() for k, t in keys.items()]
         else:
-            heap = [(t, k) for k, (t, _) in self.last.get(model, {}).items()]
+            heap = [(t, k) for keys in self.last.get(model, {}).values() for k, t in keys.items()]
         heapq.heapify(heap)
         return heap
 
@@ -134,20 +156,29 @@ class Tracked:
         while heap:
             entry = heap[0]
             owner = entry[2] if model is None else model
-            current = self.last.get(owner, {}).get(entry[1])
-            if current is not None and current[0] == entry[0]:
+            if self._time(owner, entry[1]) == entry[0]:
                 return owner, entry[1]
             heapq.heappop(heap)
         return None
 
     def drop(self, model: str, key: str) -> int:
         """Stop tracking a key; returns its shard."""
-        _, shard = self.last[model].pop(key)
-        self.count -= 1
-        return shard
+        for shard, keys in self.last[model].items():
+            if keys.pop(key, None) is not None:
+                self.count -= 1
+                return shard
+        raise KeyError(key)
+
+    def forget(self, key: str) -> None:
+        """Stop tracking a key of whichever model, if it is tracked."""
+        for model, shards in self.last.items():
+            if any(key in keys for keys in shards.values()):
+                self.drop(model, key)
+                return
 
     def forget_model(self, model: str) -> None:
-        self.count -= len(self.last.pop(model, {}))
+        self.count -= self.size(model)
+        self.last.pop(model, None)
         self.heaps.pop(model, None)
 
 
@@ -360,12 +391,15 @@ class Pipeline:
             if label >= epoch and ((model, shard) not in chosen or label < chosen[model, shard][0]):
                 chosen[model, shard] = (label, key)
         merged: dict[str, Population] = {}
+        shards = Counter(model for model, _ in chosen)
         for (model, _), (_, key) in sorted(chosen.items()):
             snapshot = self.shared.get(key)  # only the chosen ones are decoded
             if snapshot is None:
                 continue
             if model in merged:
                 merged[model].merge(snapshot)
+            elif shards[model] == 1:  # rules only read it: share the snapshot's per-IP dict
+                merged[model] = replace(snapshot)
             else:
                 merged[model] = snapshot.snapshot()
         for population in merged.values():
@@ -425,14 +459,12 @@ class Pipeline:
     def forget_keys(self, keys) -> None:
         """Stop tracking keys of partitions given away (their next owner tracks them)."""
         for key in keys:
-            model = next((m for m, tracked in self.tracked.last.items() if key in tracked), None)
-            if model is not None:
-                self.tracked.drop(model, key)
+            self.tracked.forget(key)
 
     # --- bounded state ----------------------------------------------------------------
     def _make_room(self, model: str, incoming: int = 1) -> None:
         """Evict the longest idle keys until ``incoming`` more fit under both caps."""
-        while len(self.tracked.last.get(model, ())) + incoming > self.max_per_model:
+        while self.tracked.size(model) + incoming > self.max_per_model:
             self._evict(*self.tracked.oldest(model), "model_cap")
         while self.tracked.count + incoming > self.max_clients:
             self._evict(*self.tracked.oldest(), "total_cap")
@@ -454,7 +486,7 @@ class Pipeline:
         other than ``model`` goes with all its clients, labels and population."""
         while len(self._unprofiled_last) > MAX_MODEL_LABELS:
             _, victim = min((t, m) for m, t in self._unprofiled_last.items() if m != model)
-            for key in list(self.tracked.last.get(victim, {})):
+            for key in self.tracked.keys(victim):
                 self._evict(victim, key, "model_evicted")
             self.tracked.forget_model(victim)
             del self._unprofiled_last[victim]

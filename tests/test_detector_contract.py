@@ -3,6 +3,8 @@ and per-client results that do not depend on how a stream is cut into batches.""
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from detectors.clients import ClientState, Population, QueryBatch, state_bytes
 from detectors.config import load_thresholds
 from detectors.monitor import QueryMonitor
 from detectors.poisoning import PoisoningDetector, SourceState
-from detectors.state import dumps, loads
-from streams.packed import PackedStates, pack, unpack
+from detectors.state import dumps, loads, split
+from streams.packed import PackedStates, pack, preset, unpack
 from streams.pipeline import batch_stats
 from streams.records import TrainingStatsEvent
 from streams.stats import stats_event
@@ -107,6 +109,29 @@ def test_packed_state_gives_the_same_verdicts_and_state(digits):
     assert plain == packed
     assert dumps(unpack(ClientState, pack(whole))) == dumps(whole) == dumps(restored)
     assert len(pack(whole)) < len(dumps(whole))  # noisy features deflate little: not by half
+    whole.class_counts = whole.class_counts.astype(">i4")  # a dtype packed by its name
+    assert dumps(unpack(ClientState, pack(whole))) == dumps(whole)
+
+
+def test_packed_windows_on_the_preset_grid_and_off_it_come_back_whole():
+    """A window of values the preset holds packs as their indices; one with a value it
+    does not hold, or of another width, packs as floats: every bit comes back."""
+    rng = np.random.default_rng(2)
+    grid = np.vstack([rng.normal(size=(4, 8)), np.zeros(8), -np.zeros(8)]).astype(np.float32)
+
+    def state(rows, width=8):
+        s = ClientState(3, width, 16)
+        s.window = grid[rng.integers(0, len(grid), (rows, width)), np.arange(width)]
+        s.events = rows
+        return s
+
+    learned = preset([state(16) for _ in range(8)])
+    on, off, wider = state(10), state(10), ClientState(3, 9, 16)
+    off.window[4, 2] = 0.123
+    wider.window = np.ones((3, 9), np.float32)
+    for s in (on, off, wider, state(0)):
+        assert dumps(unpack(ClientState, pack(s, learned), learned)) == dumps(s)
+    assert len(pack(on, learned)) < len(pack(off, learned))  # 225 against 284 B
 
 
 def test_population_snapshot_is_unchanged_by_later_pooling():
@@ -121,7 +146,22 @@ def test_population_snapshot_is_unchanged_by_later_pooling():
     gone.ip_counts = np.ones(5)
     population.remove_client("a", gone)
     assert dumps(snapshot) == before
-    assert population.ips["192.0.2.1"] == {"ids": ["b"], "counts": [1.0] * 5}
+    entry = population.ips["192.0.2.1"]
+    assert entry.ids == ("b",) and entry.counts == (1.0,) * 5
+
+
+def test_population_entries_are_stored_as_before():
+    """Per-IP entries are tuples in memory; stored, they keep the form older code wrote
+    and reads ({"ids", "counts"}), and that form loads back into the same entries."""
+    population = Population(3)
+    population.pool("192.0.2.1", "a", np.ones(5))
+    population.pool("192.0.2.1", "b", np.array([0.0, 2.0, 0.5, 1.0, 3.0]))
+    blob = dumps(population)
+    header = json.loads(bytes(split(blob)[0]))
+    assert header["s"]["ips"] == {"192.0.2.1": {"ids": ["a", "b"], "counts": [1.0, 3.0, 1.5, 2.0, 4.0]}}
+    restored = loads(Population, blob)
+    assert restored.ips == population.ips and dumps(restored) == blob
+    assert restored.ips["192.0.2.1"].ids == ("a", "b")
 
 
 def test_adding_clients_in_bulk_is_removing_them_undone():
