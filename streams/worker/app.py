@@ -80,6 +80,9 @@ MAX_WAITING = 50_000  # events waiting for other partitions' epochs (~2.5 KB eac
 # A judged record that has waited this long for a commit means something is stuck: say
 # so, with every task's and thread's stack (what ``kill -USR1`` prints at any time).
 STALL_S = 60.0
+# The state's size walks every tracked key's arrays: ~0.1 s at 20,000 clients, 10 % of a
+# core if done every tick. Prometheus scrapes every 15 s by default.
+STATE_BYTES_S = 15.0
 
 
 def build_app(settings: Settings, profiles: list[Profile], thresholds: Thresholds, *,
@@ -175,7 +178,10 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             read_up_to[tp] = max(read_up_to.get(tp, 0), event.message.offset + 1)
             last_record_at[tp] = now
 
+    state_bytes_due = 0.0
+
     def report_state() -> None:
+        nonlocal state_bytes_due
         for (topic, partition), offset in list(read_up_to.items()):
             highwater = app.consumer.highwater(TP(topic, partition))
             if highwater is not None:
@@ -186,9 +192,11 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
                 metrics.evicted(reason, n - reported_evictions[reason])
                 reported_evictions[reason] = n
         metrics.tracked("source", len(sources.live))
-        # The detector thread adds keys meanwhile: iterate over copies.
-        metrics.state_bytes(sum(map(state_size, list(clients.live.values())))
-                            + sum(map(state_size, list(sources.live.values()))))
+        if time.monotonic() >= state_bytes_due:
+            state_bytes_due = time.monotonic() + STATE_BYTES_S
+            # The detector thread adds keys meanwhile: iterate over copies.
+            metrics.state_bytes(sum(map(state_size, list(clients.live.values())))
+                                + sum(map(state_size, list(sources.live.values()))))
         for outbox in outboxes:
             delivered, failed, dropped = outbox.take_counts()
             metrics.sink(outbox.name, delivered=delivered, failed=failed, dropped=dropped)
