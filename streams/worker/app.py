@@ -182,7 +182,12 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
 
     def report_state() -> None:
         nonlocal state_bytes_due
+        # Only partitions the consumer holds now: aiokafka asserts on any other, and
+        # read_up_to keeps partitions given away (seen: a crash after a rebalance).
+        assignment = app.consumer.assignment()
         for (topic, partition), offset in list(read_up_to.items()):
+            if TP(topic, partition) not in assignment:
+                continue
             highwater = app.consumer.highwater(TP(topic, partition))
             if highwater is not None:
                 metrics.consumer_lag(topic, partition, max(0, highwater - offset))
