@@ -63,6 +63,10 @@ async def halt() -> None:
     await asyncio.Event().wait()
 
 
+def _offset(event) -> int:
+    return event.message.offset
+
+
 class Stopped(Exception):
     """The worker has failed: nothing more is judged."""
 
@@ -169,23 +173,31 @@ class Checkpoint:
         read. Records after a hole are left unjudged and the partition is read again
         from the hole (:meth:`rewind_pending`).
         """
+        generation, assigned = self.generation(), self.assigned
+        fresh: dict[TP, list] = {}
         for event in batch:
-            event.message.incref()  # take_events acknowledges on return; we do after commit
-        generation = self.generation()
-        fresh = sorted((e for e in batch if e.message.generation_id == generation
-                        and (e.message.topic, e.message.partition) in self.assigned),
-                       key=lambda e: (e.message.topic, e.message.partition, e.message.offset))
+            message = event.message
+            message.incref()  # take_events acknowledges on return; we do after commit
+            if message.generation_id == generation:
+                tp = (message.topic, message.partition)
+                if tp in assigned:
+                    fresh.setdefault(tp, []).append(event)
         judge = []
-        for event in fresh:
-            tp, offset = (event.message.topic, event.message.partition), event.message.offset
+        for tp in sorted(fresh):
+            events = sorted(fresh[tp], key=_offset)
             expected = self.next_to_judge(tp)
-            if expected is not None and offset > expected and not self._missing(tp, expected, offset):
-                continue
-            if expected is None or offset >= expected:
-                self.next_offset[tp] = offset + 1
-                self.rewinds.pop(tp, None)
+            judged = len(judge)
+            for event in events:
+                offset = event.message.offset
+                if expected is not None and offset > expected and not self._missing(tp, expected, offset):
+                    continue
+                if expected is None or offset >= expected:
+                    expected = offset + 1
+                    judge.append(event)
+                    self.rewinds.pop(tp, None)
+            if len(judge) > judged:
+                self.next_offset[tp] = expected
                 self.progress_at[tp] = self.clock()
-                judge.append(event)
         if judge and not self.held:
             self.waiting_since = self.clock()
         self.held.extend(judge)

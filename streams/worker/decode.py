@@ -77,40 +77,45 @@ class Waiting:
     """A partition's events screened and not judged yet, in the order they are to be
     judged (each batch's by event time): their epoch waits for other shards."""
 
-    __slots__ = ("events", "ts", "where", "keys", "records", "last_offset")
+    __slots__ = ("events", "ts", "where", "keys", "last_offset")
 
     def __init__(self):
         self.events: list = []
         self.ts = np.empty(0)
         self.where: list[tuple[int, int]] = []  # (offset, element) of each event
         self.keys: list[str] = []
-        self.records: Counter = Counter()       # offset -> its events still waiting
         self.last_offset = -1                   # the last record screened
 
     def add(self, events: list, ts: np.ndarray, where: list, keys: list) -> None:
-        self.events += events
+        """Queue a batch's events (the lists are kept, not copied)."""
+        if not self.events:  # the usual case: nothing waits
+            self.events, self.ts, self.where, self.keys = events, ts, where, keys
+            return
+        self.events = self.events + events  # new lists: deferred() may read the old ones
         self.ts = np.concatenate([self.ts, ts])
-        self.where += where
-        self.keys += keys
-        self.records.update(offset for offset, _ in where)
+        self.where = self.where + where
+        self.keys = self.keys + keys
 
     def take(self, judged: np.ndarray) -> tuple[list, np.ndarray]:
-        """Remove the events at indices ``judged``; return them and their times."""
+        """Remove the events at indices ``judged`` (ascending); return them and their times."""
+        if len(judged) == len(self.events):  # all of them: the usual case
+            events, ts = self.events, self.ts
+            self.events, self.ts, self.where, self.keys = [], np.empty(0), [], []
+            return events, ts
         rest = np.ones(len(self.events), bool)
         rest[judged] = False
         events = [self.events[i] for i in judged]
         ts = self.ts[judged]
-        for i in judged.tolist():
-            offset = self.where[i][0]
-            self.records[offset] -= 1
-            if not self.records[offset]:
-                del self.records[offset]
         kept = np.flatnonzero(rest).tolist()
         self.events = [self.events[i] for i in kept]
         self.ts = self.ts[rest]
         self.where = [self.where[i] for i in kept]
         self.keys = [self.keys[i] for i in kept]
         return events, ts
+
+    def offsets(self) -> set[int]:
+        """The records with events still waiting."""
+        return {offset for offset, _ in self.where}
 
     def skipped(self) -> dict[str, tuple]:
         """Per key, its waiting events' (offset, element): what its state lacks of the
@@ -157,21 +162,52 @@ class InferenceJudge:
             self.metrics.event_lag(self.topic, self.clock() - result.ts)
             # An event is known by its record's offset and its place among the record's
             # valid events: a state may hold some events of a record and not others.
-            numbered, where = Counter(), []
+            # (A record's events are contiguous in ``result``, records in offset order.)
+            where, last, element = [], None, 0
             for _, offset in result.tags:
-                where.append((offset, numbered[offset]))
-                numbered[offset] += 1
+                if offset != last:
+                    last, element = offset, 0
+                where.append((offset, element))
+                element += 1
             keys = [f"{e.model}/{e.client_id}" for e in result.events]
-            keep = [i for i, (key, (offset, element)) in enumerate(zip(keys, where, strict=True))
-                    if not self.clients.holds(key, partition, offset, element)]
-            if not keep:
-                continue
-            order = [keep[i] for i in np.argsort(result.ts[keep], kind="stable")]  # per client, partition order is kept
-            for model, n in Counter(result.events[i].model for i in order).items():
+            events, ts = result.events, result.ts
+            keep = self._not_held(keys, where, partition)
+            if keep is not None:
+                if not keep:
+                    continue
+                events, ts = [events[i] for i in keep], ts[keep]
+                where, keys = [where[i] for i in keep], [keys[i] for i in keep]
+            if len(ts) > 1 and not (ts[1:] >= ts[:-1]).all():
+                # per client, partition order is kept
+                order = np.argsort(ts, kind="stable").tolist()
+                events, ts = [events[i] for i in order], ts[order]
+                where, keys = [where[i] for i in order], [keys[i] for i in order]
+            for model, n in Counter(e.model for e in events).items():
                 self.metrics.consumed(self.topic, model, n)
-            waiting.add([result.events[i] for i in order], result.ts[order],
-                        [where[i] for i in order], [keys[i] for i in order])
+            waiting.add(events, ts, where, keys)
         return Judged(dead, self._judge_ready())
+
+    def _not_held(self, keys: list[str], where: list[tuple[int, int]],
+                  partition: int) -> list[int] | None:
+        """Indices of the events that the stored state of their key does not hold yet
+        (None: all of them). A key's events come in offset order, so a key whose first
+        one is past the last record its state holds has none held: the usual case."""
+        clients, first = self.clients, {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        suspect = set()
+        for key, i in first.items():
+            offset, element = where[i]
+            if clients.holds(key, partition, offset, element):  # loads a stored state
+                suspect.add(key)
+                continue
+            applied = clients.applied.get(key)
+            if applied is not None and applied[0] == partition and offset <= applied[1]:
+                suspect.add(key)  # a record judged in part: its waiting events are not held
+        if not suspect:
+            return None
+        return [i for i, (key, (offset, element)) in enumerate(zip(keys, where, strict=True))
+                if key not in suspect or not clients.holds(key, partition, offset, element)]
 
     def _restore(self, partition: int) -> None:
         if partition in self.restored:
@@ -244,7 +280,7 @@ class InferenceJudge:
         # Copies: the event loop asks while the detector thread may add partitions.
         return {(self.topic, partition, offset)
                 for partition, waiting in list(self.waiting.items())
-                for offset in list(waiting.records)}
+                for offset in waiting.offsets()}
 
     def any_waiting(self) -> bool:
         return any(w.events for w in list(self.waiting.values()))
