@@ -188,19 +188,21 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             read_up_to[tp] = max(read_up_to.get(tp, 0), event.message.offset + 1)
             last_record_at[tp] = now
 
+    def highwater(tp: tuple[str, int]) -> int | None:
+        """A partition's end as the consumer last saw it; None if it does not hold the
+        partition now (aiokafka asserts on any other: seen, a crash after a rebalance, as
+        read_up_to and the checkpoint keep partitions until their revocation runs)."""
+        tp = TP(*tp)
+        return app.consumer.highwater(tp) if tp in app.consumer.assignment() else None
+
     state_bytes_due = 0.0
 
     def report_state() -> None:
         nonlocal state_bytes_due
-        # Only partitions the consumer holds now: aiokafka asserts on any other, and
-        # read_up_to keeps partitions given away (seen: a crash after a rebalance).
-        assignment = app.consumer.assignment()
         for (topic, partition), offset in list(read_up_to.items()):
-            if TP(topic, partition) not in assignment:
-                continue
-            highwater = app.consumer.highwater(TP(topic, partition))
-            if highwater is not None:
-                metrics.consumer_lag(topic, partition, max(0, highwater - offset))
+            end = highwater((topic, partition))
+            if end is not None:
+                metrics.consumer_lag(topic, partition, max(0, end - offset))
         metrics.tracked("client", len(clients.live))
         for reason, n in pipeline.counters.evictions.items():
             if n > reported_evictions[reason]:
@@ -224,10 +226,9 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
             message = event.message
             if message.offset > last.get(message.partition, -1):
                 last[message.partition] = message.offset
-        assignment, lag = app.consumer.assignment(), 0
+        lag = 0
         for partition, offset in last.items():
-            tp = TP(topic, partition)
-            if tp in assignment and (end := app.consumer.highwater(tp)) is not None:
+            if (end := highwater((topic, partition))) is not None:
                 lag += max(0, end - offset - 1)
         return lag
 
@@ -286,7 +287,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         now, idle = time.monotonic(), set()
         for partition in checkpoint.owned(settings.topic_inference):
             tp = (settings.topic_inference, partition)
-            end = app.consumer.highwater(TP(*tp))
+            end = highwater(tp)
             next_offset = read_up_to.get(tp, checkpoint.next_to_judge(tp) or 0)
             quiet_since = last_record_at.get(tp, checkpoint.progress_at.get(tp, now))
             if end is not None and next_offset >= end and now - quiet_since >= IDLE_S:
@@ -341,8 +342,7 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
     @app.timer(HOLE_RETRY_S)
     async def refetch_stalled() -> None:
         await checkpoint.refetch_stalled(
-            lambda tp: app.consumer.highwater(TP(*tp)),
-            (settings.topic_inference, settings.topic_stats))
+            highwater, (settings.topic_inference, settings.topic_stats))
 
     @app.timer(STALL_S / 4)
     async def stall_watch() -> None:
