@@ -51,7 +51,7 @@ class World:
         self.in_flight = self.most_in_flight = 0
         self.committed: dict = {}  # (topic, partition) -> committed offset
 
-    def checkpoint(self, **pacing) -> Checkpoint:
+    def checkpoint(self, **options) -> Checkpoint:
         async def halt():
             raise Halted
 
@@ -63,7 +63,7 @@ class World:
                           generation=lambda: self.generation, halt=halt,
                           committed=self.committed.get, rewind=self.rewind,
                           clock=lambda: self.now, interval_s=5.0, send_timeout_s=1.0,
-                          **({"write_slice": 2, "write_pause_s": 0} | pacing))
+                          **({"write_slice": 2, "write_pause_s": 0} | options))
 
     def events(self, partition: int, *offsets: int, generation: int = 1) -> list[Event]:
         return [Event(self.log, T, partition, o, generation) for o in offsets]
@@ -329,12 +329,10 @@ def test_for_a_while_after_an_assignment_every_tick_commits():
     """A restart judges its backlog in several batches, and a partition fetched a batch
     after the others holds their events back (they wait for its epoch): for SETTLE_S
     after an assignment each tick commits what was judged, not an interval later."""
-    world = World()
-    waiting = {(T, 0, 1)}
+    world, waiting = World(), {(T, 0, 1)}
 
     async def scenario():
-        cp = world.checkpoint()
-        cp.deferred = lambda: set(waiting)
+        cp = world.checkpoint(deferred=lambda: set(waiting))
         await cp.assign([(T, 0)])
         async with cp.judging("judge", world.events(0, 0, 1)):
             pass
