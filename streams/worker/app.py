@@ -366,8 +366,8 @@ def build_app(settings: Settings, profiles: list[Profile], thresholds: Threshold
         await checkpoint.assign((tp.topic, tp.partition) for tp in assigned_now)
         shared.owned = checkpoint.owned(settings.topic_inference)
         clients.prefetch.assigned(shared.owned)
-        mine = sorted(checkpoint.owned(settings.topic_inference))
-        print(f"worker: {settings.topic_inference} partitions {mine}", file=sys.stderr)
+        print(f"worker: {settings.topic_inference} partitions {sorted(shared.owned)}",
+              file=sys.stderr)
         # A full collection scans every object the libraries made at start: ~90 ms,
         # several times a minute, all in the alert latency. Set them aside. (While the
         # prefetch runs, it sets them aside when done: a collection now would scan what

@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from streams.settings import Settings
-from streams.worker.tables import OFFSET_KEY, partition_databases, read_only
+from streams.worker.tables import partition_databases, read_only, stored_offset
 
 
 def stored_offsets(app) -> dict[tuple[str, int], int]:
@@ -29,9 +29,9 @@ def stored_offsets(app) -> dict[tuple[str, int], int]:
         changelog = table.changelog_topic.get_topic_name()
         for partition, path in partition_databases(app.conf.tabledir, table.name).items():
             with read_only(path) as db:
-                offset = db.get(OFFSET_KEY)
+                offset = stored_offset(db)
             if offset is not None:
-                found[(changelog, partition)] = int(offset)
+                found[(changelog, partition)] = offset
     return found
 
 

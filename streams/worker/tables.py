@@ -160,11 +160,11 @@ class KeyedStates(MutableMapping):
             if key in self.live:
                 yield key, self.live[key]
                 continue
-            applied, size = unpack_applied(blob)
-            if applied[0] != partition or key in self.deleted:
+            found = None if key in self.deleted else stored_view(self.cls, blob, partition)
+            if found is None:
                 continue
-            self.applied[key] = applied  # so forget() knows the key's partition
-            yield key, StoredState(self.cls, blob, size)
+            self.applied[key] = found[0]  # so forget() knows the key's partition
+            yield key, found[1]
 
     def prefetched(self, partition: int) -> GatheredClients | None:
         """A partition's clients as :class:`Prefetch` read and summed them before the
@@ -209,6 +209,18 @@ def read_only(path: Path):
         yield db
     finally:
         db.close()
+
+
+def stored_offset(db) -> int | None:
+    """The last changelog offset a partition's database holds (Faust's offset key)."""
+    offset = db.get(OFFSET_KEY)
+    return None if offset is None else int(offset)
+
+
+def stored_view(cls, blob, partition: int) -> tuple[tuple, StoredState] | None:
+    """A stored state's applied positions and a view of it, if it is ``partition``'s."""
+    applied, size = unpack_applied(blob)
+    return (applied, StoredState(cls, blob, size)) if applied[0] == partition else None
 
 
 def partition_databases(tabledir: Path, table: str) -> dict[int, Path]:
@@ -278,17 +290,16 @@ class Prefetch:
 
     def _read(self, partition: int, path: Path) -> tuple[int | None, dict, GatheredClients]:
         with read_only(path) as db:
-            offset = db.get(OFFSET_KEY)
+            offset = stored_offset(db)
             items = [(k, v) for k, v in db.items() if k != OFFSET_KEY]
         applied, views = {}, []
         for raw_key, blob in items:
-            held, size = unpack_applied(blob)
-            if held[0] != partition:
-                continue
-            key = raw_key.decode()
-            applied[key] = held
-            views.append((key, StoredState(self.cls, blob, size)))
-        return (None if offset is None else int(offset)), applied, gather_clients(views)
+            found = stored_view(self.cls, blob, partition)
+            if found is not None:
+                key = raw_key.decode()
+                applied[key] = found[0]
+                views.append((key, found[1]))
+        return offset, applied, gather_clients(views)
 
 
 class TableManager(faust.tables.TableManager):
